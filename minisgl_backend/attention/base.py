@@ -1,0 +1,38 @@
+"""The attention interface every backend implements, and the per-batch layout it is planned from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class BatchLayout:
+    """Where each request of a batch sits in the KV cache (all tensors on the engine's device).
+
+    Tokens of the batch are laid out request after request: request i contributes
+    `extend_lens[i]` new tokens, the last `extend_lens[i]` of its `seq_lens[i]` positions.
+    `page_table` rows map a position to a KV slot; slot // page_size is the page.
+    """
+
+    is_decode: bool
+    rows: torch.Tensor  # [B] int64 page-table rows
+    seq_lens: torch.Tensor  # [B] int64 total positions after this batch
+    extend_lens: torch.Tensor  # [B] int64 new tokens in this batch
+    out_loc: torch.Tensor  # [T] int64 KV slot that each new token's K/V is written to
+    seq_lens_cpu: list[int]
+    extend_lens_cpu: list[int]
+
+
+class AttentionBackend(Protocol):
+    def prepare(self, layout: BatchLayout) -> None:
+        """Plan once per batch; called before the model's forward."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] for the new tokens -> [T, Hq * D].
+
+        Stores k/v into the KV cache at `layout.out_loc`, then attends causally over each
+        request's whole sequence (cached prefix + new tokens) through the page table.
+        """

@@ -1,0 +1,182 @@
+"""One dataclass tree for every engine knob.
+
+`EngineConfig.from_flat(**kwargs)` accepts any leaf field by its own name (``page_size=16``),
+which is how `LLM(...)` and the Triton ``config.pbtxt`` parameters build it; values may arrive
+as strings (Triton parameters always do) and are converted to the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+_DTYPES = ("float32", "float16", "bfloat16", "auto")
+_DEVICES = ("cpu", "cuda", "auto")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    model_path: str = ""
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda when available
+    max_model_len: int = 0  # 0: the model's max_position_embeddings
+
+    def validate(self) -> None:
+        if not self.model_path:
+            raise ConfigError("model_path is required: a local Hugging Face model folder")
+        if not os.path.isdir(self.model_path):
+            raise ConfigError(f"model_path {self.model_path!r} is not a folder")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.device not in _DEVICES:
+            raise ConfigError(f"device must be one of {_DEVICES}, got {self.device!r}")
+        _require(self.max_model_len >= 0, "max_model_len must be >= 0")
+
+
+@dataclass
+class CacheConfig:
+    page_size: int = 16
+    max_total_tokens: int = 0  # KV pool capacity in tokens; 0: sized by mem_fraction (CUDA) or 65536 (CPU)
+    mem_fraction: float = 0.85  # share of free GPU memory the KV pool may take (CUDA only)
+    enable_prefix_cache: bool = True
+
+    def validate(self) -> None:
+        _require(self.page_size >= 1, "page_size must be >= 1")
+        _require(self.max_total_tokens >= 0, "max_total_tokens must be >= 0")
+        _require(0.0 < self.mem_fraction <= 1.0, "mem_fraction must be in (0, 1]")
+
+
+@dataclass
+class SchedulerConfig:
+    max_running_requests: int = 256
+    prefill_budget: int = 8192  # tokens per prefill batch
+    chunk_size: int = 2048  # longest piece of one prompt in one batch
+    enable_overlap: bool = True
+    max_pending_requests: int = 4096
+
+    def validate(self) -> None:
+        _require(self.max_running_requests >= 1, "max_running_requests must be >= 1")
+        _require(self.prefill_budget >= 1, "prefill_budget must be >= 1")
+        _require(self.chunk_size >= 1, "chunk_size must be >= 1")
+        _require(self.max_pending_requests >= 1, "max_pending_requests must be >= 1")
+
+
+@dataclass
+class ParallelConfig:
+    tp_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: pick a free port
+
+    def validate(self) -> None:
+        _require(self.tp_size >= 1, "tp_size must be >= 1")
+
+
+@dataclass
+class GraphConfig:
+    enable_cuda_graph: bool = True
+    cuda_graph_max_bs: int = 256
+
+    def validate(self) -> None:
+        _require(self.cuda_graph_max_bs >= 1, "cuda_graph_max_bs must be >= 1")
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    seed: int = 0
+    attention_backend: str = "auto"  # auto | torch | flashinfer
+
+    def validate(self) -> "EngineConfig":
+        for section in (self.model, self.cache, self.scheduler, self.parallel, self.graph):
+            section.validate()
+        if self.attention_backend not in ("auto", "torch", "flashinfer"):
+            raise ConfigError("attention_backend must be auto, torch or flashinfer")
+        return self
+
+    @property
+    def device(self) -> str:
+        if self.model.device != "auto":
+            return self.model.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def dtype_name(self) -> str:
+        if self.model.dtype != "auto":
+            return self.model.dtype
+        return "bfloat16" if self.device == "cuda" else "float32"
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any] | None = None, **kwargs: Any) -> "EngineConfig":
+        """Build from leaf field names (``page_size``, ``tp_size``, ``model_path``...)."""
+        merged = {**(values or {}), **kwargs}
+        config = cls()
+        leaves = _leaf_index(config)
+        for name, raw in merged.items():
+            if name == "model":
+                name = "model_path"
+            if name == "disable_overlap":
+                name, raw = "enable_overlap", not _convert(raw, bool, name)
+            if name not in leaves:
+                raise ConfigError(f"unknown engine setting {name!r}; known: {', '.join(sorted(leaves))}")
+            owner, ftype = leaves[name]
+            setattr(owner, name, _convert(raw, ftype, name))
+        if os.environ.get("MINISGL_DISABLE_OVERLAP_SCHEDULING", "") in ("1", "true", "True"):
+            config.scheduler.enable_overlap = False
+        return config.validate()
+
+    def to_flat(self) -> dict[str, Any]:
+        return {name: getattr(owner, name) for name, (owner, _) in _leaf_index(self).items()}
+
+    def replace(self, **kwargs: Any) -> "EngineConfig":
+        return EngineConfig.from_flat({**self.to_flat(), **kwargs})
+
+
+def _leaf_index(config: EngineConfig) -> dict[str, tuple[Any, type]]:
+    index: dict[str, tuple[Any, type]] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            for leaf in fields(value):
+                index[leaf.name] = (value, _field_type(leaf))
+        else:
+            index[f.name] = (config, _field_type(f))
+    return index
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+
+
+def _convert(raw: Any, ftype: type, name: str) -> Any:
+    try:
+        if ftype is bool:
+            if isinstance(raw, str):
+                lowered = raw.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off", ""):
+                    return False
+                raise ValueError(raw)
+            return bool(raw)
+        if ftype is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError(raw)
+        return ftype(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name!r} expects {ftype.__name__}, got {raw!r}") from None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)

@@ -1,0 +1,154 @@
+"""The engine of one TP rank: model, KV pool, page table, token pool, forward and sampling."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from minisgl_backend.attention import make_attention_backend
+from minisgl_backend.attention.base import BatchLayout
+from minisgl_backend.config import EngineConfig
+from minisgl_backend.core import Batch
+from minisgl_backend.engine.forward import ForwardBatch
+from minisgl_backend.engine.kv_cache import KVCache
+from minisgl_backend.engine.sampling import PenaltyInputs, Sampler, SamplingTensors
+from minisgl_backend.models import load_model
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on CPU when max_total_tokens is 0
+
+
+@dataclass
+class ForwardResult:
+    next_ids: torch.Tensor  # [B] on the device
+    next_ids_host: torch.Tensor  # [B] host copy (pinned on CUDA), valid once `ready` has fired
+    logprobs_host: torch.Tensor | None
+    ready: torch.cuda.Event | None  # None on CPU: the copy is already done
+
+    def wait(self) -> tuple[list[int], list[float] | None]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        logprobs = self.logprobs_host.tolist() if self.logprobs_host is not None else None
+        return self.next_ids_host.tolist(), logprobs
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = getattr(torch, config.dtype_name)
+        torch.manual_seed(config.seed)
+        self.model = load_model(config.model.model_path, self.dtype, self.device)
+        self.arch = self.model.arch
+        self.page_size = config.cache.page_size
+        self.num_pages = self._size_kv_pool()
+        self.max_seq_len = self._max_seq_len()
+        self.num_rows = config.scheduler.max_running_requests
+        width = -(-(self.max_seq_len + 1) // self.page_size) * self.page_size
+        self.page_table = torch.zeros(self.num_rows + 1, width, dtype=torch.int32, device=self.device)
+        self.token_pool = torch.zeros(self.num_rows + 1, width, dtype=torch.int64, device=self.device)
+        self.kv_cache = KVCache(self.model.num_layers, self.num_pages, self.page_size,
+                                self.model.num_kv_heads_per_rank, self.model.head_dim, self.dtype, self.device)
+        self.attn = make_attention_backend(config, self.kv_cache, self.page_table)
+        self.sampler = Sampler()
+        self.vocab_size = self.arch.vocab_size
+
+    # ------------------------------------------------------------ sizing
+
+    def _size_kv_pool(self) -> int:
+        cfg = self.config.cache
+        per_token = KVCache.bytes_per_token(self.model.num_layers, self.model.num_kv_heads_per_rank,
+                                            self.model.head_dim, self.dtype)
+        if cfg.max_total_tokens:
+            tokens = cfg.max_total_tokens
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            tokens = int(free * cfg.mem_fraction) // per_token
+        else:
+            tokens = _CPU_KV_BUDGET_BYTES // per_token
+        num_pages = tokens // self.page_size
+        if num_pages < 1:
+            raise ValueError(f"KV pool of {tokens} tokens holds no page of {self.page_size} tokens")
+        logger.info("KV pool: %d pages x %d tokens (%.1f MiB)", num_pages, self.page_size,
+                    num_pages * self.page_size * per_token / 2**20)
+        return num_pages
+
+    def _max_seq_len(self) -> int:
+        limit = self.config.model.max_model_len or self.arch.max_position_embeddings
+        return min(limit, self.arch.max_position_embeddings)
+
+    # ------------------------------------------------------------ forward
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, eos_ids: list[int]) -> ForwardResult:
+        """Run one batch and sample; sampled ids are also written into the token pool."""
+        items = batch.items
+        rows = [it.req.row for it in items]
+        starts = [it.start for it in items]
+        ends = [it.end for it in items]
+        ext = [e - s for s, e in zip(starts, ends)]
+        host = torch.tensor([rows, starts, ends, ext], dtype=torch.int64)
+        tok_rows = torch.repeat_interleave(host[0], host[3])
+        positions = torch.cat([torch.arange(s, e) for s, e in zip(starts, ends)])
+        dev = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        rows_d, ends_d, ext_d, tok_rows_d, positions_d = map(dev, (host[0], host[2], host[3], tok_rows, positions))
+        input_ids = self.token_pool[tok_rows_d, positions_d]
+        out_loc = self.page_table[tok_rows_d, positions_d].long()
+        layout = BatchLayout(batch.is_decode, rows_d, ends_d, ext_d, out_loc, ends, ext)
+        self.attn.prepare(layout)
+        last = torch.cumsum(ext_d, 0) - 1
+        logits = self.model(input_ids, positions_d, ForwardBatch(self.attn, last))
+        next_ids, logprobs = self._sample(batch, logits, eos_ids)
+        self.token_pool[rows_d, ends_d] = next_ids  # the next step reads its input from here
+        return self._copy_to_host(next_ids, logprobs)
+
+    def _sample(self, batch: Batch, logits: torch.Tensor, eos_ids: list[int]):
+        reqs = [it.req for it in batch.items]
+        params = [r.params for r in reqs]
+        steps = [it.end - len(r.input_ids) for it, r in zip(batch.items, reqs)]
+        st = SamplingTensors.build(params, [r.seed for r in reqs], steps, self.device)
+        penalties = self._penalty_inputs(batch) if st.need_penalties else None
+        suppress = self._suppressed_ids(batch, steps, eos_ids)
+        out = self.sampler.sample(logits, st, penalties, suppress_ids=suppress,
+                                  return_logprobs=st.need_logprobs)
+        return out if st.need_logprobs else (out, None)
+
+    def _penalty_inputs(self, batch: Batch) -> PenaltyInputs:
+        # Outputs are read from the token pool so that an id sampled by an in-flight batch counts.
+        prompts, outputs = [], []
+        for it in batch.items:
+            row, n_in = it.req.row, len(it.req.input_ids)
+            prompts.append(self.token_pool[row, :n_in])
+            outputs.append(self.token_pool[row, n_in:max(it.end, n_in)])
+        pad = lambda seqs: torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=-1)  # noqa: E731
+        return PenaltyInputs.build(pad(outputs), self.vocab_size, pad(prompts))
+
+    def _suppressed_ids(self, batch: Batch, steps: list[int], eos_ids: list[int]) -> torch.Tensor | None:
+        """EOS and stop ids may not end a request before its `min_tokens`."""
+        rows = []
+        for it, step in zip(batch.items, steps):
+            p = it.req.params
+            if step < p.min_tokens:
+                rows.append(([] if p.ignore_eos else eos_ids) + list(p.stop_token_ids))
+            else:
+                rows.append([])
+        if not any(rows):
+            return None
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64)
+
+    def _copy_to_host(self, next_ids: torch.Tensor, logprobs: torch.Tensor | None) -> ForwardResult:
+        if self.device.type != "cuda":
+            return ForwardResult(next_ids, next_ids, logprobs, None)
+        host_ids = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
+        host_ids.copy_(next_ids, non_blocking=True)
+        host_lp = None
+        if logprobs is not None:
+            host_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+            host_lp.copy_(logprobs, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return ForwardResult(next_ids, host_ids, host_lp, event)

@@ -1,0 +1,113 @@
+"""KV pages: the free list, the radix prefix cache and the page-table entries of each request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minisgl_backend.core import Req
+from minisgl_backend.scheduler.radix import RadixTree
+
+
+@dataclass
+class CacheStats:
+    total_pages: int
+    free_pages: int
+    cached_pages: int
+    locked_pages: int
+    private_pages: int
+    hit_tokens: int
+    miss_tokens: int
+
+
+class CacheManager:
+    def __init__(self, num_pages: int, page_size: int, page_table: torch.Tensor,
+                 enable_prefix_cache: bool = True) -> None:
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.page_table = page_table
+        self.enable_prefix_cache = enable_prefix_cache
+        self.tree = RadixTree(page_size)
+        self._free = list(range(num_pages - 1, -1, -1))
+        self.hit_tokens = 0
+        self.miss_tokens = 0
+        self._offsets = torch.arange(page_size, dtype=torch.int32)
+
+    # ------------------------------------------------------------ accounting
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def available_pages(self) -> int:
+        """Pages that an allocation can get: free ones plus evictable cached ones."""
+        return len(self._free) + self.tree.cached_pages
+
+    def stats(self) -> CacheStats:
+        private = self.num_pages - self.free_pages - self.tree.total_pages
+        return CacheStats(self.num_pages, self.free_pages, self.tree.cached_pages,
+                          self.tree.locked_pages, private, self.hit_tokens, self.miss_tokens)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    # ------------------------------------------------------------ request lifecycle
+
+    def match_and_lock(self, req: Req, tokens: list[int]) -> None:
+        """Serve the longest cached prefix of `tokens[:-1]` (at least one token is always computed)."""
+        if self.enable_prefix_cache:
+            match = self.tree.match_prefix(tokens[:-1])
+            self.tree.lock(match.node)
+            req.cache_node, req.pages = match.node, list(match.pages)
+            req.cached_len = req.matched_len = match.num_tokens
+        else:
+            req.cache_node, req.pages, req.cached_len, req.matched_len = None, [], 0, 0
+        req.num_pages = len(req.pages)
+        if req.pages:
+            self._write_table(req.row, 0, req.pages)
+
+    def record_match(self, req: Req, num_tokens: int) -> None:
+        self.hit_tokens += req.matched_len
+        self.miss_tokens += num_tokens - req.matched_len
+
+    def allocate(self, req: Req, num_tokens: int) -> None:
+        """Give `req` pages to cover positions [0, num_tokens); the caller checked availability."""
+        need = self.pages_for(num_tokens) - req.num_pages
+        if need <= 0:
+            return
+        if need > len(self._free):
+            self._free.extend(self.tree.evict(need - len(self._free)))
+        new_pages = [self._free.pop() for _ in range(need)]
+        self._write_table(req.row, req.num_pages, new_pages)
+        req.pages.extend(new_pages)
+        req.num_pages += need
+
+    def release(self, req: Req, tokens_with_kv: list[int]) -> None:
+        """Donate the page-aligned part of `tokens_with_kv` to the tree; free everything else."""
+        locked = req.matched_len // self.page_size  # the tree's own pages, locked by this request
+        keep = min(len(tokens_with_kv) // self.page_size, req.num_pages) if self.enable_prefix_cache else 0
+        in_tree = locked
+        if keep > locked:
+            in_tree = self.tree.insert(tokens_with_kv[:keep * self.page_size], req.pages[:keep])
+        # Private pages the tree already had a copy of are duplicates; past `keep` nothing is cached.
+        self._free.extend(req.pages[locked:max(in_tree, locked)])
+        self._free.extend(req.pages[max(keep, locked):])
+        if req.cache_node is not None:
+            self.tree.unlock(req.cache_node)
+        req.cache_node, req.pages, req.num_pages, req.matched_len = None, [], 0, 0
+
+    def flush(self) -> int:
+        """Evict every unlocked cached page; returns how many were freed."""
+        freed = self.tree.evict(self.tree.cached_pages)
+        self._free.extend(freed)
+        return len(freed)
+
+    # ------------------------------------------------------------ internals
+
+    def _write_table(self, row: int, first_page: int, pages: list[int]) -> None:
+        start = first_page * self.page_size
+        slots = (torch.tensor(pages, dtype=torch.int32)[:, None] * self.page_size + self._offsets).flatten()
+        width = min(len(slots), self.page_table.shape[1] - start)
+        self.page_table[row, start:start + width].copy_(slots[:width], non_blocking=True)

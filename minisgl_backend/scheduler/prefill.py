@@ -1,0 +1,87 @@
+"""PrefillManager: the pending queue, admission, and chunked prefill of long prompts."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from minisgl_backend.core import Req, ScheduledReq
+from minisgl_backend.scheduler.cache import CacheManager
+from minisgl_backend.scheduler.table import TableManager
+
+
+class PrefillManager:
+    def __init__(self, cache: CacheManager, table: TableManager, chunk_size: int) -> None:
+        self.cache = cache
+        self.table = table
+        self.chunk_size = chunk_size
+        self.pending: deque[Req] = deque()
+        self.chunked: Req | None = None  # admitted, prompt only partly computed
+
+    def add(self, req: Req, front: bool = False) -> None:
+        if front:
+            self.pending.appendleft(req)
+        else:
+            self.pending.append(req)
+
+    def remove(self, req: Req) -> bool:
+        if self.chunked is req:
+            self.chunked = None
+            return True
+        try:
+            self.pending.remove(req)
+            return True
+        except ValueError:
+            return False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.pending) or self.chunked is not None
+
+    def schedule(self, budget: int, decode_reserve: int) -> list[ScheduledReq]:
+        """Pick prefill work for one batch: the chunked request first, then pending in FIFO order.
+
+        Admission needs a free table row (one per running request) and pages for the whole
+        prompt while `decode_reserve` pages stay available for the running requests to grow.
+        """
+        items: list[ScheduledReq] = []
+        if self.chunked is not None:
+            req, self.chunked = self.chunked, None
+            items.append(self._next_chunk(req, budget))
+            budget -= items[-1].end - items[-1].start
+        while budget > 0 and self.pending and self.chunked is None:
+            if not self._admit(self.pending[0], decode_reserve):
+                break
+            req = self.pending.popleft()
+            items.append(self._next_chunk(req, budget))
+            budget -= items[-1].end - items[-1].start
+        return items
+
+    def _admit(self, req: Req, decode_reserve: int) -> bool:
+        """Take a table row, lock the cached prefix and reserve pages for the whole prompt."""
+        if self.table.free_rows == 0:
+            return False
+        tokens = req.all_ids
+        req.row = self.table.allocate_row()
+        self.cache.match_and_lock(req, tokens)
+        need = self.cache.pages_for(len(tokens)) - req.num_pages
+        if need + decode_reserve > self.cache.available_pages:
+            self.cache.release(req, [])
+            self.table.free_row(req.row)
+            req.row = -1
+            return False
+        self.cache.record_match(req, len(tokens))
+        self.cache.allocate(req, len(tokens))
+        self.table.write_tokens(req.row, 0, tokens)
+        req.device_len = len(tokens)
+        return True
+
+    def _next_chunk(self, req: Req, budget: int) -> ScheduledReq:
+        start = req.cached_len
+        end = min(req.device_len, start + min(budget, self.chunk_size))
+        samples = end == req.device_len
+        req.cached_len = end
+        if samples:
+            req.device_len += 1  # the sampled id lands in the token pool at position `end`
+        else:
+            self.chunked = req
+        return ScheduledReq(req, start, end, samples)

@@ -1,0 +1,280 @@
+"""The scheduler of one TP rank: admits requests, builds batches, runs the engine, emits tokens.
+
+Every rank runs the same deterministic schedule over the same messages (rank 0 receives them
+and broadcasts), so only token ids ever cross process boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from minisgl_backend.config import EngineConfig
+from minisgl_backend.core import (AbortMsg, Batch, FinishReason, FlushCacheMsg, Req, SchedulerInput,
+                                  SchedulerOutput, ShutdownMsg, StatsEvent, TokenEvent, UserMsg)
+from minisgl_backend.engine.engine import Engine, ForwardResult
+from minisgl_backend.scheduler.cache import CacheManager
+from minisgl_backend.scheduler.decode import DecodeManager
+from minisgl_backend.scheduler.io import SchedulerIO
+from minisgl_backend.scheduler.prefill import PrefillManager
+from minisgl_backend.scheduler.table import TableManager
+
+logger = logging.getLogger(__name__)
+
+InFlight = tuple[Batch, ForwardResult]
+_STATS_INTERVAL_S = 0.05
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, engine: Engine, io: SchedulerIO,
+                 num_pages: int | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.io = io
+        pages = num_pages if num_pages is not None else engine.num_pages  # TP: the minimum over ranks
+        self.cache = CacheManager(pages, config.cache.page_size, engine.page_table,
+                                  config.cache.enable_prefix_cache)
+        self.table = TableManager(engine.page_table, engine.token_pool, engine.num_rows)
+        self.prefill = PrefillManager(self.cache, self.table, config.scheduler.chunk_size)
+        self.decode = DecodeManager(self.cache)
+        self.context_len = min(engine.max_seq_len, pages * config.cache.page_size)
+        self.eos_ids = list(engine.arch.eos_token_ids)
+        self.vocab_size = engine.vocab_size
+        self.reqs: dict[int, Req] = {}
+        self._rng = random.Random(config.seed)
+        self._events: list[SchedulerOutput] = []
+        self._last_stats = 0.0
+        self.stopped = False
+        self.num_steps = 0
+
+    # ------------------------------------------------------------ loops
+
+    def run_forever(self) -> None:
+        loop = self.overlap_loop if self.config.scheduler.enable_overlap else self.normal_loop
+        loop()
+
+    def normal_loop(self, until_idle: bool = False) -> None:
+        """The serial reference: schedule, run, process, repeat."""
+        while not self.stopped:
+            self._receive(block=self.is_idle and not until_idle)
+            if until_idle and self.is_idle:
+                break
+            batch = self._schedule_next_batch()
+            if batch is not None:
+                self._process(batch, self._launch(batch))
+            self._flush_events()
+
+    def overlap_loop(self, until_idle: bool = False) -> None:
+        """Schedule and launch batch N+1 before processing batch N's results.
+
+        On CUDA batch N still runs on the engine stream while the CPU does this; on CPU the same
+        order runs serially. Retraction needs host-side token ids, so it processes N first.
+        """
+        last: InFlight | None = None
+        while not self.stopped:
+            self._receive(block=self.is_idle and last is None and not until_idle)
+            if until_idle and self.is_idle and last is None:
+                break
+            if last is not None and self.decode.needs_retraction():
+                self._process(*last)
+                last = None
+            batch = self._schedule_next_batch()
+            current = (batch, self._launch(batch)) if batch is not None else None
+            if last is not None:
+                self._process(*last)
+            last = current
+            self._flush_events()
+        if last is not None:
+            self._process(*last)
+            self._flush_events()
+
+    def run_until_idle(self) -> None:
+        """Serve what has been received until nothing is left (the offline API's driver)."""
+        if self.config.scheduler.enable_overlap:
+            self.overlap_loop(until_idle=True)
+        else:
+            self.normal_loop(until_idle=True)
+        self._flush_events()
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.prefill.has_work and not self.decode.running
+
+    # ------------------------------------------------------------ messages
+
+    def _receive(self, block: bool) -> None:
+        for msg in self.io.recv(block):
+            self.handle(msg)
+
+    def handle(self, msg: SchedulerInput) -> None:
+        if isinstance(msg, UserMsg):
+            self._add_request(msg)
+        elif isinstance(msg, AbortMsg):
+            self.abort(msg.rid)
+        elif isinstance(msg, FlushCacheMsg):
+            self.cache.flush()
+            self._emit_stats(force=True)
+        elif isinstance(msg, ShutdownMsg):
+            self.stopped = True
+
+    def _add_request(self, msg: UserMsg) -> None:
+        error = self._validate(msg)
+        if error is not None:
+            self._events.append(TokenEvent(msg.rid, [], FinishReason.ERROR.value, error=error,
+                                           num_input_tokens=len(msg.input_ids)))
+            return
+        seed = msg.params.seed if msg.params.seed is not None else self._rng.getrandbits(63)
+        max_out = min(msg.params.max_tokens, self.context_len - len(msg.input_ids))
+        req = Req(msg.rid, list(msg.input_ids), msg.params, seed, max_out, arrival_time=msg.arrival_time)
+        self.reqs[msg.rid] = req
+        self.prefill.add(req)
+
+    def _validate(self, msg: UserMsg) -> str | None:
+        n = len(msg.input_ids)
+        if msg.rid in self.reqs:
+            return f"request id {msg.rid} is already in use"
+        if n == 0:
+            return "the prompt is empty: send at least one token"
+        if n >= self.context_len:
+            return (f"the prompt has {n} tokens but the context holds at most {self.context_len} "
+                    f"(prompt plus at least one output token): shorten the prompt")
+        bad = [t for t in msg.input_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            return f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+        return None
+
+    def abort(self, rid: int) -> None:
+        req = self.reqs.get(rid)
+        if req is None or req.finished:
+            return
+        self.prefill.remove(req)
+        self._finish(req)
+        self._events.append(TokenEvent(rid, [], FinishReason.ABORT.value))
+        self._release_if_done(req)
+
+    # ------------------------------------------------------------ scheduling
+
+    def _schedule_next_batch(self) -> Batch | None:
+        """Prefill first (bounded by the prefill budget), otherwise decode every running request."""
+        reserve = len(self.decode.decodable())
+        items = self.prefill.schedule(self.config.scheduler.prefill_budget, reserve)
+        if items:
+            for item in items:
+                if item.samples:
+                    self.decode.add(item.req)
+            return Batch(items, is_decode=False)
+        if self.decode.needs_retraction():
+            self._retract(self.decode.pick_victims())
+        items = self.decode.schedule()
+        return Batch(items, is_decode=True) if items else None
+
+    def _retract(self, victims: list[Req]) -> None:
+        """Preempt the newest requests: their KV goes to the prefix cache, they wait in pending."""
+        for req in victims:
+            assert req.inflight == 0, "retracting a request whose results are still in flight"
+            self.decode.remove(req)
+            self._release_kv(req)
+            req.cached_len = req.device_len = 0
+            self.prefill.add(req, front=True)
+        if victims:
+            logger.info("retracted %d requests (KV pool full)", len(victims))
+
+    def _launch(self, batch: Batch) -> ForwardResult:
+        now = time.monotonic()
+        for item in batch.items:
+            item.req.inflight += 1
+            if not item.req.first_scheduled_time:
+                item.req.first_scheduled_time = now
+        self.num_steps += 1
+        return self.engine.forward(batch, self.eos_ids)
+
+    # ------------------------------------------------------------ results
+
+    def _process(self, batch: Batch, result: ForwardResult) -> None:
+        ids, logprobs = result.wait()
+        for i, item in enumerate(batch.items):
+            req = item.req
+            req.inflight -= 1
+            if item.samples and not req.finished:
+                self._append_token(req, ids[i], logprobs[i] if logprobs is not None else None)
+            self._release_if_done(req)
+        self._emit_stats()
+
+    def _append_token(self, req: Req, token: int, logprob: float | None) -> None:
+        req.output_ids.append(token)
+        reason = self._finish_reason(req, token)
+        first = len(req.output_ids) == 1
+        self._events.append(TokenEvent(
+            req.rid, [token], reason,
+            logprobs=[logprob] if req.params.logprobs and logprob is not None else None,
+            num_input_tokens=len(req.input_ids) if first else 0,
+            cached_tokens=req.matched_len if first else 0,
+            queue_time=max(req.first_scheduled_time - req.arrival_time, 0.0) if first and req.arrival_time else 0.0,
+        ))
+        if reason is not None:
+            self._finish(req)
+
+    def _finish_reason(self, req: Req, token: int) -> str | None:
+        p = req.params
+        if len(req.output_ids) >= p.min_tokens:
+            if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+                return FinishReason.STOP.value
+        if len(req.output_ids) >= req.max_output_tokens:
+            return FinishReason.LENGTH.value
+        return None
+
+    def _finish(self, req: Req) -> None:
+        req.finished = True
+        self.decode.remove(req)
+
+    def _release_if_done(self, req: Req) -> None:
+        if req.finished and req.inflight == 0 and req.rid in self.reqs:
+            self._release_kv(req)
+            del self.reqs[req.rid]
+
+    def _release_kv(self, req: Req) -> None:
+        if req.row < 0:
+            return
+        self.cache.release(req, req.all_ids[:req.cached_len])
+        self.table.free_row(req.row)
+        req.row = -1
+
+    # ------------------------------------------------------------ events and accounting
+
+    def _flush_events(self) -> None:
+        if self.is_idle:
+            self._emit_stats(force=True)
+        if self._events:
+            events, self._events = self._events, []
+            self.io.send(events)
+
+    def _emit_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_stats < _STATS_INTERVAL_S:
+            return
+        self._last_stats = now
+        self._events.append(self.stats())
+
+    def stats(self) -> StatsEvent:
+        c = self.cache.stats()
+        return StatsEvent(running=len(self.decode.running), pending=len(self.prefill.pending),
+                          total_pages=c.total_pages, free_pages=c.free_pages, cached_pages=c.cached_pages,
+                          locked_pages=c.locked_pages, free_rows=self.table.free_rows,
+                          total_rows=self.table.num_rows, cache_hit_tokens=c.hit_tokens,
+                          cache_miss_tokens=c.miss_tokens)
+
+    def leaks(self) -> list[str]:
+        """What an idle scheduler still holds that it should not (empty when nothing leaks)."""
+        c = self.cache.stats()
+        problems = []
+        if c.free_pages + c.cached_pages + c.locked_pages + c.private_pages != c.total_pages:
+            problems.append(f"page accounting broken: {c}")
+        if c.locked_pages or c.private_pages:
+            problems.append(f"pages still held: locked={c.locked_pages} private={c.private_pages}")
+        if self.table.free_rows != self.table.num_rows:
+            problems.append(f"table rows still held: {self.table.num_rows - self.table.free_rows}")
+        if self.reqs:
+            problems.append(f"requests still tracked: {sorted(self.reqs)[:10]}")
+        return problems
+
