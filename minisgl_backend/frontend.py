@@ -48,12 +48,16 @@ class RequestStream:
         self.num_input_tokens = len(input_ids)
         self.detok = IncrementalDetokenizer(tokenizer, input_ids, params.stop)
         self.num_output_tokens = 0
+        self.cached_tokens = 0
+        self.queue_time = 0.0
         self.finished = False
         self.stop_hit = False  # a stop string ended the request: the scheduler must abort it
 
     def on_event(self, event: TokenEvent) -> StreamOutput | None:
         if self.finished:
             return None  # tokens after a stop string, or the abort that followed it
+        if self.num_output_tokens == 0:
+            self.cached_tokens, self.queue_time = event.cached_tokens, event.queue_time
         self.num_output_tokens += len(event.token_ids)
         step = self.detok.feed(event.token_ids) if event.token_ids else None
         text = step.text if step is not None else ""
@@ -65,7 +69,7 @@ class RequestStream:
         self.finished = reason is not None
         return StreamOutput(self.rid, text, list(event.token_ids), self.finished, reason, event.error,
                             self.num_input_tokens, self.num_output_tokens, event.logprobs,
-                            event.cached_tokens, event.queue_time)
+                            self.cached_tokens, self.queue_time)
 
 
 def tokenize_prompt(tokenizer: Any, prompt: str | list[int]) -> list[int]:

@@ -102,8 +102,16 @@ class Engine:
         last = torch.cumsum(ext_d, 0) - 1
         logits = self.model(input_ids, positions_d, ForwardBatch(self.attn, last))
         next_ids, logprobs = self._sample(batch, logits, eos_ids)
-        self.token_pool[rows_d, ends_d] = next_ids  # the next step reads its input from here
+        self._store_sampled(batch, rows_d, ends_d, next_ids)
         return self._copy_to_host(next_ids, logprobs)
+
+    def _store_sampled(self, batch: Batch, rows: torch.Tensor, ends: torch.Tensor, next_ids: torch.Tensor) -> None:
+        """The next step reads its input ids from the token pool, so they never wait on the host."""
+        if all(it.samples for it in batch.items):
+            self.token_pool[rows, ends] = next_ids
+            return
+        keep = torch.tensor([it.samples for it in batch.items]).to(self.device, non_blocking=True)
+        self.token_pool[rows[keep], ends[keep]] = next_ids[keep]
 
     def _sample(self, batch: Batch, logits: torch.Tensor, eos_ids: list[int]):
         reqs = [it.req for it in batch.items]
