@@ -32,6 +32,7 @@ class CacheManager:
         self._free = list(range(num_pages - 1, -1, -1))
         self.hit_tokens = 0
         self.miss_tokens = 0
+        self.evicted_pages = 0
         self._offsets = torch.arange(page_size, dtype=torch.int32)
 
     # ------------------------------------------------------------ accounting
@@ -78,7 +79,9 @@ class CacheManager:
         if need <= 0:
             return
         if need > len(self._free):
-            self._free.extend(self.tree.evict(need - len(self._free)))
+            evicted = self.tree.evict(need - len(self._free))
+            self.evicted_pages += len(evicted)
+            self._free.extend(evicted)
         new_pages = [self._free.pop() for _ in range(need)]
         self._write_table(req.row, req.num_pages, new_pages)
         req.pages.extend(new_pages)

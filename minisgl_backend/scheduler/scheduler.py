@@ -47,6 +47,7 @@ class Scheduler:
         self._last_stats = 0.0
         self.stopped = False
         self.num_steps = 0
+        self.num_retracted = 0
 
     # ------------------------------------------------------------ loops
 
@@ -177,6 +178,7 @@ class Scheduler:
             self._release_kv(req)
             req.cached_len = req.device_len = 0
             self.prefill.add(req, front=True)
+        self.num_retracted += len(victims)
         if victims:
             logger.info("retracted %d requests (KV pool full)", len(victims))
 
