@@ -1,0 +1,1 @@
+"""Command-line tools: tiny test models and tokenizer, default model preparation."""
