@@ -134,9 +134,9 @@ class Frontend:
     def shutdown(self) -> None:
         if self._closed:
             return
-        self._procs.stop()
-        self._closed = True
+        self._closed = True  # first: the receiver must not mistake the stop for a crash
         self._receiver.join(timeout=5)
+        self._procs.stop()
         self._procs.close()
         self._fail_all("the server is shutting down")
 

@@ -6,13 +6,19 @@ frontend <--PULL-- rank 0                            (token and stats events)
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import json
 import logging
-import multiprocessing as mp
 import os
+import signal
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -36,11 +42,12 @@ class Addresses:
     to_rank0: str
     from_rank0: str
     to_ranks: list[str]  # rank 0 -> rank r, for r >= 1
+    ready: str  # every rank -> the parent, once, when started (or failed)
 
     @classmethod
     def in_dir(cls, folder: str, tp_size: int) -> "Addresses":
         ipc = lambda name: f"ipc://{os.path.join(folder, name)}"  # noqa: E731
-        return cls(ipc("in"), ipc("out"), [ipc(f"rank{r}") for r in range(1, tp_size)])
+        return cls(ipc("in"), ipc("out"), [ipc(f"rank{r}") for r in range(1, tp_size)], ipc("ready"))
 
 
 class ZmqSchedulerIO:
@@ -89,27 +96,29 @@ class ZmqSchedulerIO:
         self.ctx.destroy(linger=0)
 
 
-def scheduler_main(flat_config: dict[str, Any], rank: int, addrs: Addresses, ready: Any) -> None:
-    """Entry point of a scheduler process."""
+def scheduler_main(flat_config: dict[str, Any], rank: int, addrs: Addresses) -> None:
+    """Entry point of a scheduler process; reports readiness (or the start-up error) to the parent."""
     logging.basicConfig(level=os.environ.get("MINISGL_LOG_LEVEL", "WARNING"),
                         format=f"[minisgl rank{rank}] %(levelname)s %(name)s: %(message)s")
+    ctx = zmq.Context()
+    ready = ctx.socket(zmq.PUSH)
+    ready.setsockopt(zmq.LINGER, 2000)
+    ready.connect(addrs.ready)
     io = None
     try:
         config = EngineConfig.from_flat(flat_config)
         scheduler = build_scheduler(config, rank, io_factory=lambda: ZmqSchedulerIO(rank, addrs))
         io = scheduler.io
-        ready.send({"ok": True, "rank": rank, **scheduler_info(scheduler)})
+        ready.send_json({"ok": True, "rank": rank, **scheduler_info(scheduler)})
         scheduler.run_forever()
     except Exception as exc:  # report start-up failures to the parent instead of hanging it
         logger.error("scheduler rank %d failed: %s", rank, traceback.format_exc())
-        try:
-            ready.send({"ok": False, "rank": rank, "error": f"{type(exc).__name__}: {exc}"})
-        except Exception:
-            pass
+        ready.send_json({"ok": False, "rank": rank, "error": f"{type(exc).__name__}: {exc}"})
         raise SystemExit(1)
     finally:
         if io is not None:
             io.close()
+        ctx.destroy(linger=2000)
 
 
 def build_scheduler(config: EngineConfig, rank: int, io_factory):
@@ -140,20 +149,27 @@ def free_port() -> int:
 
 
 class SchedulerProcesses:
-    """The frontend's handle on the scheduler processes."""
+    """The frontend's handle on the scheduler processes.
+
+    They are started as `python -m minisgl_backend.launch` rather than with multiprocessing:
+    inside Triton's Python-backend stub `sys.executable` is not a Python interpreter. Each child
+    gets SIGKILL when its parent dies, so no orphan outlives the server.
+    """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.tp_size = config.parallel.tp_size
         self.folder = tempfile.mkdtemp(prefix="minisgl-")
         self.addrs = Addresses.in_dir(self.folder, self.tp_size)
-        self.procs: list[mp.process.BaseProcess] = []
+        self.procs: list[subprocess.Popen] = []
         self.ctx = zmq.Context()
         self.to_rank0 = self.ctx.socket(zmq.PUSH)
         self.from_rank0 = self.ctx.socket(zmq.PULL)
-        for sock in (self.to_rank0, self.from_rank0):
+        self.ready = self.ctx.socket(zmq.PULL)
+        for sock in (self.to_rank0, self.from_rank0, self.ready):
             sock.setsockopt(zmq.LINGER, 0)
         self.from_rank0.bind(self.addrs.from_rank0)
+        self.ready.bind(self.addrs.ready)
         self.to_rank0.connect(self.addrs.to_rank0)
         self._send_lock = threading.Lock()
 
@@ -161,35 +177,33 @@ class SchedulerProcesses:
         flat = self.config.to_flat()
         if self.tp_size > 1 and not flat["master_port"]:
             flat["master_port"] = free_port()
-        spawn = mp.get_context("spawn")
-        pipes = []
+        spec = json.dumps({"config": flat, "addrs": dataclasses.asdict(self.addrs)})
         for rank in range(self.tp_size):
-            parent, child = spawn.Pipe(duplex=False)
-            proc = spawn.Process(target=scheduler_main, args=(flat, rank, self.addrs, child),
-                                 name=f"minisgl-scheduler-{rank}", daemon=True)
-            proc.start()
-            child.close()
-            self.procs.append(proc)
-            pipes.append(parent)
+            self.procs.append(subprocess.Popen(
+                [python_executable(), "-m", "minisgl_backend.launch", str(rank), spec],
+                preexec_fn=_die_with_parent, env=_child_env()))
         try:
-            infos = [self._wait_ready(p, rank) for rank, p in enumerate(pipes)]
+            infos = self._wait_ready()
         except Exception:
+            self.kill()
             self.close()
             raise
         return infos[0]
 
-    def _wait_ready(self, pipe: Any, rank: int) -> dict[str, Any]:
-        if not pipe.poll(_READY_TIMEOUT_S):
-            self.kill()
-            raise RuntimeError(f"scheduler rank {rank} did not start within {_READY_TIMEOUT_S:.0f} s")
-        try:
-            info = pipe.recv()
-        except EOFError:
-            info = {"ok": False, "error": f"exited with code {self.procs[rank].exitcode}"}
-        if not info.get("ok"):
-            self.kill()
-            raise RuntimeError(f"scheduler rank {rank} failed to start: {info.get('error')}")
-        return info
+    def _wait_ready(self) -> dict[int, dict[str, Any]]:
+        infos: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while len(infos) < self.tp_size:
+            if self.ready.poll(200):
+                info = self.ready.recv_json()
+                if not info.get("ok"):
+                    raise RuntimeError(f"scheduler rank {info.get('rank')} failed to start: {info.get('error')}")
+                infos[info["rank"]] = info
+            elif not self.all_alive():
+                raise RuntimeError(f"a scheduler process exited during start-up (exit codes {self.exit_codes()})")
+            elif time.monotonic() > deadline:
+                raise RuntimeError(f"the scheduler did not start within {_READY_TIMEOUT_S:.0f} s")
+        return infos
 
     def send(self, msg: SchedulerInput) -> None:
         with self._send_lock:
@@ -206,30 +220,70 @@ class SchedulerProcesses:
                 return events
 
     def all_alive(self) -> bool:
-        return all(p.is_alive() for p in self.procs)
+        return all(p.poll() is None for p in self.procs)
 
     def exit_codes(self) -> list[int | None]:
-        return [p.exitcode for p in self.procs]
+        return [p.poll() for p in self.procs]
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask every rank to stop, then make sure none is left behind."""
-        if any(p.is_alive() for p in self.procs):
-            try:
-                self.send(ShutdownMsg())
-            except zmq.ZMQError:
-                pass
-        for proc in self.procs:
-            proc.join(timeout)
+        if self.procs and self.all_alive():
+            self.send(ShutdownMsg())
+            deadline = time.monotonic() + timeout
+            for proc in self.procs:
+                try:
+                    proc.wait(max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    break
         self.kill()
 
     def kill(self) -> None:
         for proc in self.procs:
-            if proc.is_alive():
+            if proc.poll() is None:
                 proc.kill()
         for proc in self.procs:
-            proc.join(5)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                logger.error("scheduler process %d did not exit after SIGKILL", proc.pid)
 
     def close(self) -> None:
         """Release the sockets and the socket folder; call once nothing uses them anymore."""
         self.ctx.destroy(linger=0)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def python_executable() -> str:
+    """A Python interpreter for the children: ours, unless we are embedded (Triton's stub)."""
+    if os.path.basename(sys.executable).startswith("python"):
+        return sys.executable
+    for candidate in (os.path.join(sys.exec_prefix, "bin", f"python{sys.version_info.major}.{sys.version_info.minor}"),
+                      os.path.join(sys.exec_prefix, "bin", "python3"), shutil.which("python3") or ""):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise RuntimeError("no Python interpreter found to start the scheduler processes")
+
+
+def _child_env() -> dict[str, str]:
+    """The children import exactly what this process imports (the venv's packages included)."""
+    env = dict(os.environ)
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + env.get("PYTHONPATH", "").split(os.pathsep)))
+    return env
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _main(argv: list[str]) -> None:
+    rank, spec = int(argv[1]), json.loads(argv[2])
+    scheduler_main(spec["config"], rank, Addresses(**spec["addrs"]))
+
+
+if __name__ == "__main__":
+    _main(sys.argv)
