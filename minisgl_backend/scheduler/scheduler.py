@@ -48,6 +48,7 @@ class Scheduler:
         self.stopped = False
         self.num_steps = 0
         self.num_retracted = 0
+        self._was_idle = False
 
     # ------------------------------------------------------------ loops
 
@@ -245,8 +246,11 @@ class Scheduler:
     # ------------------------------------------------------------ events and accounting
 
     def _flush_events(self) -> None:
-        if self.is_idle:
+        if self.is_idle and not self.reqs and not self._was_idle:
             self._emit_stats(force=True)
+            for problem in self.leaks():  # free + cached == pool when nothing runs: cheap to check
+                logger.error("resource leak after drain: %s", problem)
+        self._was_idle = self.is_idle and not self.reqs
         if self._events:
             events, self._events = self._events, []
             self.io.send(events)
