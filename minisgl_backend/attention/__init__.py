@@ -9,12 +9,22 @@ from minisgl_backend.config import ConfigError, EngineConfig
 from minisgl_backend.engine.kv_cache import KVCache
 
 
-def make_attention_backend(config: EngineConfig, kv_cache: KVCache, page_table: torch.Tensor) -> AttentionBackend:
+def make_attention_backend(config: EngineConfig, kv_cache: KVCache, page_table: torch.Tensor, *,
+                           num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                           dtype: torch.dtype) -> AttentionBackend:
+    """flashinfer where it can run (CUDA, fp16/bf16, a supported head size), else torch."""
     from minisgl_backend.attention.torch_backend import TorchAttentionBackend
 
-    name = config.attention_backend
-    if name == "flashinfer":
-        raise ConfigError("attention_backend 'flashinfer' is not built yet; use 'torch' or 'auto'")
+    name, device = config.attention_backend, page_table.device
+    if name in ("auto", "flashinfer"):
+        from minisgl_backend.attention.flashinfer_backend import FlashInferBackend, flashinfer_unsupported_reason
+
+        reason = flashinfer_unsupported_reason(head_dim, dtype, device)  # checks the device before importing
+        if reason is None:
+            return FlashInferBackend(kv_cache, page_table, num_qo_heads, num_kv_heads, head_dim,
+                                     config.cache.page_size, dtype, device, config.scheduler.max_running_requests)
+        if name == "flashinfer":
+            raise ConfigError(f"attention_backend 'flashinfer' cannot run here: {reason}")
     return TorchAttentionBackend(kv_cache, page_table)
 
 

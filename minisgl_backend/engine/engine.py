@@ -12,6 +12,7 @@ from minisgl_backend.attention.base import BatchLayout
 from minisgl_backend.config import EngineConfig
 from minisgl_backend.core import Batch
 from minisgl_backend.engine.forward import ForwardBatch
+from minisgl_backend.engine.graph import build_graph_runner
 from minisgl_backend.engine.kv_cache import KVCache
 from minisgl_backend.engine.sampling import PenaltyInputs, Sampler, SamplingTensors
 from minisgl_backend.models import load_model
@@ -50,11 +51,20 @@ class Engine:
         width = -(-(self.max_seq_len + 1) // self.page_size) * self.page_size
         self.page_table = torch.zeros(self.num_rows + 1, width, dtype=torch.int32, device=self.device)
         self.token_pool = torch.zeros(self.num_rows + 1, width, dtype=torch.int64, device=self.device)
-        self.kv_cache = KVCache(self.model.num_layers, self.num_pages, self.page_size,
+        # One spare page past the scheduler's pool: CUDA-graph padding writes its K/V there.
+        self.kv_cache = KVCache(self.model.num_layers, self.num_pages + 1, self.page_size,
                                 self.model.num_kv_heads_per_rank, self.model.head_dim, self.dtype, self.device)
-        self.attn = make_attention_backend(config, self.kv_cache, self.page_table)
+        self.spare_slot = self.num_pages * self.page_size
+        self.attn = make_attention_backend(config, self.kv_cache, self.page_table,
+                                           num_qo_heads=self.model.num_heads_per_rank,
+                                           num_kv_heads=self.model.num_kv_heads_per_rank,
+                                           head_dim=self.model.head_dim, dtype=self.dtype)
         self.sampler = Sampler()
         self.vocab_size = self.arch.vocab_size
+        self.graph_runner = build_graph_runner(
+            config, self.model, self.attn, vocab_size=self.vocab_size, page_table=self.page_table,
+            spare_row=self.num_rows, spare_slot=self.spare_slot, max_running_requests=self.num_rows,
+            device=self.device)
 
     # ------------------------------------------------------------ sizing
 
@@ -98,9 +108,12 @@ class Engine:
         input_ids = self.token_pool[tok_rows_d, positions_d]
         out_loc = self.page_table[tok_rows_d, positions_d].long()
         layout = BatchLayout(batch.is_decode, rows_d, ends_d, ext_d, out_loc, ends, ext)
-        self.attn.prepare(layout)
-        last = torch.cumsum(ext_d, 0) - 1
-        logits = self.model(input_ids, positions_d, ForwardBatch(self.attn, last))
+        if batch.is_decode and self.graph_runner is not None and self.graph_runner.can_run(len(items)):
+            logits = self.graph_runner.replay(input_ids, positions_d, layout)
+        else:
+            self.attn.prepare(layout)
+            last = torch.cumsum(ext_d, 0) - 1
+            logits = self.model(input_ids, positions_d, ForwardBatch(self.attn, last))
         next_ids, logprobs = self._sample(batch, logits, eos_ids)
         self._store_sampled(batch, rows_d, ends_d, next_ids)
         return self._copy_to_host(next_ids, logprobs)

@@ -1,0 +1,332 @@
+"""Attention on CUDA through flashinfer's paged-KV wrappers (flashinfer-python 0.7.x).
+
+The KV pool of a layer, `k[layer]` / `v[layer]` of shape [num_pages * page_size, Hkv, D], is
+viewed as flashinfer's NHD paged layout [num_pages, page_size, Hkv, D] (no copy), and handed
+to the kernels as a `(k_cache, v_cache)` tuple. A request's pages are read off its page-table
+row: page j holds positions [j * page_size, (j + 1) * page_size), and its page id is
+`page_table[row, j * page_size] // page_size` (the scheduler writes whole, aligned pages).
+
+One `plan()` per batch, in `prepare()`; every layer then only `run()`s:
+
+- decode batches (one new token per request): `BatchDecodeWithPagedKVCacheWrapper`, with tensor
+  cores when the GQA group is large (>= 4 query heads per KV head);
+- everything else (prefill, chunked prefill, prefill on a cached prefix, mixed): the paged
+  `BatchPrefillWithPagedKVCacheWrapper` with `causal=True`. The new tokens' K/V are stored into
+  the pool first, so each request attends to its cached prefix and its new tokens through the
+  same page list; flashinfer aligns the causal mask to the bottom right (query i of a request
+  with q_len new tokens and kv_len positions sits at position kv_len - q_len + i).
+
+CUDA graphs (decode only): `init_cuda_graph(max_bs)` allocates fixed indptr / indices /
+last_page_len buffers shared by one decode wrapper per captured batch size
+(`use_cuda_graph=True`); `prepare_for_capture(bs, layout)` plans that wrapper and makes it the
+one `forward()` uses while the graph is captured; `prepare_for_replay(bs, layout)` re-plans it
+(plan() copies the new metadata into the fixed buffers) right before `graph.replay()`.
+
+`import flashinfer` happens inside the constructor only: the package imports on a CPU machine
+but none of its kernels run there. `build_paged_metadata` is plain torch and runs anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from minisgl_backend.attention.base import BatchLayout
+from minisgl_backend.engine.kv_cache import KVCache
+
+# Head sizes flashinfer's fa2 paged kernels are built and tested for (its AOT set); others may
+# JIT-compile but are not relied on. Float32 has no flashinfer kernel at all.
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+# flashinfer's recommended float workspace (split-k partial results); its docs use 128 MiB.
+DEFAULT_WORKSPACE_BYTES = 128 * 1024 * 1024
+# Use the tensor-core (prefill-kernel) decode from this many query heads per KV head on.
+TENSOR_CORE_MIN_GROUP = 4
+
+
+def flashinfer_unsupported_reason(head_dim: int, dtype: torch.dtype, device: torch.device | str) -> str | None:
+    """None when FlashInferBackend can serve this model here, else why not (for `auto` fallback)."""
+    if torch.device(device).type != "cuda":
+        return "flashinfer runs on CUDA only"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"flashinfer needs float16 or bfloat16, not {dtype}"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"flashinfer head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}"
+    try:
+        import flashinfer  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken CUDA toolchain underneath
+        return f"flashinfer is not importable: {exc}"
+    return None
+
+
+# ---------------------------------------------------------------------------- metadata
+
+
+@dataclass
+class PagedMetadata:
+    """flashinfer's CSR description of a batch over the paged KV pool.
+
+    Index pointers and last-page lengths stay on the host (flashinfer's plan() reads them there;
+    passing host tensors avoids a device->host sync); the page ids live on the page table's device.
+    """
+
+    qo_indptr: torch.Tensor  # [B + 1] int32, host: new tokens of request i are q[qo_indptr[i]:qo_indptr[i+1]]
+    kv_indptr: torch.Tensor  # [B + 1] int32, host: pages of request i are kv_indices[kv_indptr[i]:kv_indptr[i+1]]
+    kv_indices: torch.Tensor  # [kv_indptr[-1]] int32, device: page ids in position order
+    kv_last_page_len: torch.Tensor  # [B] int32, host: entries used in each request's last page, in [1, page_size]
+    seq_lens: torch.Tensor  # [B] int32, host: positions (cached + new) of each request
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv_last_page_len.shape[0]
+
+    @property
+    def num_pages(self) -> int:
+        return int(self.kv_indptr[-1])
+
+
+def _host_lengths(values: Sequence[int] | torch.Tensor, name: str) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        if values.device.type != "cpu":
+            raise ValueError(f"{name} must be host values (a list or a CPU tensor): plan() reads them there")
+        return values.to(torch.int64).flatten()
+    return torch.tensor(list(values), dtype=torch.int64)
+
+
+def _indptr(lengths: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(lengths.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=out[1:])
+    return out
+
+
+def build_paged_metadata(page_table: torch.Tensor, rows: Sequence[int] | torch.Tensor,
+                         seq_lens: Sequence[int] | torch.Tensor, extend_lens: Sequence[int] | torch.Tensor,
+                         page_size: int) -> PagedMetadata:
+    """CSR metadata of a batch: request i owns page-table row `rows[i]`, has `seq_lens[i]` positions
+    after this batch, of which the last `extend_lens[i]` are new (the query tokens).
+
+    `rows` may live on any device (it is moved to the page table's); `seq_lens` and `extend_lens`
+    must be host values. No per-token Python loop and no device->host sync: the page ids are
+    gathered on the page table's device with sizes known on the host.
+    """
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
+    seq = _host_lengths(seq_lens, "seq_lens")
+    ext = _host_lengths(extend_lens, "extend_lens")
+    bsz = seq.shape[0]
+    if ext.shape[0] != bsz:
+        raise ValueError(f"{bsz} seq_lens but {ext.shape[0]} extend_lens")
+    if bsz == 0:
+        raise ValueError("empty batch")
+    if bool((seq < 1).any()) or bool((ext < 1).any()) or bool((ext > seq).any()):
+        raise ValueError(f"need 1 <= extend_len <= seq_len, got seq_lens={seq.tolist()} extend_lens={ext.tolist()}")
+    if int(seq.max()) > page_table.shape[1]:
+        raise ValueError(f"seq_len {int(seq.max())} exceeds the page table width {page_table.shape[1]}")
+
+    num_pages = (seq + page_size - 1) // page_size
+    kv_indptr = _indptr(num_pages)
+    qo_indptr = _indptr(ext)
+    last_page_len = seq - (num_pages - 1) * page_size
+    total = int(kv_indptr[-1])
+
+    device = page_table.device
+    rows_d = torch.as_tensor(rows, dtype=torch.int64).to(device, non_blocking=True).flatten()
+    if rows_d.shape[0] != bsz:
+        raise ValueError(f"{rows_d.shape[0]} rows but {bsz} seq_lens")
+    num_pages_d = num_pages.to(device, non_blocking=True)
+    starts_d = kv_indptr[:-1].to(device, non_blocking=True)
+    # flat page k -> its request, and its index j within that request; output_size avoids a sync
+    req_of_page = torch.repeat_interleave(torch.arange(bsz, device=device), num_pages_d, output_size=total)
+    page_in_req = torch.arange(total, device=device) - starts_d[req_of_page]
+    first_slot = page_table[rows_d[req_of_page], page_in_req * page_size]
+    kv_indices = torch.div(first_slot, page_size, rounding_mode="floor").to(torch.int32)
+
+    i32 = lambda t: t.to(torch.int32)  # noqa: E731
+    return PagedMetadata(i32(qo_indptr), i32(kv_indptr), kv_indices, i32(last_page_len), i32(seq))
+
+
+def paged_view(pool: torch.Tensor, page_size: int) -> torch.Tensor:
+    """[num_pages * page_size, Hkv, D] slot pool -> flashinfer NHD pages [num_pages, page_size, Hkv, D] (a view)."""
+    return pool.view(-1, page_size, pool.shape[1], pool.shape[2])
+
+
+# ---------------------------------------------------------------------------- backend
+
+
+class FlashInferBackend:
+    """The AttentionBackend protocol (`prepare(layout)`, `forward(q, k, v, layer_id)`) on flashinfer."""
+
+    def __init__(self, kv_cache: KVCache, page_table: torch.Tensor, num_qo_heads: int, num_kv_heads: int,
+                 head_dim: int, page_size: int, dtype: torch.dtype, device: torch.device | str,
+                 max_batch_size: int, *, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+                 use_tensor_cores: bool | None = None) -> None:
+        reason = flashinfer_unsupported_reason(head_dim, dtype, device)
+        if reason is not None:
+            raise ValueError(reason)
+        if num_qo_heads % num_kv_heads:
+            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        import flashinfer
+
+        self._fi = flashinfer
+        self.kv_cache = kv_cache
+        self.page_table = page_table
+        self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
+        self.page_size = page_size
+        self.dtype = dtype
+        self.kv_dtype = kv_cache.k[0].dtype if kv_cache.k else dtype
+        self.device = torch.device(device)
+        self.max_batch_size = max_batch_size
+        if use_tensor_cores is None:
+            use_tensor_cores = num_qo_heads // num_kv_heads >= TENSOR_CORE_MIN_GROUP
+        self.use_tensor_cores = use_tensor_cores
+        self.num_pages = kv_cache.k[0].shape[0] // page_size if kv_cache.k else 0
+
+        # "Must be initialized to 0 for its first use" (BatchDecodeWithPagedKVCacheWrapper docs).
+        self.workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=self.device)
+        # fa2 explicitly: "auto" may pick fa3 (prefill, SM90) or cudnn (decode, SM100) whose
+        # constraints differ; fa2 is what mini-sglang and sglang run by default.
+        self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, kv_layout="NHD", backend="fa2")
+        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, kv_layout="NHD", use_tensor_cores=use_tensor_cores, backend="fa2")
+        # Every wrapper allocates an 8 MiB int workspace plus an 8 MiB pinned staging copy; one
+        # pair serves all, since every batch plans before it runs and runs on one stream.
+        self._int_workspace = getattr(self.prefill_wrapper, "_int_workspace_buffer", None)
+        self._pinned_int_workspace = getattr(self.prefill_wrapper, "_pin_memory_int_workspace_buffer", None)
+        self._share_int_workspace(self.decode_wrapper)
+
+        self._wrapper = None  # the wrapper planned for the current batch
+        self._out_loc: torch.Tensor | None = None
+        self._plan_done: torch.cuda.Event | None = None
+
+        # CUDA-graph state (init_cuda_graph)
+        self.graph_max_bs = 0
+        self._graph_wrappers: dict[int, object] = {}
+        self._graph_indptr: torch.Tensor | None = None
+        self._graph_indices: torch.Tensor | None = None
+        self._graph_last_page_len: torch.Tensor | None = None
+
+    # ------------------------------------------------------------ helpers
+
+    def _share_int_workspace(self, wrapper) -> None:
+        if self._int_workspace is None or self._pinned_int_workspace is None:
+            return
+        if hasattr(wrapper, "_int_workspace_buffer") and hasattr(wrapper, "_pin_memory_int_workspace_buffer"):
+            wrapper._int_workspace_buffer = self._int_workspace
+            wrapper._pin_memory_int_workspace_buffer = self._pinned_int_workspace
+
+    def _paged_kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (paged_view(self.kv_cache.k[layer_id], self.page_size),
+                paged_view(self.kv_cache.v[layer_id], self.page_size))
+
+    def _before_plan(self) -> None:
+        # plan() writes its schedule into a pinned host buffer and queues an async copy to the
+        # device; the next plan() must not overwrite that buffer before the copy ran (with the
+        # overlap loop the host plans batch N+1 while the GPU may still be behind).
+        if self._plan_done is not None:
+            self._plan_done.synchronize()
+
+    def _after_plan(self) -> None:
+        if self.device.type != "cuda":  # only the CPU tests' stand-in for flashinfer gets here
+            return
+        if self._plan_done is None:
+            self._plan_done = torch.cuda.Event()
+        self._plan_done.record()
+
+    def _plan_decode(self, wrapper, md: PagedMetadata) -> None:
+        self._before_plan()
+        wrapper.plan(
+            md.kv_indptr, md.kv_indices, md.kv_last_page_len,
+            self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
+            pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.kv_dtype,
+            non_blocking=True,
+        )
+        self._after_plan()
+
+    def _plan_prefill(self, md: PagedMetadata) -> None:
+        self._before_plan()
+        self.prefill_wrapper.plan(
+            qo_indptr=md.qo_indptr, paged_kv_indptr=md.kv_indptr, paged_kv_indices=md.kv_indices,
+            paged_kv_last_page_len=md.kv_last_page_len,
+            num_qo_heads=self.num_qo_heads, num_kv_heads=self.num_kv_heads,
+            head_dim_qk=self.head_dim, page_size=self.page_size, causal=True,
+            pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.kv_dtype,
+            non_blocking=True,
+        )
+        self._after_plan()
+
+    def _metadata(self, layout: BatchLayout) -> PagedMetadata:
+        return build_paged_metadata(self.page_table, layout.rows, layout.seq_lens_cpu,
+                                    layout.extend_lens_cpu, self.page_size)
+
+    # ------------------------------------------------------------ protocol
+
+    def prepare(self, layout: BatchLayout) -> None:
+        md = self._metadata(layout)
+        if layout.is_decode and all(n == 1 for n in layout.extend_lens_cpu):
+            self._plan_decode(self.decode_wrapper, md)
+            self._wrapper = self.decode_wrapper
+        else:
+            self._plan_prefill(md)
+            self._wrapper = self.prefill_wrapper
+        self._out_loc = layout.out_loc
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+        assert self._wrapper is not None and self._out_loc is not None, "prepare() must run before forward()"
+        self.kv_cache.store(layer_id, self._out_loc, k, v)
+        out = self._wrapper.run(q.contiguous(), self._paged_kv(layer_id))
+        return out.reshape(q.shape[0], self.num_qo_heads * self.head_dim)
+
+    # ------------------------------------------------------------ CUDA graphs
+
+    def init_cuda_graph(self, max_bs: int) -> None:
+        """Fixed metadata buffers for decode graphs of up to `max_bs` requests (call once)."""
+        if self._graph_indptr is not None:
+            raise RuntimeError("init_cuda_graph() was already called")
+        pages_per_row = math.ceil(self.page_table.shape[1] / self.page_size)
+        self.graph_max_bs = max_bs
+        self._graph_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device)
+        self._graph_indices = torch.zeros(max_bs * pages_per_row, dtype=torch.int32, device=self.device)
+        self._graph_last_page_len = torch.ones(max_bs, dtype=torch.int32, device=self.device)
+
+    def _graph_wrapper(self, bs: int):
+        if self._graph_indptr is None:
+            raise RuntimeError("init_cuda_graph() must run before capturing")
+        if not 1 <= bs <= self.graph_max_bs:
+            raise ValueError(f"batch size {bs} is outside the graph buffers (1..{self.graph_max_bs})")
+        wrapper = self._graph_wrappers.get(bs)
+        if wrapper is None:
+            wrapper = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, kv_layout="NHD", use_cuda_graph=True,
+                use_tensor_cores=self.use_tensor_cores,
+                paged_kv_indptr_buffer=self._graph_indptr[: bs + 1],
+                paged_kv_indices_buffer=self._graph_indices,
+                paged_kv_last_page_len_buffer=self._graph_last_page_len[:bs],
+                backend="fa2",
+            )
+            self._share_int_workspace(wrapper)
+            self._graph_wrappers[bs] = wrapper
+        return wrapper
+
+    def _check_graph_layout(self, bs: int, layout: BatchLayout) -> None:
+        if len(layout.seq_lens_cpu) != bs or any(n != 1 for n in layout.extend_lens_cpu):
+            raise ValueError(f"a graph of batch size {bs} needs a padded decode layout of {bs} requests")
+
+    def prepare_for_capture(self, bs: int, layout: BatchLayout) -> None:
+        """Plan the bs-wrapper on a dummy (padded) decode layout whose `out_loc` is the graph's
+        static out_loc buffer; `forward()` then records that wrapper's kernels into the graph."""
+        self._check_graph_layout(bs, layout)
+        wrapper = self._graph_wrapper(bs)
+        self._plan_decode(wrapper, self._metadata(layout))
+        self._wrapper = wrapper
+        self._out_loc = layout.out_loc
+
+    def prepare_for_replay(self, bs: int, layout: BatchLayout) -> None:
+        """Re-plan the bs-wrapper for the real (padded) batch; plan() refills the fixed buffers."""
+        self._check_graph_layout(bs, layout)
+        if bs not in self._graph_wrappers:
+            raise RuntimeError(f"no graph was captured for batch size {bs}")
+        self._plan_decode(self._graph_wrappers[bs], self._metadata(layout))

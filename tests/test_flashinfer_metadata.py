@@ -1,0 +1,501 @@
+"""CPU checks of the GPU fast path's pure parts: flashinfer's paged metadata and CUDA-graph padding."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from minisgl_backend.attention.base import BatchLayout
+from minisgl_backend.attention.flashinfer_backend import PagedMetadata, build_paged_metadata, paged_view
+from minisgl_backend.attention.torch_backend import TorchAttentionBackend
+from minisgl_backend.engine.graph import (
+    CudaGraphRunner,
+    StaticDecodeInputs,
+    graph_batch_sizes,
+    pick_graph_bs,
+    supports_cuda_graph,
+)
+from minisgl_backend.engine.kv_cache import KVCache
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def make_page_table(seq_lens, page_size, num_pages, width, rng, shared_prefix_pages=0):
+    """A table the way CacheManager writes it: whole pages of consecutive slots, random page ids,
+    optionally the first pages shared by every row (a radix-cache prefix). Row r belongs to
+    request r; one spare row at the end."""
+    table = torch.zeros(len(seq_lens) + 1, width, dtype=torch.int32)
+    pages = list(range(num_pages))
+    rng.shuffle(pages)
+    shared, free = pages[:shared_prefix_pages], pages[shared_prefix_pages:]
+    for row, length in enumerate(seq_lens):
+        n = -(-length // page_size)
+        mine = shared[:n] + [free.pop() for _ in range(n - min(n, len(shared)))]
+        slots = (torch.tensor(mine, dtype=torch.int64)[:, None] * page_size + torch.arange(page_size)).flatten()
+        table[row, :min(len(slots), width)] = slots[:width].to(torch.int32)
+    return table
+
+
+def reference_metadata(table, rows, seq_lens, extend_lens, page_size):
+    qo, kv, idx, last = [0], [0], [], []
+    for row, length, ext in zip(rows, seq_lens, extend_lens):
+        n = math.ceil(length / page_size)
+        idx += [int(table[row, j * page_size]) // page_size for j in range(n)]
+        kv.append(kv[-1] + n)
+        qo.append(qo[-1] + ext)
+        last.append(length - (n - 1) * page_size)
+    return qo, kv, idx, last
+
+
+def assert_matches_reference(md: PagedMetadata, table, rows, seq_lens, extend_lens, page_size):
+    qo, kv, idx, last = reference_metadata(table, rows, seq_lens, extend_lens, page_size)
+    assert md.qo_indptr.tolist() == qo
+    assert md.kv_indptr.tolist() == kv
+    assert md.kv_indices.tolist() == idx
+    assert md.kv_last_page_len.tolist() == last
+    assert md.seq_lens.tolist() == list(seq_lens)
+    for t in (md.qo_indptr, md.kv_indptr, md.kv_indices, md.kv_last_page_len, md.seq_lens):
+        assert t.dtype == torch.int32
+    for t in (md.qo_indptr, md.kv_indptr, md.kv_last_page_len, md.seq_lens):
+        assert t.device.type == "cpu"
+    assert md.batch_size == len(rows) and md.num_pages == kv[-1]
+    assert all(1 <= n <= page_size for n in md.kv_last_page_len.tolist())
+    # the pages, read in order and cut at seq_len, are exactly the slots the table maps to
+    for i, (row, length) in enumerate(zip(rows, seq_lens)):
+        pages = md.kv_indices[md.kv_indptr[i]:md.kv_indptr[i + 1]].long()
+        slots = (pages[:, None] * page_size + torch.arange(page_size)).flatten()[:length]
+        assert torch.equal(slots, table[row, :length].long())
+
+
+def random_batch(rng, page_size, batch_size, decode, max_len=70):
+    seq_lens = [rng.randint(1, max_len) for _ in range(batch_size)]
+    if decode:
+        extend = [1] * batch_size
+    else:
+        extend = [rng.randint(1, s) for s in seq_lens]  # prefix = s - e cached tokens
+    return seq_lens, extend
+
+
+# ---------------------------------------------------------------------------- build_paged_metadata
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+@pytest.mark.parametrize("seed", range(4))
+def test_metadata_matches_reference(page_size, decode, seed):
+    rng = random.Random(seed * 100 + page_size)
+    bsz = rng.randint(1, 9)
+    seq_lens, extend = random_batch(rng, page_size, bsz, decode)
+    width = -(-max(seq_lens) // page_size) * page_size + page_size
+    table = make_page_table(seq_lens, page_size, num_pages=bsz * width // page_size + 8, width=width, rng=rng,
+                            shared_prefix_pages=rng.choice([0, 2]))
+    rows = list(range(bsz))
+    rng.shuffle(rows)  # batch order differs from row order
+    row_lens = [seq_lens[r] for r in rows]
+    row_ext = [extend[r] for r in rows]
+    md = build_paged_metadata(table, torch.tensor(rows), row_lens, row_ext, page_size)
+    assert_matches_reference(md, table, rows, row_lens, row_ext, page_size)
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_last_page_len_edges(page_size):
+    """seq_len a multiple of page_size -> a full last page; one past it -> a new page of 1."""
+    seq_lens = [1, page_size, page_size + 1, 2 * page_size, 3 * page_size - 1 if page_size > 1 else 3]
+    extend = [1, page_size, 1, page_size, 2]
+    rng = random.Random(7)
+    width = 4 * page_size
+    table = make_page_table(seq_lens, page_size, num_pages=64, width=width, rng=rng)
+    rows = list(range(len(seq_lens)))
+    md = build_paged_metadata(table, rows, seq_lens, extend, page_size)
+    assert_matches_reference(md, table, rows, seq_lens, extend, page_size)
+    expect_last = [s - (math.ceil(s / page_size) - 1) * page_size for s in seq_lens]
+    assert md.kv_last_page_len.tolist() == expect_last
+    assert md.kv_last_page_len.tolist()[1] == page_size  # exactly one full page
+    assert md.kv_last_page_len.tolist()[3] == page_size  # two full pages
+
+
+def test_prefill_with_cached_prefix_shares_pages():
+    """Two requests on the same cached prefix pages: both page lists start with the shared pages."""
+    page_size, rng = 4, random.Random(3)
+    seq_lens, extend = [13, 10], [5, 2]  # 8 cached tokens each
+    table = make_page_table(seq_lens, page_size, num_pages=32, width=16, rng=rng, shared_prefix_pages=2)
+    md = build_paged_metadata(table, [0, 1], seq_lens, extend, page_size)
+    assert_matches_reference(md, table, [0, 1], seq_lens, extend, page_size)
+    first = md.kv_indices[0:4].tolist()
+    second = md.kv_indices[4:7].tolist()
+    assert first[:2] == second[:2]
+    assert md.qo_indptr.tolist() == [0, 5, 7]
+
+
+def test_host_tensor_inputs_and_errors():
+    table = make_page_table([5, 3], 2, num_pages=16, width=8, rng=random.Random(0))
+    md = build_paged_metadata(table, torch.tensor([1, 0]), torch.tensor([3, 5]), torch.tensor([1, 1]), 2)
+    assert_matches_reference(md, table, [1, 0], [3, 5], [1, 1], 2)
+    with pytest.raises(ValueError):
+        build_paged_metadata(table, [0], [3], [4], 2)  # extend > seq
+    with pytest.raises(ValueError):
+        build_paged_metadata(table, [0], [0], [0], 2)  # empty request
+    with pytest.raises(ValueError):
+        build_paged_metadata(table, [0, 1], [3], [1], 2)  # rows / lengths mismatch
+    with pytest.raises(ValueError):
+        build_paged_metadata(table, [0], [9], [1], 2)  # longer than the table
+    with pytest.raises(ValueError):
+        build_paged_metadata(table, [], [], [], 2)
+
+
+# ---------------------------------------------------------------------------- semantics
+
+
+def paged_attention_from_metadata(q, k_pages, v_pages, md: PagedMetadata, page_size):
+    """What flashinfer computes from the metadata: each request attends to its pages cut at
+    seq_len, causal mask aligned to the bottom right."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    outs = []
+    for i in range(md.batch_size):
+        pages = md.kv_indices[md.kv_indptr[i]:md.kv_indptr[i + 1]].long()
+        length = (len(pages) - 1) * page_size + int(md.kv_last_page_len[i])
+        keys = k_pages[pages].reshape(-1, *k_pages.shape[2:])[:length]
+        vals = v_pages[pages].reshape(-1, *v_pages.shape[2:])[:length]
+        group = num_heads // keys.shape[1]
+        keys, vals = keys.repeat_interleave(group, 1), vals.repeat_interleave(group, 1)
+        qi = q[md.qo_indptr[i]:md.qo_indptr[i + 1]]
+        n_new = qi.shape[0]
+        scores = torch.einsum("qhd,khd->hqk", qi, keys) / math.sqrt(head_dim)
+        q_pos = length - n_new + torch.arange(n_new)
+        scores = scores.masked_fill(torch.arange(length)[None, :] > q_pos[:, None], float("-inf"))
+        outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vals))
+    return torch.cat(outs).reshape(q.shape[0], num_heads * head_dim)
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_metadata_semantics_match_torch_backend(page_size, decode):
+    """The metadata + NHD page view give the torch reference backend's attention (fp32, CPU)."""
+    rng = random.Random(page_size)
+    torch.manual_seed(page_size)
+    bsz, hq, hkv, dim = 4, 4, 2, 8
+    seq_lens, extend = random_batch(rng, page_size, bsz, decode, max_len=40)
+    width = -(-max(seq_lens) // page_size) * page_size
+    num_pages = bsz * width // page_size + 4
+    table = make_page_table(seq_lens, page_size, num_pages, width, rng, shared_prefix_pages=1)
+    cache = KVCache(1, num_pages, page_size, hkv, dim, torch.float32, torch.device("cpu"))
+    cache.k[0].normal_()
+    cache.v[0].normal_()
+    rows = [2, 0, 3, 1]
+    lens, ext = [seq_lens[r] for r in rows], [extend[r] for r in rows]
+    out_loc = torch.cat([table[r, s - e:s].long() for r, s, e in zip(rows, lens, ext)])
+    layout = BatchLayout(decode, torch.tensor(rows), torch.tensor(lens), torch.tensor(ext), out_loc, lens, ext)
+    n_tok = sum(ext)
+    q, k, v = torch.randn(n_tok, hq, dim), torch.randn(n_tok, hkv, dim), torch.randn(n_tok, hkv, dim)
+    ref = TorchAttentionBackend(cache, table)
+    ref.prepare(layout)
+    expected = ref.forward(q, k, v, 0)  # also stores k/v at out_loc
+    md = build_paged_metadata(table, layout.rows, lens, ext, page_size)
+    got = paged_attention_from_metadata(q, paged_view(cache.k[0], page_size), paged_view(cache.v[0], page_size),
+                                        md, page_size)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_view_is_a_view():
+    pool = torch.arange(6 * 4 * 2 * 3, dtype=torch.float32).reshape(24, 2, 3)
+    pages = paged_view(pool, 4)
+    assert pages.shape == (6, 4, 2, 3) and pages.data_ptr() == pool.data_ptr()
+    assert torch.equal(pages[2, 1], pool[2 * 4 + 1])
+
+
+# ---------------------------------------------------------------------------- CUDA-graph padding
+
+
+def test_graph_batch_sizes():
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(6) == [1, 2, 4, 6]
+    assert graph_batch_sizes(8) == [1, 2, 4, 8]
+    assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
+    sizes = graph_batch_sizes(256)
+    assert sizes[:6] == [1, 2, 4, 8, 16, 24] and sizes[-1] == 256 and len(sizes) == 35
+    assert graph_batch_sizes(0) == []
+
+
+def test_pick_graph_bs():
+    sizes = graph_batch_sizes(40)
+    assert [pick_graph_bs(b, sizes) for b in (1, 2, 3, 5, 8, 9, 17, 33, 40)] == [1, 2, 4, 8, 8, 16, 24, 40, 40]
+    assert pick_graph_bs(41, sizes) is None
+    assert pick_graph_bs(0, sizes) is None
+
+
+def test_static_inputs_fill_pads_with_spare_row_and_slot():
+    st = StaticDecodeInputs.allocate(8, "cpu")
+    st.input_ids.fill_(-7)  # stale values from an earlier, larger batch
+    st.out_loc.fill_(-7)
+    ids, pos = torch.tensor([11, 12, 13]), torch.tensor([4, 9, 2])
+    out_loc, rows, lens = torch.tensor([40, 81, 22]), torch.tensor([5, 0, 2]), torch.tensor([5, 10, 3])
+    st.fill(ids, pos, out_loc, rows, lens, padded_bs=4, spare_row=9, spare_slot=96)
+    assert st.input_ids[:4].tolist() == [11, 12, 13, 0]
+    assert st.positions[:4].tolist() == [4, 9, 2, 0]
+    assert st.out_loc[:4].tolist() == [40, 81, 22, 96]
+    assert st.rows[:4].tolist() == [5, 0, 2, 9]
+    assert st.seq_lens[:4].tolist() == [5, 10, 3, 1]
+    assert st.input_ids[4:].tolist() == [-7] * 4  # beyond the padded size: untouched
+    layout = st.layout(4, [5, 10, 3])
+    assert layout.is_decode and layout.seq_lens_cpu == [5, 10, 3, 1] and layout.extend_lens_cpu == [1] * 4
+    assert layout.rows.tolist() == [5, 0, 2, 9] and layout.out_loc.tolist() == [40, 81, 22, 96]
+    assert st.last_token_indices[:4].tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        st.fill(ids, pos, out_loc, rows, lens, padded_bs=2, spare_row=9, spare_slot=96)
+    with pytest.raises(ValueError):
+        st.layout(2, [1, 1, 1])
+
+
+def test_padded_layout_metadata_reads_the_spare_page():
+    """Dummies (spare row, length 1) read exactly one page: the spare one."""
+    page_size, num_pages = 4, 10
+    table = make_page_table([6, 9], page_size, num_pages, width=12, rng=random.Random(1))
+    spare_row, spare_slot = 2, num_pages * page_size  # the engine's extra page
+    table[spare_row, 0] = spare_slot
+    st = StaticDecodeInputs.allocate(4, "cpu")
+    st.fill(torch.tensor([1, 2]), torch.tensor([5, 8]), table[[0, 1], [5, 8]].long(), torch.tensor([0, 1]),
+            torch.tensor([6, 9]), padded_bs=4, spare_row=spare_row, spare_slot=spare_slot)
+    layout = st.layout(4, [6, 9])
+    md = build_paged_metadata(table, layout.rows, layout.seq_lens_cpu, layout.extend_lens_cpu, page_size)
+    assert_matches_reference(md, table, [0, 1, 2, 2], [6, 9, 1, 1], [1] * 4, page_size)
+    assert md.kv_indices[-2:].tolist() == [num_pages, num_pages]
+    assert md.kv_last_page_len[-2:].tolist() == [1, 1]
+
+
+class _FakeHooks:
+    def __init__(self):
+        self.calls = []
+
+    def init_cuda_graph(self, max_bs):
+        self.calls.append(("init", max_bs))
+
+    def prepare_for_capture(self, bs, layout):
+        self.calls.append(("capture", bs))
+
+    def prepare_for_replay(self, bs, layout):
+        self.calls.append(("replay", bs, layout.rows.tolist(), layout.seq_lens_cpu, layout.out_loc.tolist()))
+
+    def forward(self, q, k, v, layer_id):
+        raise AssertionError("not called on CPU")
+
+
+class _FakeGraph:
+    """Stands in for a captured graph: 'replays' logits computed from the static inputs."""
+
+    def __init__(self, runner, bs):
+        self.runner, self.bs = runner, bs
+
+    def replay(self):
+        st = self.runner.inputs
+        self.runner.logits[:self.bs] = (st.input_ids[:self.bs] * 1000 + st.rows[:self.bs]).float()[:, None]
+
+
+def test_runner_replay_pads_and_slices_on_cpu():
+    table = torch.zeros(5, 8, dtype=torch.int32)
+    hooks = _FakeHooks()
+    runner = CudaGraphRunner(lambda ids, pos, fwd: None, hooks, max_bs=8, vocab_size=3, page_table=table,
+                             spare_row=4, spare_slot=40, device="cpu")
+    assert table[4, 0] == 40, "the spare row's first position maps to the spare slot"
+    assert runner.sizes == [1, 2, 4, 8] and not runner.can_run(1), "nothing captured yet"
+    runner.graphs = {bs: _FakeGraph(runner, bs) for bs in runner.sizes}
+    assert runner.can_run(8) and not runner.can_run(9) and not runner.can_run(0)
+    layout = BatchLayout(True, torch.tensor([3, 1, 0]), torch.tensor([7, 2, 5]), torch.ones(3, dtype=torch.int64),
+                         torch.tensor([17, 9, 4]), [7, 2, 5], [1, 1, 1])
+    logits = runner.replay(torch.tensor([5, 6, 7]), torch.tensor([6, 1, 4]), layout)
+    assert logits.shape == (3, 3)
+    assert logits[:, 0].tolist() == [5003.0, 6001.0, 7000.0]
+    assert hooks.calls[-1] == ("replay", 4, [3, 1, 0, 4], [7, 2, 5, 1], [17, 9, 4, 40])
+    assert not supports_cuda_graph(TorchAttentionBackend(KVCache(1, 2, 4, 1, 8, torch.float32,
+                                                                 torch.device("cpu")), table))
+    assert supports_cuda_graph(hooks)
+
+
+# ---------------------------------------------------------------------------- FlashInferBackend on a stand-in
+
+
+class _FakeWrapperBase:
+    """Mimics flashinfer 0.7.2's wrapper contract (constructor / plan keywords, CUDA-graph buffer
+    rules, NHD (k, v) tuple) and computes what the kernels would from the planned metadata."""
+
+    PLAN_KWARGS: frozenset = frozenset()
+
+    def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, backend="auto"):
+        assert kv_layout == "NHD" and backend == "fa2"
+        self._float_workspace_buffer = float_workspace_buffer
+        self._int_workspace_buffer = torch.empty(16, dtype=torch.uint8)
+        self._pin_memory_int_workspace_buffer = torch.empty(16, dtype=torch.uint8)
+        self.use_cuda_graph = use_cuda_graph
+        self.num_plans = 0
+
+    def _store(self, qo_indptr, indptr, indices, last_page_len, kwargs, page_size, causal):
+        assert set(kwargs) <= self.PLAN_KWARGS, set(kwargs) - self.PLAN_KWARGS
+        for t in (qo_indptr, indptr, last_page_len):
+            assert t.dtype == torch.int32 and t.device.type == "cpu", "host int32 metadata"
+        assert indices.dtype == torch.int32
+        if self.use_cuda_graph:
+            assert len(last_page_len) == self._fixed_bs, "batch size is fixed in cuda graph mode"
+            assert len(indices) <= len(self._indices_buf)
+            self._indptr_buf.copy_(indptr)
+            self._last_buf.copy_(last_page_len)
+            self._indices_buf[:len(indices)].copy_(indices)
+        else:
+            self._indptr_buf, self._indices_buf, self._last_buf = indptr.clone(), indices.clone(), last_page_len.clone()
+        self._qo_indptr, self._page_size, self._causal = qo_indptr.clone(), page_size, causal
+        self._dtypes = (kwargs.get("q_data_type"), kwargs.get("kv_data_type"))
+        self.num_plans += 1
+
+    def run(self, q, paged_kv_cache):
+        k_pages, v_pages = paged_kv_cache
+        assert k_pages.dim() == 4 and k_pages.shape[1] == self._page_size, "NHD [pages, page_size, Hkv, D]"
+        assert q.dtype == self._dtypes[0] and k_pages.dtype == self._dtypes[1]
+        indptr, last = self._indptr_buf.clone(), self._last_buf.clone()
+        md = PagedMetadata(self._qo_indptr, indptr, self._indices_buf[:int(indptr[-1])], last, last)
+        out = paged_attention_from_metadata(q, k_pages, v_pages, md, self._page_size)
+        return out.view(q.shape[0], q.shape[1], q.shape[2])
+
+
+class _FakeDecode(_FakeWrapperBase):
+    PLAN_KWARGS = frozenset({"pos_encoding_mode", "q_data_type", "kv_data_type", "non_blocking"})
+
+    def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, use_tensor_cores=False,
+                 paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None,
+                 backend="auto", jit_args=None):
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend)
+        if use_cuda_graph:
+            self._fixed_bs = len(paged_kv_last_page_len_buffer)
+            assert len(paged_kv_indptr_buffer) == self._fixed_bs + 1
+            self._indptr_buf, self._indices_buf = paged_kv_indptr_buffer, paged_kv_indices_buffer
+            self._last_buf = paged_kv_last_page_len_buffer
+        self.use_tensor_cores = use_tensor_cores
+
+    def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, **kwargs):
+        bsz = len(last_page_len)
+        self._store(torch.arange(bsz + 1, dtype=torch.int32), indptr, indices, last_page_len, kwargs, page_size, False)
+
+    def run(self, q, paged_kv_cache):
+        assert q.shape[0] == len(self._last_buf), "decode: one query per request"
+        return super().run(q, paged_kv_cache)
+
+
+class _FakePrefill(_FakeWrapperBase):
+    PLAN_KWARGS = frozenset({"qo_indptr", "paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len",
+                             "num_qo_heads", "num_kv_heads", "head_dim_qk", "page_size", "causal",
+                             "pos_encoding_mode", "q_data_type", "kv_data_type", "non_blocking"})
+
+    def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, backend="auto", **_):
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend)
+
+    def plan(self, **kwargs):
+        assert kwargs["causal"] is True
+        self._store(kwargs["qo_indptr"], kwargs["paged_kv_indptr"], kwargs["paged_kv_indices"],
+                    kwargs["paged_kv_last_page_len"], kwargs, kwargs["page_size"], True)
+
+
+@pytest.fixture
+def fake_flashinfer(monkeypatch):
+    import sys
+    import types
+
+    import minisgl_backend.attention.flashinfer_backend as fib
+
+    module = types.ModuleType("flashinfer")
+    module.BatchDecodeWithPagedKVCacheWrapper = _FakeDecode
+    module.BatchPrefillWithPagedKVCacheWrapper = _FakePrefill
+    monkeypatch.setitem(sys.modules, "flashinfer", module)
+    monkeypatch.setattr(fib, "flashinfer_unsupported_reason", lambda *a: None)
+    return fib
+
+
+def _backend_case(page_size, decode, seed, hq=4, hkv=2, dim=8):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    bsz = 5
+    seq_lens, extend = random_batch(rng, page_size, bsz, decode, max_len=40)
+    width = -(-max(seq_lens) // page_size) * page_size
+    num_pages = bsz * width // page_size + 2
+    table = make_page_table(seq_lens, page_size, num_pages - 1, width, rng, shared_prefix_pages=1)
+    cache = KVCache(2, num_pages, page_size, hkv, dim, torch.float32, torch.device("cpu"))
+    for t in cache.k + cache.v:
+        t.normal_()
+    rows = [3, 1, 4, 0, 2]
+    lens, ext = [seq_lens[r] for r in rows], [extend[r] for r in rows]
+    out_loc = torch.cat([table[r, s - e:s].long() for r, s, e in zip(rows, lens, ext)])
+    layout = BatchLayout(decode, torch.tensor(rows), torch.tensor(lens), torch.tensor(ext), out_loc, lens, ext)
+    n = sum(ext)
+    qkv = [(torch.randn(n, hq, dim), torch.randn(n, hkv, dim), torch.randn(n, hkv, dim)) for _ in range(2)]
+    return table, cache, layout, qkv
+
+
+def _clone_cache(cache):
+    import copy
+
+    twin = copy.copy(cache)
+    twin.k, twin.v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]
+    return twin
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_backend_on_stand_in_matches_torch_backend(fake_flashinfer, page_size, decode):
+    table, cache, layout, qkv = _backend_case(page_size, decode, seed=page_size)
+    ref_cache = _clone_cache(cache)
+    ref = TorchAttentionBackend(ref_cache, table)
+    fi = fake_flashinfer.FlashInferBackend(cache, table, 4, 2, 8, page_size, torch.float32, "cpu", max_batch_size=8)
+    ref.prepare(layout)
+    fi.prepare(layout)
+    assert fi._wrapper is (fi.decode_wrapper if decode else fi.prefill_wrapper)
+    assert fi.decode_wrapper._int_workspace_buffer is fi.prefill_wrapper._int_workspace_buffer, "shared"
+    for layer, (q, k, v) in enumerate(qkv):  # one plan, every layer runs
+        torch.testing.assert_close(fi.forward(q, k, v, layer), ref.forward(q, k, v, layer), atol=1e-5, rtol=1e-5)
+        assert torch.equal(cache.k[layer], ref_cache.k[layer]) and torch.equal(cache.v[layer], ref_cache.v[layer])
+    assert fi._wrapper.num_plans == 1
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_backend_graph_hooks_on_stand_in(fake_flashinfer, page_size):
+    """capture plans a dummy batch into the fixed buffers; replay re-plans the real padded batch."""
+    table, cache, layout, qkv = _backend_case(page_size, True, seed=11)
+    spare_row, spare_slot = table.shape[0] - 1, (cache.num_pages - 1) * page_size
+    table[spare_row, 0] = spare_slot
+    fi = fake_flashinfer.FlashInferBackend(cache, table, 4, 2, 8, page_size, torch.float32, "cpu", max_batch_size=8)
+    fi.init_cuda_graph(8)
+    st = StaticDecodeInputs.allocate(8, "cpu")
+    st.fill_dummy(8, spare_row, spare_slot)
+    fi.prepare_for_capture(8, st.layout(8, [1] * 8))
+    graph_wrapper = fi._wrapper
+    assert graph_wrapper.use_cuda_graph and graph_wrapper is not fi.decode_wrapper
+    q, k, v = qkv[0]
+    pad = lambda t: torch.cat([t, t.new_zeros(3, *t.shape[1:])])  # noqa: E731
+    fi.forward(pad(q), pad(k), pad(v), 0)  # the capture run: dummies write the spare slot only
+    st.fill(torch.zeros(5, dtype=torch.int64), layout.seq_lens - 1, layout.out_loc, layout.rows, layout.seq_lens,
+            8, spare_row, spare_slot)
+    padded = st.layout(8, layout.seq_lens_cpu)
+    fi.prepare_for_replay(8, padded)
+    assert graph_wrapper.num_plans == 2 and fi._wrapper is graph_wrapper
+    ref = TorchAttentionBackend(_clone_cache(cache), table)
+    ref.prepare(layout)
+    expected = ref.forward(q, k, v, 0)
+    got = fi.forward(pad(q), pad(k), pad(v), 0)[:5]  # what a replay computes, from the refilled buffers
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        fi.prepare_for_replay(4, padded)  # layout of 8 for a graph of 4
+    with pytest.raises(RuntimeError):
+        fi.prepare_for_replay(4, st.layout(4, [1] * 4))  # never captured
+
+
+def test_build_graph_runner_off_on_cpu_and_when_disabled(tiny_llama):
+    from minisgl_backend.config import EngineConfig
+    from minisgl_backend.engine.graph import build_graph_runner
+
+    table = torch.zeros(3, 8, dtype=torch.int32)
+    hooks = _FakeHooks()
+    kwargs = dict(vocab_size=4, page_table=table, spare_row=2, spare_slot=8, max_running_requests=2)
+    config = EngineConfig.from_flat(model_path=tiny_llama)
+    assert build_graph_runner(config, None, hooks, device="cpu", **kwargs) is None
+    config = EngineConfig.from_flat(model_path=tiny_llama, enable_cuda_graph=False)
+    assert build_graph_runner(config, None, hooks, device="cuda", **kwargs) is None
+    assert hooks.calls == [] and table.sum() == 0
