@@ -80,6 +80,15 @@ def tokenize_prompt(tokenizer: Any, prompt: str | list[int]) -> list[int]:
     return list(prompt)
 
 
+def check_prompt(input_ids: list[int], context_len: int) -> None:
+    """The checks worth an immediate error before a request is queued."""
+    if not input_ids:
+        raise InvalidRequest("the prompt is empty: send at least one token of text")
+    if len(input_ids) >= context_len:
+        raise InvalidRequest(f"the prompt has {len(input_ids)} tokens but the context holds at most "
+                             f"{context_len} (prompt plus at least one output token): shorten it")
+
+
 class Frontend:
     """Owns the scheduler processes (one per TP rank) and the streams of in-flight requests."""
 
@@ -115,11 +124,7 @@ class Frontend:
         return rid
 
     def check_prompt(self, input_ids: list[int]) -> None:
-        if not input_ids:
-            raise InvalidRequest("the prompt is empty: send at least one token of text")
-        if len(input_ids) >= self.context_len:
-            raise InvalidRequest(f"the prompt has {len(input_ids)} tokens but the context holds at most "
-                                 f"{self.context_len} (prompt plus at least one output token): shorten it")
+        check_prompt(input_ids, self.context_len)
 
     def abort(self, rid: int) -> None:
         if rid in self._streams:

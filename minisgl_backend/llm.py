@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from minisgl_backend.config import EngineConfig
 from minisgl_backend.core import AbortMsg, SamplingParams, TokenEvent, UserMsg
-from minisgl_backend.frontend import Frontend, InvalidRequest, RequestStream, StreamOutput, tokenize_prompt
+from minisgl_backend.frontend import Frontend, RequestStream, StreamOutput, check_prompt, tokenize_prompt
 from minisgl_backend.launch import build_scheduler
 from minisgl_backend.scheduler.io import LocalIO
 from minisgl_backend.tokenizer import load_tokenizer
@@ -68,7 +68,7 @@ class LLM:
         params_list = self._params_for(prompts, params)
         ids_list = [tokenize_prompt(self.tokenizer, p) for p in prompts]
         for ids in ids_list:
-            self._check_prompt(ids)
+            check_prompt(ids, self.context_len)
         if self.frontend is not None:
             return self._generate_remote(ids_list, params_list)
         collected = []
@@ -103,13 +103,6 @@ class LLM:
                 del self._streams[event.rid]
                 if stream.stop_hit:
                     self.io.put(AbortMsg(event.rid))
-
-    def _check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise InvalidRequest("the prompt is empty: send at least one token of text")
-        if len(ids) >= self.context_len:
-            raise InvalidRequest(f"the prompt has {len(ids)} tokens but the context holds at most "
-                                 f"{self.context_len} (prompt plus at least one output token): shorten it")
 
     @staticmethod
     def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
