@@ -119,3 +119,12 @@ def test_invalid_requests_get_errors_not_silence(model):
     llm.scheduler.run_until_idle()
     assert errors and errors[0].finish_reason == "error" and "vocabulary" in errors[0].error
     assert llm.scheduler.leaks() == []
+
+
+def test_pending_queue_limit_rejects_with_an_error(model):
+    llm = LLM(model, **CPU, page_size=4, max_total_tokens=256, max_pending_requests=3)
+    outs = llm.generate([[7, 8, 9]] * 5, SamplingParams(max_tokens=2, temperature=0))
+    rejected = [o for o in outs if o["finish_reason"] == "error"]
+    assert len(rejected) == 2 and "overloaded" in rejected[0]["error"]
+    assert all(o["finish_reason"] in ("stop", "length") for o in outs[:3])
+    assert llm.scheduler.leaks() == []

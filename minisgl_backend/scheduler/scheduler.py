@@ -141,6 +141,9 @@ class Scheduler:
         if n >= self.context_len:
             return (f"the prompt has {n} tokens but the context holds at most {self.context_len} "
                     f"(prompt plus at least one output token): shorten the prompt")
+        if len(self.prefill.pending) >= self.config.scheduler.max_pending_requests:
+            return (f"the server is overloaded: {len(self.prefill.pending)} requests are already waiting "
+                    f"(max_pending_requests); retry later")
         bad = [t for t in msg.input_ids if not 0 <= t < self.vocab_size]
         if bad:
             return f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
