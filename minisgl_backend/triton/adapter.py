@@ -1,0 +1,362 @@
+"""The Triton Python-backend adapter behind `model_repository/minisgl/1/model.py`.
+
+`execute` parses each request, submits it to the `Frontend` and returns at once (decoupled);
+responses go out from the frontend's receiver thread through the request's response sender.
+A watcher thread polls live requests for cancellation (gRPC stop_stream(cancel_requests=True),
+client disconnect) and aborts them in the engine, and refreshes the gauges.
+
+Threading rules learnt the hard way (24.10 Python backend of nvidia-pytriton 0.7.0):
+* every call into the stub (`send`, `is_cancelled`, metric updates, and `execute` as a whole)
+  holds `self._ipc`: metric updates racing with responses sent from another thread crash
+  tritonserver (SIGSEGV / boost::interprocess::lock_exception in libtriton_python.so);
+* `is_cancelled()` on a sender whose FINAL response went out is a use-after-free
+  (SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled): the watcher checks `final_sent`
+  under the same lock;
+* a metric update that reaches the backend while the model unloads deadlocks the unload
+  (the server then exits on its exit timeout and leaves the stub behind): stub calls happen
+  only for requests in flight (Triton waits for those before unloading), and the gauges are
+  set only when their value changes, so an idle server makes no stub call at all.
+
+`pb_utils` (the `triton_python_backend_utils` module) is passed in, so the adapter can be
+driven by a fake in unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from minisgl_backend.triton.contract import ADAPTER_PARAMETERS, INPUTS, MODEL_PATH_ENV, OUTPUTS
+from minisgl_backend.triton.metrics import EngineMetrics
+from minisgl_backend.triton.parsing import ParsedRequest, RequestError, parse_request
+from minisgl_backend.triton.responses import Reply, ResponseAssembler, error_reply
+
+logger = logging.getLogger("minisgl.triton")
+
+DEFAULT_MODEL_SUBDIR = os.path.join("build", "models", "smollm2")
+
+
+def repo_root_of(path: str | os.PathLike) -> Path | None:
+    """The source checkout holding `path` (a folder with minisgl_backend/ and model_repository/)."""
+    for parent in Path(path).resolve().parents:
+        if (parent / "minisgl_backend" / "__init__.py").is_file() and (parent / "model_repository").is_dir():
+            return parent
+    return None
+
+
+def resolve_model_path(configured: str, model_file: str | None) -> str:
+    """config.pbtxt's model_path, else $MINISGL_MODEL_PATH, else <checkout>/build/models/smollm2."""
+    if configured:
+        return configured
+    from_env = os.environ.get(MODEL_PATH_ENV, "")
+    if from_env:
+        return from_env
+    root = repo_root_of(model_file) if model_file else None
+    if root is not None and (root / DEFAULT_MODEL_SUBDIR).is_dir():
+        return str(root / DEFAULT_MODEL_SUBDIR)
+    raise ValueError(
+        "no model: set the model_path parameter in config.pbtxt, or the environment variable "
+        f"{MODEL_PATH_ENV}, or run 'make model' to prepare the default model in {DEFAULT_MODEL_SUBDIR}")
+
+
+def split_parameters(model_config: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """config.pbtxt parameters -> (engine settings, adapter settings); empty values mean 'default'."""
+    engine, adapter = {}, dict(ADAPTER_PARAMETERS)
+    for key, value in (model_config.get("parameters") or {}).items():
+        text = value.get("string_value", "") if isinstance(value, dict) else str(value)
+        if key in ADAPTER_PARAMETERS:
+            if text != "":
+                adapter[key] = text
+        elif key.isupper():  # Python-backend settings such as EXECUTION_ENV_PATH
+            continue
+        elif text != "" or key == "model_path":
+            engine[key] = text
+    return engine, adapter
+
+
+@dataclass(eq=False)
+class _Live:
+    sender: Any
+    request: ParsedRequest
+    assembler: ResponseAssembler
+    arrival: float
+    rid: int | None = None
+    first_token_at: float | None = None
+    cancel_requested_at: float | None = None
+    final_sent: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class TritonAdapter:
+    def __init__(self, pb_utils: Any, model_file: str | None = None) -> None:
+        self.pb = pb_utils
+        self.model_file = model_file
+        self.fe: Any = None
+        self.metrics: EngineMetrics | None = None
+        self.vocab_size: int | None = None
+        self._ipc = threading.RLock()
+        self._live: dict[int, _Live] = {}
+        self._live_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._finalized = False
+
+    # ------------------------------------------------------------ model config
+
+    @staticmethod
+    def auto_complete_config(cfg: Any, pb_utils: Any) -> Any:
+        """Fill in the tensor contract and the decoupled policy where config.pbtxt lacks them."""
+        current = cfg.as_dict()
+        have_inputs = {i["name"] for i in current.get("input", [])}
+        have_outputs = {o["name"] for o in current.get("output", [])}
+        for spec in INPUTS:
+            if spec.name not in have_inputs:
+                cfg.add_input(spec.as_config())
+        for spec in OUTPUTS:
+            if spec.name not in have_outputs:
+                cfg.add_output({k: v for k, v in spec.as_config().items() if k != "optional"})
+        cfg.set_max_batch_size(0)
+        cfg.set_model_transaction_policy({"decoupled": True})
+        return cfg
+
+    # ------------------------------------------------------------ life cycle
+
+    def initialize(self, args: dict) -> None:
+        from minisgl_backend.config import EngineConfig
+        from minisgl_backend.frontend import Frontend
+
+        logging.basicConfig(level=os.environ.get("MINISGL_LOG_LEVEL", "INFO"),
+                            format="[minisgl] %(levelname)s %(name)s: %(message)s")
+        model_config = json.loads(args["model_config"])
+        if not self.pb.using_decoupled_model_transaction_policy(model_config):
+            raise ValueError("the minisgl model streams: set model_transaction_policy { decoupled: true }")
+        engine, adapter = split_parameters(model_config)
+        engine["model_path"] = resolve_model_path(engine.get("model_path", ""), self.model_file)
+        self.cancel_poll_s = float(adapter["cancel_poll_interval_ms"]) / 1000.0
+        self.stats_interval_s = float(adapter["stats_interval_ms"]) / 1000.0
+        self.cancel_grace_s = float(adapter["cancel_grace_s"])
+        config = EngineConfig.from_flat(engine)
+        logger.info("starting engine: %s", config.to_flat())
+        self.fe = Frontend(config)
+        info = getattr(self.fe, "info", None) or {}
+        self.vocab_size = info.get("vocab_size")
+        self.metrics = EngineMetrics(self.pb, args.get("model_name", "minisgl"), args.get("model_version", "1"))
+        self._watcher = threading.Thread(target=self._watch, name="minisgl-triton-watch", daemon=True)
+        self._watcher.start()
+        logger.info("engine ready (context %s tokens)", getattr(self.fe, "context_len", "?"))
+
+    def finalize(self) -> None:
+        if self._finalized:
+            return
+        self._finalized = True
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        if self.fe is not None:
+            try:
+                self.fe.shutdown()  # fails what is still in flight through the callbacks
+            except Exception:
+                logger.exception("frontend shutdown failed")
+        with self._live_lock:
+            leftovers, self._live = list(self._live.values()), {}
+        for live in leftovers:
+            self._send(live, error_reply("UNAVAILABLE", "the model is being unloaded"))
+        if self.metrics is not None and self._ipc.acquire(timeout=5):
+            try:
+                self.metrics.close()
+            finally:
+                self._ipc.release()
+        self.metrics = None
+
+    # ------------------------------------------------------------ requests
+
+    def execute(self, requests: list) -> None:
+        with self._ipc:  # no send / poll / metric update from another thread while execute runs
+            self._execute(requests)
+        return None
+
+    def _execute(self, requests: list) -> None:
+        for request in requests:
+            try:
+                self._start(request)
+            except Exception as exc:  # nothing a client sends may take the model down
+                logger.error("request failed before submission: %s", traceback.format_exc())
+                try:
+                    sender = request.get_response_sender()
+                    self._send_raw(sender, error_reply("INTERNAL", f"{type(exc).__name__}: {exc}"))
+                except Exception:
+                    logger.exception("could not answer a failed request")
+
+    def _start(self, request: Any) -> None:
+        from minisgl_backend.frontend import InvalidRequest
+
+        sender = request.get_response_sender()
+        arrival = time.monotonic()
+        try:
+            parsed = parse_request(partial(self._input, request), _parameters_of(request), self.vocab_size)
+        except RequestError as exc:
+            self._reject(sender, "INVALID_ARG", str(exc))
+            return
+        if not self.fe.is_healthy():
+            self._reject(sender, "UNAVAILABLE", "the engine is not running (a scheduler process died); "
+                                                "reload the model or restart the server", invalid=False)
+            return
+        live = _Live(sender, parsed, ResponseAssembler(parsed, self._prompt_echo(parsed)), arrival)
+        with self._live_lock:
+            self._live[id(live)] = live
+        try:
+            live.rid = self.fe.submit(parsed.prompt, parsed.params, partial(self._on_output, live))
+        except InvalidRequest as exc:
+            self._forget(live)
+            self._reject(sender, "INVALID_ARG", str(exc))
+        except ValueError as exc:
+            self._forget(live)
+            self._reject(sender, "INVALID_ARG", str(exc))
+        except RuntimeError as exc:
+            self._forget(live)
+            self._reject(sender, "UNAVAILABLE", str(exc), invalid=False)
+
+    def _input(self, request: Any, name: str) -> Any:
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            return None
+        try:
+            return tensor.as_numpy()
+        except Exception as exc:
+            raise RequestError(f"input {name!r} could not be decoded ({type(exc).__name__}: {exc}); a STRING "
+                               "tensor must hold elements each prefixed by its 4-byte little-endian length")
+
+    def _prompt_echo(self, parsed: ParsedRequest) -> str:
+        if parsed.stream or parsed.exclude_input_in_output:
+            return ""
+        if isinstance(parsed.prompt, str):
+            return parsed.prompt
+        if parsed.prompt_text is not None:
+            return parsed.prompt_text
+        try:
+            return self.fe.tokenizer.decode(parsed.prompt, skip_special_tokens=True)
+        except Exception:
+            return ""
+
+    def _reject(self, sender: Any, code: str, message: str, invalid: bool = True) -> None:
+        if invalid and self.metrics is not None:
+            with self._ipc:
+                self.metrics.on_invalid()
+        self._send_raw(sender, error_reply(code, message))
+
+    def _forget(self, live: _Live) -> None:
+        with self._live_lock:
+            self._live.pop(id(live), None)
+
+    # ------------------------------------------------------------ streaming back (receiver thread)
+
+    def _on_output(self, live: _Live, out: Any) -> None:
+        now = time.monotonic()
+        with live.lock:
+            if live.first_token_at is None and out.token_ids:
+                live.first_token_at = now
+                self._metric("on_first_token", now - live.arrival, out.queue_time)
+            replies = live.assembler.on_output(out)
+            if out.finished:
+                self._forget(live)
+                reason = out.finish_reason or "stop"
+                ttft = None if live.first_token_at is None else live.first_token_at - live.arrival
+                self._metric("on_finish", reason, out.num_input_tokens, out.num_output_tokens, out.cached_tokens,
+                             now - live.arrival, ttft)
+            for reply in replies:
+                self._send(live, reply)
+
+    def _metric(self, method: str, *args: Any) -> None:
+        if self.metrics is None:
+            return
+        try:
+            with self._ipc:
+                getattr(self.metrics, method)(*args)
+        except Exception:
+            logger.exception("metrics update %s failed", method)
+
+    def _send(self, live: _Live, reply: Reply) -> None:
+        # final_sent is set before the send takes the IPC lock: the watcher reads it under
+        # that lock and so never polls a sender whose FINAL response is (being) sent
+        if live.final_sent:
+            return
+        if reply.final:
+            live.final_sent = True
+        self._send_raw(live.sender, reply)
+
+    def _send_raw(self, sender: Any, reply: Reply) -> None:
+        pb = self.pb
+        try:
+            if reply.outputs is None:
+                code = getattr(pb.TritonError, reply.error_code or "INTERNAL", None)
+                error = pb.TritonError(reply.error_message, code) if code is not None else pb.TritonError(
+                    reply.error_message)
+                response = pb.InferenceResponse(output_tensors=[], error=error)
+            else:
+                response = pb.InferenceResponse(
+                    output_tensors=[pb.Tensor(name, value) for name, value in reply.outputs.items()])
+            flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if reply.final else 0
+            with self._ipc:
+                sender.send(response, flags=flags)
+        except Exception:  # the client may be gone; never let it escape into the engine's thread
+            logger.warning("could not send a response: %s", traceback.format_exc(limit=3))
+
+    # ------------------------------------------------------------ watcher thread
+
+    def _watch(self) -> None:
+        last_stats = 0.0
+        while not self._stop.wait(self.cancel_poll_s):
+            try:
+                self._poll_cancellations()
+                now = time.monotonic()
+                if now - last_stats >= self.stats_interval_s and self.fe is not None:
+                    last_stats = now
+                    self._metric("update_stats", self.fe.stats())
+            except Exception:
+                logger.exception("watcher iteration failed")
+
+    def _poll_cancellations(self) -> None:
+        with self._live_lock:
+            lives = list(self._live.values())
+        now = time.monotonic()
+        for live in lives:
+            if live.rid is None or live.final_sent:
+                continue
+            if live.cancel_requested_at is None:
+                with self._ipc:
+                    # checked under the lock: is_cancelled() on a sender whose FINAL response
+                    # went out is a use-after-free in the backend (SIGSEGV in
+                    # TRITONBACKEND_ResponseFactoryIsCancelled)
+                    if live.final_sent:
+                        continue
+                    cancelled = live.sender.is_cancelled()
+                if cancelled:
+                    live.cancel_requested_at = now
+                    logger.info("request %d cancelled by the client", live.rid)
+                    self.fe.abort(live.rid)
+            elif now - live.cancel_requested_at > self.cancel_grace_s:
+                # the engine never confirmed the abort: end the request ourselves
+                with live.lock:
+                    self._forget(live)
+                    self._send(live, error_reply("CANCELLED", "the request was cancelled"))
+
+    def stats(self) -> dict:
+        return {"live": len(self._live)}
+
+
+def _parameters_of(request: Any) -> str | None:
+    getter = getattr(request, "parameters", None)
+    if getter is None:
+        return None
+    try:
+        return getter()
+    except Exception:
+        return None

@@ -1,0 +1,146 @@
+"""Engine metrics exported on Triton's metrics port through `pb_utils.MetricFamily`.
+
+All calls into the stub go through the adapter's IPC lock (see adapter.py): the Python-backend
+stub crashes the server when metric updates race with responses sent from other threads.
+
+Counters:   minisgl_prompt_tokens_total, minisgl_generation_tokens_total,
+            minisgl_requests_total{finish_reason}, minisgl_cache_hit_tokens_total
+Histograms: minisgl_time_to_first_token_seconds, minisgl_time_per_output_token_seconds,
+            minisgl_e2e_request_latency_seconds, minisgl_request_queue_time_seconds
+Gauges:     minisgl_num_requests_running, minisgl_num_requests_pending,
+            minisgl_kv_cache_usage_ratio, minisgl_kv_pages{state=total|free|cached|locked}
+Every metric carries the labels model and version. Stubs without HISTOGRAM support get
+`<name>_sum` and `<name>_count` counters instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0]
+TPOT_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0]
+E2E_BUCKETS = [0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+               240.0, 480.0]
+FINISH_REASONS = ("stop", "length", "abort", "error", "invalid")
+KV_STATES = ("total", "free", "cached", "locked")
+
+
+class _Histogram:
+    def __init__(self, pb_utils: Any, name: str, description: str, labels: dict, buckets: list[float]) -> None:
+        family_cls = pb_utils.MetricFamily
+        self.native = hasattr(family_cls, "HISTOGRAM")
+        if self.native:
+            self.family = family_cls(name=name, description=description, kind=family_cls.HISTOGRAM)
+            self.metric = self.family.Metric(labels=labels, buckets=buckets)
+        else:
+            self.sum_family = family_cls(name=f"{name}_sum", description=description, kind=family_cls.COUNTER)
+            self.count_family = family_cls(name=f"{name}_count", description=description, kind=family_cls.COUNTER)
+            self.sum = self.sum_family.Metric(labels=labels)
+            self.count = self.count_family.Metric(labels=labels)
+
+    def close(self) -> None:
+        # Metric objects must be deleted before their families (the stub insists)
+        for name in ("metric", "sum", "count", "family", "sum_family", "count_family"):
+            if hasattr(self, name):
+                delattr(self, name)
+
+    def observe(self, value: float) -> None:
+        value = max(float(value), 0.0)
+        if self.native:
+            self.metric.observe(value)
+        else:
+            self.sum.increment(value)
+            self.count.increment(1)
+
+
+class EngineMetrics:
+    def __init__(self, pb_utils: Any, model_name: str, model_version: str) -> None:
+        fam = pb_utils.MetricFamily
+        labels = {"model": model_name, "version": str(model_version)}
+        self._families: list[Any] = []
+        self._last_gauges: dict[str, float] = {}
+
+        def family(name: str, description: str, kind: Any) -> Any:
+            f = fam(name=name, description=description, kind=kind)
+            self._families.append(f)
+            return f
+
+        self.prompt_tokens = family("minisgl_prompt_tokens_total", "Prompt tokens processed",
+                                    fam.COUNTER).Metric(labels=labels)
+        self.generation_tokens = family("minisgl_generation_tokens_total", "Tokens generated",
+                                        fam.COUNTER).Metric(labels=labels)
+        self.cache_hit_tokens = family("minisgl_cache_hit_tokens_total",
+                                       "Prompt tokens served from the radix (prefix) cache",
+                                       fam.COUNTER).Metric(labels=labels)
+        requests = family("minisgl_requests_total", "Finished requests by finish reason", fam.COUNTER)
+        self.requests = {r: requests.Metric(labels={**labels, "finish_reason": r}) for r in FINISH_REASONS}
+        self.ttft = _Histogram(pb_utils, "minisgl_time_to_first_token_seconds",
+                               "Time from arrival to the first output token", labels, TTFT_BUCKETS)
+        self.tpot = _Histogram(pb_utils, "minisgl_time_per_output_token_seconds",
+                               "Mean time per output token after the first, per request", labels, TPOT_BUCKETS)
+        self.e2e = _Histogram(pb_utils, "minisgl_e2e_request_latency_seconds",
+                              "Time from arrival to the last output", labels, E2E_BUCKETS)
+        self.queue = _Histogram(pb_utils, "minisgl_request_queue_time_seconds",
+                                "Time from arrival to first scheduled", labels, TTFT_BUCKETS)
+        self.running = family("minisgl_num_requests_running", "Requests in the running (decode) set",
+                              fam.GAUGE).Metric(labels=labels)
+        self.pending = family("minisgl_num_requests_pending", "Requests waiting for prefill",
+                              fam.GAUGE).Metric(labels=labels)
+        self.kv_usage = family("minisgl_kv_cache_usage_ratio",
+                               "Share of KV pages held by live requests (neither free nor reclaimable cache)",
+                               fam.GAUGE).Metric(labels=labels)
+        kv_pages = family("minisgl_kv_pages", "KV cache pages by state", fam.GAUGE)
+        self.kv_pages = {s: kv_pages.Metric(labels={**labels, "state": s}) for s in KV_STATES}
+
+    # ------------------------------------------------------------ per request
+
+    def on_first_token(self, ttft_s: float, queue_s: float) -> None:
+        self.ttft.observe(ttft_s)
+        self.queue.observe(queue_s)
+
+    def on_finish(self, reason: str, num_input_tokens: int, num_output_tokens: int, cached_tokens: int,
+                  e2e_s: float, ttft_s: float | None) -> None:
+        self.requests.get(reason, self.requests["error"]).increment(1)
+        if num_input_tokens:
+            self.prompt_tokens.increment(num_input_tokens)
+        if num_output_tokens:
+            self.generation_tokens.increment(num_output_tokens)
+        if cached_tokens:
+            self.cache_hit_tokens.increment(cached_tokens)
+        if reason in ("stop", "length"):
+            self.e2e.observe(e2e_s)
+            if ttft_s is not None and num_output_tokens > 1:
+                self.tpot.observe((e2e_s - ttft_s) / (num_output_tokens - 1))
+
+    def on_invalid(self) -> None:
+        self.requests["invalid"].increment(1)
+
+    # ------------------------------------------------------------ gauges
+
+    def update_stats(self, stats: Mapping[str, int]) -> None:
+        """Set the gauges that changed since the last call (an idle server makes no stub calls:
+        a metric update that reaches the backend while the model unloads deadlocks the unload)."""
+        if not stats:
+            return
+        total = stats.get("total_pages", 0)
+        free, cached = stats.get("free_pages", 0), stats.get("cached_pages", 0)
+        values = {"running": stats.get("running", 0), "pending": stats.get("pending", 0),
+                  "kv_usage": max(total - free - cached, 0) / total if total else 0.0,
+                  **{f"kv_{state}": stats.get(f"{state}_pages", 0) for state in KV_STATES}}
+        for key, value in values.items():
+            if self._last_gauges.get(key) == value:
+                continue
+            gauge = self.kv_pages[key[3:]] if key.startswith("kv_") and key != "kv_usage" else getattr(self, key)
+            gauge.set(value)
+            self._last_gauges[key] = value
+
+    def close(self) -> None:
+        # Metric objects must go before their families (the stub insists)
+        for hist in (self.ttft, self.tpot, self.e2e, self.queue):
+            hist.close()
+        self.requests.clear()
+        self.kv_pages.clear()
+        for name in ("prompt_tokens", "generation_tokens", "cache_hit_tokens", "running", "pending", "kv_usage"):
+            setattr(self, name, None)
+        self._families.clear()

@@ -1,0 +1,97 @@
+"""From the frontend's `StreamOutput`s to Triton responses (as plain numpy dicts).
+
+No `triton_python_backend_utils` here: the adapter wraps each `Reply` into an
+`InferenceResponse`. Semantics follow Triton's vLLM backend:
+
+* streaming: one response per new piece of text (pieces with no text yet are held back and
+  merged into the next one), the last carries the FINAL flag; the prompt is never included;
+  ``num_output_tokens`` counts the tokens of this response (their sum is the total).
+* non-streaming: exactly one response, FINAL, with the whole text; the prompt is prepended
+  unless ``exclude_input_in_output`` is true.
+* ``finish_reason``, ``num_input_tokens``, ``num_output_tokens``, ``logprobs`` are sent only
+  when the matching ``return_*`` switch is true; ``finish_reason`` is "" until the last response.
+* a request that ends in "abort" (cancelled) gets a CANCELLED error, one in "error" an INTERNAL
+  error; both FINAL.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from minisgl_backend.triton.parsing import ParsedRequest
+
+
+@dataclass
+class Reply:
+    outputs: dict[str, np.ndarray] | None  # None: an error reply
+    final: bool
+    error_code: str | None = None  # "CANCELLED", "INTERNAL", "INVALID_ARG", "UNAVAILABLE"
+    error_message: str | None = None
+
+
+def error_reply(code: str, message: str) -> Reply:
+    return Reply(None, True, code, message)
+
+
+def string_tensor(value: str) -> np.ndarray:
+    return np.array([value.encode("utf-8")], dtype=np.object_)
+
+
+class ResponseAssembler:
+    """Per-request state: what was already sent, what is held back."""
+
+    def __init__(self, request: ParsedRequest, prompt_echo: str | None = None) -> None:
+        self.request = request
+        self.prompt_echo = prompt_echo if prompt_echo is not None else (
+            request.prompt if isinstance(request.prompt, str) else "")
+        self._text: list[str] = []  # held back (streaming) or everything (non-streaming)
+        self._logprobs: list[float] = []
+        self._tokens_reported = 0
+        self.num_output_tokens = 0
+        self.num_input_tokens = 0
+        self.done = False
+
+    def on_output(self, out: Any) -> list[Reply]:
+        """Feed one StreamOutput; return the replies to send now (zero or one)."""
+        if self.done:
+            return []
+        self.num_output_tokens = max(self.num_output_tokens, int(out.num_output_tokens or 0))
+        self.num_input_tokens = int(out.num_input_tokens or 0)
+        if out.text:
+            self._text.append(out.text)
+        if out.logprobs:
+            self._logprobs.extend(float(x) for x in out.logprobs)
+        if not out.finished:
+            if self.request.stream and self._text:
+                return [self._data_reply(final=False, reason="")]
+            return []
+        self.done = True
+        reason = out.finish_reason or "stop"
+        if reason == "abort":
+            return [error_reply("CANCELLED", "the request was cancelled")]
+        if reason == "error":
+            return [error_reply("INTERNAL", out.error or "the engine failed to serve this request")]
+        return [self._data_reply(final=True, reason=reason)]
+
+    def _data_reply(self, final: bool, reason: str) -> Reply:
+        req = self.request
+        text = "".join(self._text)
+        if not req.stream and not req.exclude_input_in_output:
+            text = self.prompt_echo + text
+        outputs = {"text_output": string_tensor(text)}
+        if req.return_finish_reason:
+            outputs["finish_reason"] = string_tensor(reason)
+        if req.return_num_input_tokens:
+            outputs["num_input_tokens"] = np.array([self.num_input_tokens], dtype=np.uint32)
+        if req.return_num_output_tokens:
+            count = self.num_output_tokens - self._tokens_reported if req.stream else self.num_output_tokens
+            outputs["num_output_tokens"] = np.array([max(count, 0)], dtype=np.uint32)
+        if req.return_logprobs:
+            outputs["logprobs"] = string_tensor(json.dumps(self._logprobs))
+        self._tokens_reported = self.num_output_tokens
+        self._text, self._logprobs = [], []
+        return Reply(outputs, final)

@@ -1,0 +1,309 @@
+"""The Triton adapter driven by a fake pb_utils and a fake Frontend (no server, no engine)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from minisgl_backend.frontend import InvalidRequest, StreamOutput
+from minisgl_backend.triton.adapter import TritonAdapter, resolve_model_path, split_parameters
+
+
+class FakeError:
+    INVALID_ARG, INTERNAL, CANCELLED, UNAVAILABLE = "INVALID_ARG", "INTERNAL", "CANCELLED", "UNAVAILABLE"
+
+    def __init__(self, message, code=None):
+        self.message, self.code = message, code
+
+
+class FakeMetric:
+    def __init__(self):
+        self.value = 0.0
+        self.observed = []
+
+    def increment(self, v):
+        self.value += v
+
+    def set(self, v):
+        self.value = v
+
+    def observe(self, v):
+        self.observed.append(v)
+
+
+class FakeFamily:
+    COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+    families: dict = {}
+
+    def __init__(self, name, description, kind):
+        self.name, self.metrics = name, {}
+        FakeFamily.families[name] = self
+
+    def Metric(self, labels, buckets=None):
+        m = FakeMetric()
+        self.metrics[tuple(sorted(labels.items()))] = m
+        return m
+
+
+class FakeTensor:
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+    def as_numpy(self):
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value
+
+
+class FakeResponse:
+    def __init__(self, output_tensors=None, error=None):
+        self.outputs = {t.name: t.value for t in (output_tensors or [])}
+        self.error = error
+
+
+class FakeSender:
+    def __init__(self):
+        self.sent = []
+        self.cancelled = False
+        self.done = threading.Event()
+
+    def send(self, response=None, flags=0):
+        self.sent.append((response, flags))
+        if flags:
+            self.done.set()
+
+    def is_cancelled(self):
+        return self.cancelled
+
+
+class FakeRequest:
+    def __init__(self, inputs, parameters="{}"):
+        self.inputs = {k: FakeTensor(k, v) for k, v in inputs.items()}
+        self._parameters = parameters
+        self.sender = FakeSender()
+
+    def get_response_sender(self):
+        return self.sender
+
+    def parameters(self):
+        return self._parameters
+
+
+class FakePb:
+    TritonError = FakeError
+    MetricFamily = FakeFamily
+    Tensor = FakeTensor
+    InferenceResponse = FakeResponse
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return request.inputs.get(name)
+
+    @staticmethod
+    def using_decoupled_model_transaction_policy(config):
+        return config.get("model_transaction_policy", {}).get("decoupled", False)
+
+
+class FakeFrontend:
+    """Answers each request with `pieces` outputs from its own thread; abort ends it early."""
+
+    def __init__(self, pieces=3, delay=0.0):
+        self.pieces, self.delay = pieces, delay
+        self.aborted = set()
+        self.tokenizer = None
+        self.info = {"vocab_size": 100}
+        self.rid = 0
+        self.threads = []
+        self.shut = False
+
+    def submit(self, prompt, params, callback):
+        if prompt == "too long":
+            raise InvalidRequest("the prompt has 9999 tokens: shorten it")
+        self.rid += 1
+        rid = self.rid
+
+        def run():
+            for i in range(self.pieces):
+                time.sleep(self.delay)
+                if rid in self.aborted:
+                    callback(StreamOutput(rid, "", [], True, "abort", None, 2, i))
+                    return
+                last = i == self.pieces - 1
+                callback(StreamOutput(rid, f"t{i}", [i], last, "length" if last else None, None, 2, i + 1))
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        self.threads.append(t)
+        return rid
+
+    def abort(self, rid):
+        self.aborted.add(rid)
+
+    def stats(self):
+        return {"running": 1, "pending": 0, "total_pages": 10, "free_pages": 5, "cached_pages": 3,
+                "locked_pages": 2}
+
+    def is_healthy(self):
+        return not self.shut
+
+    def shutdown(self):
+        self.shut = True
+
+
+def make_adapter(fe):
+    adapter = TritonAdapter(FakePb)
+    adapter.fe, adapter.vocab_size = fe, 100
+    adapter.cancel_poll_s, adapter.stats_interval_s, adapter.cancel_grace_s = 0.01, 0.01, 0.5
+    from minisgl_backend.triton.metrics import EngineMetrics
+
+    adapter.metrics = EngineMetrics(FakePb, "minisgl", "1")
+    adapter._watcher = threading.Thread(target=adapter._watch, daemon=True)
+    adapter._watcher.start()
+    return adapter
+
+
+def text(s):
+    return np.array([s.encode() if isinstance(s, str) else s], dtype=np.object_)
+
+
+def test_streaming_request_gets_all_pieces_and_one_final():
+    adapter = make_adapter(FakeFrontend(pieces=3))
+    req = FakeRequest({"text_input": text("hi"), "stream": np.array([True])})
+    assert adapter.execute([req]) is None
+    assert req.sender.done.wait(5)
+    texts = [r.outputs["text_output"][0] for r, _ in req.sender.sent]
+    assert texts == [b"t0", b"t1", b"t2"]
+    assert [f for _, f in req.sender.sent] == [0, 0, 1]
+    assert FakeFamily.families["minisgl_requests_total"].metrics[
+        (("finish_reason", "length"), ("model", "minisgl"), ("version", "1"))].value >= 1
+    adapter.finalize()
+
+
+def test_bad_and_broken_inputs_get_one_invalid_arg_and_never_raise():
+    adapter = make_adapter(FakeFrontend())
+    broken = struct.error("unpack_from requires a buffer of at least 252645139 bytes")
+    requests = [
+        FakeRequest({"text_input": broken}),
+        FakeRequest({"text_input": text(b"\xff")}),
+        FakeRequest({"text_input": text("hi")}, parameters='{"max_tokens": "x"}'),
+        FakeRequest({"text_input": text("too long")}),
+    ]
+    adapter.execute(requests)
+    for req in requests:
+        assert len(req.sender.sent) == 1
+        response, flags = req.sender.sent[0]
+        assert flags == 1 and response.error.code == "INVALID_ARG", response.error.message
+    assert "4-byte" in requests[0].sender.sent[0][0].error.message
+    adapter.finalize()
+
+
+def test_unexpected_exception_is_answered_as_internal():
+    adapter = make_adapter(FakeFrontend())
+
+    class Weird(FakeRequest):
+        def parameters(self):
+            raise RuntimeError("no")
+
+    adapter.fe.submit = lambda *a, **k: (_ for _ in ()).throw(KeyError("boom"))
+    req = Weird({"text_input": text("hi")})
+    adapter.execute([req])
+    (response, flags), = req.sender.sent
+    assert flags == 1 and response.error.code == "INTERNAL"
+    adapter.finalize()
+
+
+def test_cancellation_aborts_in_engine_and_ends_with_cancelled():
+    fe = FakeFrontend(pieces=1000, delay=0.005)
+    adapter = make_adapter(fe)
+    req = FakeRequest({"text_input": text("hi"), "stream": np.array([True])})
+    adapter.execute([req])
+    time.sleep(0.05)
+    req.sender.cancelled = True
+    assert req.sender.done.wait(5)
+    assert fe.aborted == {1}
+    response, flags = req.sender.sent[-1]
+    assert flags == 1 and response.error.code == "CANCELLED"
+    adapter.finalize()
+
+
+def test_cancellation_grace_when_engine_never_confirms():
+    fe = FakeFrontend(pieces=1000, delay=0.005)
+    fe.abort = lambda rid: None  # the engine ignores the abort
+    adapter = make_adapter(fe)
+    req = FakeRequest({"text_input": text("hi"), "stream": np.array([True])})
+    adapter.execute([req])
+    time.sleep(0.03)
+    req.sender.cancelled = True
+    assert req.sender.done.wait(5)
+    finals = [r for r, f in req.sender.sent if f]
+    assert len(finals) == 1 and finals[0].error.code == "CANCELLED"
+    time.sleep(0.1)
+    assert sum(1 for _, f in req.sender.sent if f) == 1  # nothing after the final
+    adapter.finalize()
+
+
+def test_gauges_follow_stats():
+    adapter = make_adapter(FakeFrontend())
+    time.sleep(0.1)
+    usage = FakeFamily.families["minisgl_kv_cache_usage_ratio"].metrics
+    assert list(usage.values())[0].value == pytest.approx(0.2)
+    adapter.finalize()
+
+
+def test_auto_complete_config_fills_contract():
+    class Cfg:
+        def __init__(self):
+            self.inputs, self.outputs, self.policy, self.mbs = [{"name": "text_input"}], [], None, None
+
+        def as_dict(self):
+            return {"input": self.inputs, "output": self.outputs}
+
+        def add_input(self, spec):
+            self.inputs.append(spec)
+
+        def add_output(self, spec):
+            self.outputs.append(spec)
+
+        def set_max_batch_size(self, n):
+            self.mbs = n
+
+        def set_model_transaction_policy(self, policy):
+            self.policy = policy
+
+    cfg = TritonAdapter.auto_complete_config(Cfg(), FakePb)
+    names = [i["name"] for i in cfg.inputs]
+    assert names.count("text_input") == 1 and "sampling_parameters" in names and "input_ids" in names
+    assert {o["name"] for o in cfg.outputs} == {"text_output", "finish_reason", "num_input_tokens",
+                                                 "num_output_tokens", "logprobs"}
+    assert cfg.policy == {"decoupled": True} and cfg.mbs == 0
+
+
+def test_model_path_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINISGL_MODEL_PATH", raising=False)
+    assert resolve_model_path("/given", None) == "/given"
+    monkeypatch.setenv("MINISGL_MODEL_PATH", str(tmp_path))
+    assert resolve_model_path("", None) == str(tmp_path)
+    monkeypatch.delenv("MINISGL_MODEL_PATH")
+    with pytest.raises(ValueError, match="model_path"):
+        resolve_model_path("", str(tmp_path / "model.py"))
+
+
+def test_split_parameters_skips_empty_and_backend_keys():
+    engine, adapter = split_parameters({"parameters": {
+        "model_path": {"string_value": ""}, "tp_size": {"string_value": "2"}, "page_size": {"string_value": ""},
+        "EXECUTION_ENV_PATH": {"string_value": "/x"}, "stats_interval_ms": {"string_value": "100"}}})
+    assert engine == {"model_path": "", "tp_size": "2"}
+    assert adapter["stats_interval_ms"] == "100"
+
+
+def test_initialize_requires_decoupled():
+    adapter = TritonAdapter(FakePb)
+    with pytest.raises(ValueError, match="decoupled"):
+        adapter.initialize({"model_config": json.dumps({"parameters": {}}), "model_name": "m",
+                            "model_version": "1"})
