@@ -180,6 +180,8 @@ class Frontend:
         self._safe_callback(callback, out)
 
     def _on_engine_death(self, message: str) -> None:
+        if not self._healthy:
+            return
         logger.error("engine failure: %s", message)
         self._healthy = False
         self._fail_all(f"engine failure: {message}")

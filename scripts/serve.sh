@@ -37,8 +37,10 @@ fi
 
 echo "serve: tritonserver --model-repository $REPO (http $HTTP_PORT, grpc $GRPC_PORT, metrics $METRICS_PORT)"
 # own process group: the stub and the scheduler processes go down with the server
+# explicit model control: if an engine process dies, the model unloads itself and readiness says so
 setsid "$ROOT/scripts/tritonserver" --model-repository "$REPO" --http-port "$HTTP_PORT" \
-  --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" ${TRITON_ARGS:-} &
+  --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" \
+  --model-control-mode=explicit --load-model=minisgl ${TRITON_ARGS:-} &
 SERVER=$!
 stop() {
   trap - INT TERM EXIT

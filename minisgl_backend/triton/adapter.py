@@ -108,6 +108,8 @@ class TritonAdapter:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._finalized = False
+        self._engine_down_reported = False
+        self.model_name = "minisgl"
 
     # ------------------------------------------------------------ model config
 
@@ -148,7 +150,8 @@ class TritonAdapter:
         self.fe = Frontend(config)
         info = getattr(self.fe, "info", None) or {}
         self.vocab_size = info.get("vocab_size")
-        self.metrics = EngineMetrics(self.pb, args.get("model_name", "minisgl"), args.get("model_version", "1"))
+        self.model_name = args.get("model_name", self.model_name)
+        self.metrics = EngineMetrics(self.pb, self.model_name, args.get("model_version", "1"))
         self._watcher = threading.Thread(target=self._watch, name="minisgl-triton-watch", daemon=True)
         self._watcher.start()
         logger.info("engine ready (context %s tokens)", getattr(self.fe, "context_len", "?"))
@@ -315,6 +318,9 @@ class TritonAdapter:
         last_stats = 0.0
         while not self._stop.wait(self.cancel_poll_s):
             try:
+                if not self._engine_down_reported and self.fe is not None and not self.fe.is_healthy():
+                    self._engine_down_reported = True
+                    self._report_engine_down()
                 self._poll_cancellations()
                 now = time.monotonic()
                 if now - last_stats >= self.stats_interval_s and self.fe is not None:
@@ -322,6 +328,24 @@ class TritonAdapter:
                     self._metric("update_stats", self.fe.stats())
             except Exception:
                 logger.exception("watcher iteration failed")
+
+    def _report_engine_down(self) -> None:
+        """A scheduler process died: take the model out of service so readiness says so.
+
+        Triton's Python backend has no call that marks a model not ready; unloading itself
+        (possible when the server runs with --model-control-mode=explicit) does. In the other
+        modes the model stays READY and answers every request with UNAVAILABLE.
+        """
+        logger.error("the engine is down: every request now gets UNAVAILABLE; unloading the model")
+        threading.Thread(target=self._unload_self, name="minisgl-unload", daemon=True).start()
+
+    def _unload_self(self) -> None:
+        try:
+            self.pb.unload_model(self.model_name)
+        except Exception as exc:
+            logger.error("could not unload the model (%s): it stays READY but cannot serve; "
+                         "run tritonserver with --model-control-mode=explicit to have it unloaded, "
+                         "or reload it", exc)
 
     def _poll_cancellations(self) -> None:
         with self._live_lock:
