@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from minisgl_backend.engine.forward import ForwardBatch
 from minisgl_backend.engine.graph import build_graph_runner
 from minisgl_backend.engine.kv_cache import KVCache
 from minisgl_backend.engine.sampling import PenaltyInputs, Sampler, SamplingTensors
+from minisgl_backend.engine.transfer import to_device
 from minisgl_backend.models import load_model
 
 logger = logging.getLogger(__name__)
@@ -61,10 +63,12 @@ class Engine:
                                            head_dim=self.model.head_dim, dtype=self.dtype)
         self.sampler = Sampler()
         self.vocab_size = self.arch.vocab_size
+        # The engine stream runs batches; the scheduler enqueues its table writes on the default one.
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.graph_runner = build_graph_runner(
             config, self.model, self.attn, vocab_size=self.vocab_size, page_table=self.page_table,
             spare_row=self.num_rows, spare_slot=self.spare_slot, max_running_requests=self.num_rows,
-            device=self.device)
+            device=self.device, stream=self.stream)
 
     # ------------------------------------------------------------ sizing
 
@@ -94,17 +98,24 @@ class Engine:
 
     @torch.inference_mode()
     def forward(self, batch: Batch, eos_ids: list[int]) -> ForwardResult:
-        """Run one batch and sample; sampled ids are also written into the token pool."""
+        """Run one batch and sample; sampled ids are also written into the token pool.
+
+        On CUDA everything runs on the engine stream, after what the scheduler stream has
+        enqueued so far (page-table and token-pool writes), and returns without waiting.
+        """
+        with self._engine_stream():
+            return self._forward(batch, eos_ids)
+
+    def _forward(self, batch: Batch, eos_ids: list[int]) -> ForwardResult:
         items = batch.items
-        rows = [it.req.row for it in items]
         starts = [it.start for it in items]
         ends = [it.end for it in items]
         ext = [e - s for s, e in zip(starts, ends)]
-        host = torch.tensor([rows, starts, ends, ext], dtype=torch.int64)
-        tok_rows = torch.repeat_interleave(host[0], host[3])
+        host = torch.tensor([[it.req.row for it in items], ends, ext], dtype=torch.int64)
         positions = torch.cat([torch.arange(s, e) for s, e in zip(starts, ends)])
-        dev = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
-        rows_d, ends_d, ext_d, tok_rows_d, positions_d = map(dev, (host[0], host[2], host[3], tok_rows, positions))
+        tok_rows = torch.repeat_interleave(host[0], host[2])
+        rows_d, ends_d, ext_d, tok_rows_d, positions_d = (
+            to_device(t, self.device) for t in (host[0], host[1], host[2], tok_rows, positions))
         input_ids = self.token_pool[tok_rows_d, positions_d]
         out_loc = self.page_table[tok_rows_d, positions_d].long()
         layout = BatchLayout(batch.is_decode, rows_d, ends_d, ext_d, out_loc, ends, ext)
@@ -118,12 +129,19 @@ class Engine:
         self._store_sampled(batch, rows_d, ends_d, next_ids)
         return self._copy_to_host(next_ids, logprobs)
 
+    def _engine_stream(self):
+        if self.stream is None:
+            return contextlib.nullcontext()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self.stream)
+
     def _store_sampled(self, batch: Batch, rows: torch.Tensor, ends: torch.Tensor, next_ids: torch.Tensor) -> None:
         """The next step reads its input ids from the token pool, so they never wait on the host."""
-        if all(it.samples for it in batch.items):
+        sampling = [i for i, it in enumerate(batch.items) if it.samples]
+        if len(sampling) == len(batch.items):
             self.token_pool[rows, ends] = next_ids
             return
-        keep = torch.tensor([it.samples for it in batch.items]).to(self.device, non_blocking=True)
+        keep = to_device(torch.tensor(sampling, dtype=torch.int64), self.device)
         self.token_pool[rows[keep], ends[keep]] = next_ids[keep]
 
     def _sample(self, batch: Batch, logits: torch.Tensor, eos_ids: list[int]):
@@ -171,5 +189,5 @@ class Engine:
             host_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
             host_lp.copy_(logprobs, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(self.stream)
         return ForwardResult(next_ids, host_ids, host_lp, event)

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from minisgl_backend.core import SamplingParams
+from minisgl_backend.engine.transfer import to_device
 
 __all__ = [
     "SamplingTensors",
@@ -164,15 +165,15 @@ class SamplingTensors:
         floats = torch.tensor([temps, top_p, min_p, log_min_p, rep, pres, freq], dtype=torch.float32)
         ints = torch.tensor([top_k, [int(s) for s in seeds], [int(s) for s in steps], greedy],
                             dtype=torch.int64).reshape(4, n)
-        floats = floats.to(device, non_blocking=True)
-        ints = ints.to(device, non_blocking=True)
+        floats = to_device(floats, device)
+        ints = to_device(ints, device)
 
         sampled = [i for i, g in enumerate(greedy) if not g]
         all_greedy = not sampled
         any_greedy = len(sampled) < n
         sample_rows = None
         if sampled and any_greedy:
-            sample_rows = torch.tensor(sampled, dtype=torch.int64).to(device, non_blocking=True)
+            sample_rows = to_device(torch.tensor(sampled, dtype=torch.int64), device)
         need_rep = any(r != 1.0 for r in rep)
         need_pf = any(x != 0.0 for x in pres) or any(x != 0.0 for x in freq)
         sampled_k = [top_k[i] for i in sampled]
@@ -223,7 +224,7 @@ def _pad_ids(seqs: Sequence[Sequence[int]], device: torch.device | str) -> torch
     for i, s in enumerate(seqs):
         if len(s):
             out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.int64)
-    return out.to(device, non_blocking=True)
+    return to_device(out, device)
 
 
 def _counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from minisgl_backend.core import Req
+from minisgl_backend.engine.transfer import copy_to
 from minisgl_backend.scheduler.radix import RadixTree
 
 
@@ -113,4 +114,4 @@ class CacheManager:
         start = first_page * self.page_size
         slots = (torch.tensor(pages, dtype=torch.int32)[:, None] * self.page_size + self._offsets).flatten()
         width = min(len(slots), self.page_table.shape[1] - start)
-        self.page_table[row, start:start + width].copy_(slots[:width], non_blocking=True)
+        copy_to(self.page_table[row, start:start + width], slots[:width])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from minisgl_backend.engine.transfer import copy_to
+
 
 class TableManager:
     def __init__(self, page_table: torch.Tensor, token_pool: torch.Tensor, num_rows: int) -> None:
@@ -29,4 +31,4 @@ class TableManager:
 
     def write_tokens(self, row: int, start: int, token_ids: list[int]) -> None:
         ids = torch.tensor(token_ids, dtype=self.token_pool.dtype)
-        self.token_pool[row, start:start + len(token_ids)].copy_(ids, non_blocking=True)
+        copy_to(self.token_pool[row, start:start + len(token_ids)], ids)

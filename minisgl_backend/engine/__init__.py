@@ -1,0 +1,1 @@
+"""Engine of one TP rank: model forward, KV pool, sampling, CUDA graphs."""

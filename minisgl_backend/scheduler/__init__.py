@@ -1,0 +1,1 @@
+"""Scheduler of one TP rank: admission, batching, prefix cache, page table."""
