@@ -266,17 +266,18 @@ def grpc_inputs(text: str | bytes | None = None, **tensors) -> list:
 class GrpcStream:
     """One gRPC bidirectional stream; requests are told apart by their request id."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, model: str = MODEL) -> None:
         import queue
 
         import tritonclient.grpc as grpcclient
 
+        self.model = model
         self.client = grpcclient.InferenceServerClient(url)
         self.queue: "queue.Queue" = queue.Queue()
         self.client.start_stream(callback=lambda result, error: self.queue.put((result, error)))
 
     def send(self, request_id: str, inputs: list, parameters: dict | None = None) -> None:
-        self.client.async_stream_infer(MODEL, inputs, request_id=request_id, parameters=parameters,
+        self.client.async_stream_infer(self.model, inputs, request_id=request_id, parameters=parameters,
                                        enable_empty_final_response=True)
 
     def collect(self, request_ids: list[str], timeout: float = 120.0) -> dict[str, dict]:
