@@ -10,6 +10,9 @@ from typing import Any, Mapping
 import msgspec
 
 
+_INT32_MAX = 2**31 - 1  # bounds every integer that becomes an engine tensor
+
+
 class SamplingParams(msgspec.Struct, kw_only=True):
     max_tokens: int = 16
     temperature: float = 1.0
@@ -34,9 +37,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         return self.temperature == 0.0 or self.top_k == 1
 
     def validate(self) -> None:
-        _check(self.max_tokens >= 1, "max_tokens", "must be >= 1", self.max_tokens)
+        _check(1 <= self.max_tokens <= _INT32_MAX, "max_tokens", f"must be in [1, {_INT32_MAX}]", self.max_tokens)
         _check(_finite(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0", self.temperature)
-        _check(self.top_k == -1 or self.top_k >= 0, "top_k", "must be -1 (off) or >= 0", self.top_k)
+        _check(self.top_k == -1 or 0 <= self.top_k <= _INT32_MAX, "top_k",
+               f"must be -1 (off) or in [0, {_INT32_MAX}]", self.top_k)
         _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]", self.min_p)
         _check(self.seed is None or 0 <= self.seed < 2**63, "seed", "must be in [0, 2^63)", self.seed)
@@ -49,8 +53,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         _check(_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
                "frequency_penalty", "must be in [-2, 2]", self.frequency_penalty)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids", "must be non-negative ints", self.stop_token_ids)
+        _check(all(isinstance(t, int) and 0 <= t <= _INT32_MAX for t in self.stop_token_ids),
+               "stop_token_ids", f"must be token ids in [0, {_INT32_MAX}]", self.stop_token_ids)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "SamplingParams":
@@ -150,6 +154,12 @@ class FinishReason(str, Enum):
     ERROR = "error"
 
 
+class ErrorKind(str, Enum):
+    INVALID = "invalid_request"  # the client must change the request
+    OVERLOADED = "overloaded"  # retry later
+    ENGINE = "engine_failure"  # the engine broke
+
+
 class UserMsg(msgspec.Struct, tag=True):
     """A new request from the frontend to rank 0 (and from rank 0 to every other rank)."""
 
@@ -181,6 +191,7 @@ class TokenEvent(msgspec.Struct, tag=True):
     num_input_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    error_kind: str | None = None  # an ErrorKind value when `error` is set
     queue_time: float = 0.0
 
 

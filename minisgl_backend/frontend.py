@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from minisgl_backend.config import EngineConfig
-from minisgl_backend.core import AbortMsg, ErrorEvent, FinishReason, SamplingParams, StatsEvent, TokenEvent, UserMsg
+from minisgl_backend.core import (AbortMsg, ErrorEvent, ErrorKind, FinishReason, SamplingParams, StatsEvent,
+                                  TokenEvent, UserMsg)
 from minisgl_backend.detokenizer import IncrementalDetokenizer
 from minisgl_backend.launch import SchedulerProcesses
 
@@ -38,6 +39,7 @@ class StreamOutput:
     logprobs: list[float] | None = None
     cached_tokens: int = 0
     queue_time: float = 0.0
+    error_kind: str | None = None  # an ErrorKind value when `error` is set
 
 
 class RequestStream:
@@ -69,7 +71,7 @@ class RequestStream:
         self.finished = reason is not None
         return StreamOutput(self.rid, text, list(event.token_ids), self.finished, reason, event.error,
                             self.num_input_tokens, self.num_output_tokens, event.logprobs,
-                            self.cached_tokens, self.queue_time)
+                            self.cached_tokens, self.queue_time, event.error_kind)
 
 
 def tokenize_prompt(tokenizer: Any, prompt: str | list[int]) -> list[int]:
@@ -113,14 +115,20 @@ class Frontend:
 
     def submit(self, prompt: str | list[int], params: SamplingParams,
                callback: Callable[[StreamOutput], None]) -> int:
-        if not self._healthy:
-            raise RuntimeError("the engine is not running (a scheduler process died); reload the model")
         input_ids = tokenize_prompt(self.tokenizer, prompt)
         self.check_prompt(input_ids)
         rid = next(self._rids)
-        with self._lock:
-            self._streams[rid] = (RequestStream(rid, self.tokenizer, input_ids, params), callback)
-        self._procs.send(UserMsg(rid, input_ids, params, time.monotonic()))
+        stream = RequestStream(rid, self.tokenizer, input_ids, params)
+        with self._lock:  # the same lock as _on_engine_death: a stream is either failed or never added
+            if not self._healthy:
+                raise RuntimeError("the engine is not running (a scheduler process died); reload the model")
+            self._streams[rid] = (stream, callback)
+        try:
+            self._procs.send(UserMsg(rid, input_ids, params, time.monotonic()))
+        except Exception:
+            with self._lock:
+                self._streams.pop(rid, None)
+            raise
         return rid
 
     def check_prompt(self, input_ids: list[int]) -> None:
@@ -180,10 +188,11 @@ class Frontend:
         self._safe_callback(callback, out)
 
     def _on_engine_death(self, message: str) -> None:
-        if not self._healthy:
-            return
+        with self._lock:
+            if not self._healthy:
+                return
+            self._healthy = False
         logger.error("engine failure: %s", message)
-        self._healthy = False
         self._fail_all(f"engine failure: {message}")
         self._procs.kill()
 
@@ -192,7 +201,8 @@ class Frontend:
             entries, self._streams = list(self._streams.values()), {}
         for stream, callback in entries:
             self._safe_callback(callback, StreamOutput(stream.rid, "", [], True, FinishReason.ERROR.value, message,
-                                                       stream.num_input_tokens, stream.num_output_tokens))
+                                                       stream.num_input_tokens, stream.num_output_tokens,
+                                                       error_kind=ErrorKind.ENGINE.value))
 
     @staticmethod
     def _safe_callback(callback: Callable[[StreamOutput], None], out: StreamOutput) -> None:

@@ -43,7 +43,7 @@ def test_sampling_params_from_strings():
 
 
 @pytest.mark.parametrize("values,message", [
-    ({"max_tokens": 0}, "'max_tokens' must be >= 1"),
+    ({"max_tokens": 0}, "'max_tokens' must be in \\[1, "),
     ({"temperature": -1}, "'temperature' must be >= 0"),
     ({"top_p": 0}, "'top_p' must be in"),
     ({"top_k": -5}, "'top_k'"),
@@ -55,6 +55,9 @@ def test_sampling_params_from_strings():
     ({"stop": [1, 2]}, "'stop' must be a string or a list of strings"),
     ({"min_tokens": 9, "max_tokens": 4}, "'min_tokens' must be <= max_tokens"),
     ({"temperature": float("nan")}, "'temperature'"),
+    ({"top_k": 2**63}, "'top_k' must be -1"),
+    ({"max_tokens": 2**64}, "'max_tokens' must be in"),
+    ({"stop_token_ids": [2**63]}, "'stop_token_ids' must be token ids"),
 ])
 def test_bad_sampling_params_name_the_field(values, message):
     with pytest.raises(ValueError, match=message):

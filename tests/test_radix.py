@@ -29,15 +29,11 @@ def _check_accounting(cache: CacheManager, running: dict[int, Req]) -> None:
     assert not set(free) & set(tree_pages), "a page is both free and in the tree"
     assert not set(free) & set(held), "a page is both free and held by a request"
     assert len(set(tree_pages)) == len(tree_pages) == cache.tree.total_pages
+    assert cache.integrity_problems(idle=not running) == []
 
 
 def _tree_pages(tree: RadixTree) -> list[int]:
-    pages, stack = [], [tree.root]
-    while stack:
-        node = stack.pop()
-        pages.extend(node.pages)
-        stack.extend(node.children.values())
-    return pages
+    return tree.all_pages()
 
 
 ops = st.lists(st.tuples(st.sampled_from(["admit", "finish", "flush"]),
@@ -110,3 +106,21 @@ def test_lru_eviction_spares_locked_and_recent():
     tree.unlock(locked.node)
     assert sorted(tree.evict(10)) == [0, 1]
     assert tree.total_pages == 0
+
+
+def test_integrity_check_catches_double_free_and_shared_pages():
+    table = torch.zeros(9, 64, dtype=torch.int32)
+    cache = CacheManager(8, PAGE, table)
+    req = _new_req(0, [1, 2, 3, 4, 5])
+    cache.match_and_lock(req, req.input_ids)
+    cache.allocate(req, 5)
+    cache.release(req, req.input_ids[:4])
+    assert cache.integrity_problems(idle=True) == []
+    cache._free.append(cache._free[0])
+    assert "a page is on the free list twice" in cache.integrity_problems(idle=True)
+    cache._free.pop()
+    cache._free.append(cache.tree.all_pages()[0])
+    assert "a page is both free and in the radix tree" in cache.integrity_problems(idle=True)
+    cache._free.pop()
+    cache._free.pop()
+    assert "with nothing running, some page is neither free nor cached" in cache.integrity_problems(idle=True)

@@ -187,6 +187,15 @@ def test_abort_and_error_replies():
     assert r.final and r.error_code == "INTERNAL" and r.error_message == "boom"
 
 
+@pytest.mark.parametrize("kind,code", [("invalid_request", "INVALID_ARG"), ("overloaded", "UNAVAILABLE"),
+                                       ("engine_failure", "INTERNAL")])
+def test_engine_error_kinds_map_to_triton_codes(kind, code):
+    out = _out("", [], finished=True, reason="error")
+    out.error, out.error_kind = "why", kind
+    (r,) = ResponseAssembler(parse()).on_output(out)
+    assert r.final and r.error_code == code and r.error_message == "why"
+
+
 # ---------------------------------------------------------------- config.pbtxt
 
 

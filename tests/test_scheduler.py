@@ -100,7 +100,7 @@ def test_abort_half_mid_flight(model, workload_300, alone_outputs):
     for i, out in enumerate(outs):
         if i in aborted:
             assert out["token_ids"] == alone_outputs[i][:len(out["token_ids"])]
-        elif rid_of(i) % 2 == 1:
+        else:  # odd ones, and even ones that finished before their abort arrived
             assert out["token_ids"] == alone_outputs[i]
     assert llm.scheduler.leaks() == []
 

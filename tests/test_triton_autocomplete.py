@@ -9,15 +9,13 @@ import urllib.request
 import pytest
 
 from minisgl_backend.triton.contract import INPUTS, OUTPUTS
-from tests.triton_server import TritonServer, triton_available
+from tests.triton_server import TritonServer, require_triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(300)]
 
 
 def test_auto_complete_config(tiny_llama, tmp_path):
-    reason = triton_available()
-    if reason:
-        pytest.skip(reason)
+    require_triton()
     from minisgl_backend.triton.repository import SOURCE
 
     model_dir = tmp_path / "repo" / "minisgl"

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.triton_server import GrpcStream, TritonServer, grpc_inputs, parse_metric, triton_available
+from tests.triton_server import GrpcStream, TritonServer, grpc_inputs, parse_metric, require_triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
@@ -29,9 +29,7 @@ SETTINGS = {"max_total_tokens": 8192, "page_size": 16, "max_running_requests": 1
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    reason = triton_available()
-    if reason:
-        pytest.skip(reason)
+    require_triton()
     from minisgl_backend.triton.repository import make_model_repository
 
     work = tmp_path_factory.mktemp("triton")
@@ -238,7 +236,7 @@ def test_client_disconnect_aborts(server):
             break
         time.sleep(0.2)
     else:
-        pytest.xfail("this tritonserver build does not report HTTP disconnects as cancellation")
+        pytest.fail("an HTTP client that disconnected mid-stream was not aborted")
     _wait_idle(server)
 
 
@@ -366,7 +364,10 @@ def test_metrics_move(server):
     server.generate(greedy_payload(long_prompt))
     time.sleep(0.2)
     assert server.metric("minisgl_cache_hit_tokens_total") >= hits + 16
-    assert server.metric("minisgl_requests_total", {"finish_reason": "invalid"}) >= 0
+    invalid = server.metric("minisgl_requests_total", {"finish_reason": "invalid"})
+    status, _ = server.generate({"text_input": "hi", "sampling_parameters": '{"top_p": 7}'})
+    assert status == 400
+    assert server.metric("minisgl_requests_total", {"finish_reason": "invalid"}) == invalid + 1
 
 
 # ---------------------------------------------------------------- perf_analyzer

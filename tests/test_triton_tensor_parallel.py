@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from tests.triton_server import GrpcStream, TritonServer, grpc_inputs, triton_available
+from tests.triton_server import GrpcStream, TritonServer, grpc_inputs, require_triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
@@ -27,9 +27,7 @@ MODELS = {"minisgl": ("qwen3", 1), "minisgl_qwen3_kv2": ("qwen3", 2),
 
 @pytest.fixture(scope="module")
 def tp2_server(tiny_model_factory, tmp_path_factory):
-    reason = triton_available()
-    if reason:
-        pytest.skip(reason)
+    require_triton()
     from minisgl_backend.triton.repository import make_model_repository
 
     work = tmp_path_factory.mktemp("triton-tp2")

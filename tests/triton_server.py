@@ -30,6 +30,19 @@ def triton_available() -> str | None:
     return None
 
 
+def require_triton() -> None:
+    """Fail (not skip) without a tritonserver: `make setup` provides one on every machine, so a
+    missing one is a broken set-up. MINISGL_ALLOW_NO_TRITON=1 turns this into a skip."""
+    import pytest
+
+    reason = triton_available()
+    if reason is None:
+        return
+    if os.environ.get("MINISGL_ALLOW_NO_TRITON") == "1":
+        pytest.skip(reason)
+    pytest.fail(reason)
+
+
 def free_ports(n: int) -> list[int]:
     socks, ports = [], []
     for _ in range(n):

@@ -52,6 +52,20 @@ class CacheManager:
         return CacheStats(self.num_pages, self.free_pages, self.tree.cached_pages,
                           self.tree.locked_pages, private, self.hit_tokens, self.miss_tokens)
 
+    def integrity_problems(self, idle: bool) -> list[str]:
+        """Pages owned twice or by nobody; `idle`: no request holds any page."""
+        free, tree = self._free, self.tree.all_pages()
+        problems = []
+        if len(set(free)) != len(free):
+            problems.append("a page is on the free list twice")
+        if len(set(tree)) != len(tree) or len(tree) != self.tree.total_pages:
+            problems.append("the radix tree holds a page twice or miscounts its pages")
+        if set(free) & set(tree):
+            problems.append("a page is both free and in the radix tree")
+        if idle and set(free) | set(tree) != set(range(self.num_pages)):
+            problems.append("with nothing running, some page is neither free nor cached")
+        return problems
+
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 

@@ -112,6 +112,15 @@ class RadixTree:
     def total_pages(self) -> int:
         return self.cached_pages + self.locked_pages
 
+    def all_pages(self) -> list[int]:
+        """Every page the tree holds (a walk of the whole tree: for checks, not hot paths)."""
+        pages, stack = [], [self.root]
+        while stack:
+            node = stack.pop()
+            pages.extend(node.pages)
+            stack.extend(node.children.values())
+        return pages
+
     # ------------------------------------------------------------ internals
 
     def _page_key(self, tokens: list[int] | tuple[int, ...], pos: int) -> tuple[int, ...]:

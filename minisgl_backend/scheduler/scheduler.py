@@ -11,7 +11,7 @@ import random
 import time
 
 from minisgl_backend.config import EngineConfig
-from minisgl_backend.core import (AbortMsg, Batch, FinishReason, FlushCacheMsg, Req, SchedulerInput,
+from minisgl_backend.core import (AbortMsg, Batch, ErrorKind, FinishReason, FlushCacheMsg, Req, SchedulerInput,
                                   SchedulerOutput, ShutdownMsg, StatsEvent, TokenEvent, UserMsg)
 from minisgl_backend.engine.engine import Engine, ForwardResult
 from minisgl_backend.scheduler.cache import CacheManager
@@ -123,8 +123,9 @@ class Scheduler:
     def _add_request(self, msg: UserMsg) -> None:
         error = self._validate(msg)
         if error is not None:
-            self._events.append(TokenEvent(msg.rid, [], FinishReason.ERROR.value, error=error,
-                                           num_input_tokens=len(msg.input_ids)))
+            kind, message = error
+            self._events.append(TokenEvent(msg.rid, [], FinishReason.ERROR.value, error=message,
+                                           error_kind=kind.value, num_input_tokens=len(msg.input_ids)))
             return
         seed = msg.params.seed if msg.params.seed is not None else self._rng.getrandbits(63)
         max_out = min(msg.params.max_tokens, self.context_len - len(msg.input_ids))
@@ -132,21 +133,21 @@ class Scheduler:
         self.reqs[msg.rid] = req
         self.prefill.add(req)
 
-    def _validate(self, msg: UserMsg) -> str | None:
+    def _validate(self, msg: UserMsg) -> tuple[ErrorKind, str] | None:
         n = len(msg.input_ids)
         if msg.rid in self.reqs:
-            return f"request id {msg.rid} is already in use"
+            return ErrorKind.INVALID, f"request id {msg.rid} is already in use"
         if n == 0:
-            return "the prompt is empty: send at least one token"
+            return ErrorKind.INVALID, "the prompt is empty: send at least one token"
         if n >= self.context_len:
-            return (f"the prompt has {n} tokens but the context holds at most {self.context_len} "
-                    f"(prompt plus at least one output token): shorten the prompt")
+            return ErrorKind.INVALID, (f"the prompt has {n} tokens but the context holds at most {self.context_len} "
+                                       f"(prompt plus at least one output token): shorten the prompt")
         if len(self.prefill.pending) >= self.config.scheduler.max_pending_requests:
-            return (f"the server is overloaded: {len(self.prefill.pending)} requests are already waiting "
-                    f"(max_pending_requests); retry later")
+            return ErrorKind.OVERLOADED, (f"the server is overloaded: {len(self.prefill.pending)} requests are "
+                                          f"already waiting (max_pending_requests); retry later")
         bad = [t for t in msg.input_ids if not 0 <= t < self.vocab_size]
         if bad:
-            return f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+            return ErrorKind.INVALID, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
         return None
 
     def abort(self, rid: int) -> None:
@@ -276,9 +277,7 @@ class Scheduler:
     def leaks(self) -> list[str]:
         """What an idle scheduler still holds that it should not (empty when nothing leaks)."""
         c = self.cache.stats()
-        problems = []
-        if c.free_pages + c.cached_pages + c.locked_pages + c.private_pages != c.total_pages:
-            problems.append(f"page accounting broken: {c}")
+        problems = self.cache.integrity_problems(idle=True)
         if c.locked_pages or c.private_pages:
             problems.append(f"pages still held: locked={c.locked_pages} private={c.private_pages}")
         if self.table.free_rows != self.table.num_rows:

@@ -226,6 +226,9 @@ class TritonAdapter:
         except RuntimeError as exc:
             self._forget(live)
             self._reject(sender, "UNAVAILABLE", str(exc), invalid=False)
+        except Exception:
+            self._forget(live)  # never left behind to get a second FINAL from _fail_all
+            raise
 
     def _input(self, request: Any, name: str) -> Any:
         tensor = self.pb.get_input_tensor_by_name(request, name)

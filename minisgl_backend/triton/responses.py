@@ -33,6 +33,10 @@ class Reply:
     error_message: str | None = None
 
 
+# ErrorKind values of the engine -> Triton error codes
+_ERROR_CODES = {"invalid_request": "INVALID_ARG", "overloaded": "UNAVAILABLE", "engine_failure": "INTERNAL"}
+
+
 def error_reply(code: str, message: str) -> Reply:
     return Reply(None, True, code, message)
 
@@ -74,7 +78,8 @@ class ResponseAssembler:
         if reason == "abort":
             return [error_reply("CANCELLED", "the request was cancelled")]
         if reason == "error":
-            return [error_reply("INTERNAL", out.error or "the engine failed to serve this request")]
+            code = _ERROR_CODES.get(getattr(out, "error_kind", None) or "", "INTERNAL")
+            return [error_reply(code, out.error or "the engine failed to serve this request")]
         return [self._data_reply(final=True, reason=reason)]
 
     def _data_reply(self, final: bool, reason: str) -> Reply:
