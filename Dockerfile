@@ -41,4 +41,6 @@ RUN if [ "${PREPARE_DEFAULT_MODEL}" = "1" ]; then \
 ENV MINISGL_MODEL_PATH=/opt/minisgl/models/smollm2
 
 EXPOSE 8000 8001 8002
-CMD ["tritonserver", "--model-repository", "/opt/minisgl/model_repository"]
+# explicit model control: a model whose engine died unloads itself, so readiness reports it
+CMD ["tritonserver", "--model-repository", "/opt/minisgl/model_repository", \
+     "--model-control-mode=explicit", "--load-model=minisgl"]
