@@ -241,7 +241,6 @@ class Req:
     row: int = -1
     cached_len: int = 0
     device_len: int = 0
-    num_pages: int = 0
     pages: list[int] = field(default_factory=list)
     cache_node: Any = None  # locked radix node of the matched prefix
     matched_len: int = 0  # prefix tokens served from the radix cache at admission
@@ -249,6 +248,10 @@ class Req:
     finished: bool = False
     finish_sent: bool = False
     first_scheduled_time: float = 0.0
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.pages)
 
     @property
     def all_ids(self) -> list[int]:

@@ -25,15 +25,11 @@ def _check_accounting(cache: CacheManager, running: dict[int, Req]) -> None:
     assert s.private_pages == len(held)
     free = cache._free
     assert len(set(free)) == len(free), "a page is on the free list twice"
-    tree_pages = _tree_pages(cache.tree)
+    tree_pages = cache.tree.all_pages()
     assert not set(free) & set(tree_pages), "a page is both free and in the tree"
     assert not set(free) & set(held), "a page is both free and held by a request"
     assert len(set(tree_pages)) == len(tree_pages) == cache.tree.total_pages
     assert cache.integrity_problems(idle=not running) == []
-
-
-def _tree_pages(tree: RadixTree) -> list[int]:
-    return tree.all_pages()
 
 
 ops = st.lists(st.tuples(st.sampled_from(["admit", "finish", "flush"]),

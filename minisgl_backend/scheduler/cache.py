@@ -80,7 +80,6 @@ class CacheManager:
             req.cached_len = req.matched_len = match.num_tokens
         else:
             req.cache_node, req.pages, req.cached_len, req.matched_len = None, [], 0, 0
-        req.num_pages = len(req.pages)
         if req.pages:
             self._write_table(req.row, 0, req.pages)
 
@@ -100,7 +99,6 @@ class CacheManager:
         new_pages = [self._free.pop() for _ in range(need)]
         self._write_table(req.row, req.num_pages, new_pages)
         req.pages.extend(new_pages)
-        req.num_pages += need
 
     def release(self, req: Req, tokens_with_kv: list[int]) -> None:
         """Donate the page-aligned part of `tokens_with_kv` to the tree; free everything else."""
@@ -114,7 +112,7 @@ class CacheManager:
         self._free.extend(req.pages[max(keep, locked):])
         if req.cache_node is not None:
             self.tree.unlock(req.cache_node)
-        req.cache_node, req.pages, req.num_pages, req.matched_len = None, [], 0, 0
+        req.cache_node, req.pages, req.matched_len = None, [], 0
 
     def flush(self) -> int:
         """Evict every unlocked cached page; returns how many were freed."""

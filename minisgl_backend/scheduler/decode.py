@@ -23,7 +23,7 @@ class DecodeManager:
 
     def pages_needed(self) -> int:
         """New pages the next decode step needs (a request crossing into a fresh page needs one)."""
-        return sum(1 for r in self.decodable() if self.cache.pages_for(r.device_len) > r.num_pages)
+        return self._need(self.decodable())
 
     def needs_retraction(self) -> bool:
         return self.pages_needed() > self.cache.available_pages
