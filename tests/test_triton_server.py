@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.triton_server import GrpcStream, TritonServer, grpc_inputs, parse_metric, require_triton
+from tests.triton_server import GrpcStream, TritonServer, grpc_inputs, parse_metric, require_tool, require_triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
@@ -374,17 +374,16 @@ def test_metrics_move(server):
 
 
 def test_perf_analyzer_streaming_profile(server, tmp_path):
-    """A short perf_analyzer --streaming profile (skipped when perf_analyzer cannot run here)."""
+    """A short perf_analyzer --streaming profile (`make test` installs perf_analyzer)."""
     import json
     import subprocess
 
     from tests.triton_server import ROOT
 
     pa = ROOT / "build" / "perf_analyzer" / "perf_analyzer"
-    if not pa.exists():
-        pytest.skip("perf_analyzer not installed (make perf-analyzer)")
-    if subprocess.run([str(pa), "--version"], capture_output=True, timeout=30).returncode != 0:
-        pytest.skip("perf_analyzer does not run on this machine")
+    require_tool(None if pa.exists() else "perf_analyzer not installed (make perf-analyzer)")
+    runs = subprocess.run([str(pa), "--version"], capture_output=True, timeout=30).returncode == 0
+    require_tool(None if runs else "perf_analyzer does not run on this machine")
     params = json.dumps({"max_tokens": 16, "ignore_eos": True})
     data = {"data": [{"text_input": [p], "stream": [True], "sampling_parameters": [params]} for p in PROMPTS]}
     (tmp_path / "input.json").write_text(json.dumps(data))

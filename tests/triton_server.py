@@ -31,16 +31,20 @@ def triton_available() -> str | None:
 
 
 def require_triton() -> None:
-    """Fail (not skip) without a tritonserver: `make setup` provides one on every machine, so a
-    missing one is a broken set-up. MINISGL_ALLOW_NO_TRITON=1 turns this into a skip."""
+    """Fail (not skip) without a tritonserver: `make setup` provides one on every machine."""
+    require_tool(triton_available())
+
+
+def require_tool(missing: str | None) -> None:
+    """`missing` is why a tool the suite needs cannot run (None: it can). On the project's
+    machines that is a broken set-up, so it fails; MINISGL_ALLOW_NO_TRITON=1 makes it a skip."""
     import pytest
 
-    reason = triton_available()
-    if reason is None:
+    if missing is None:
         return
     if os.environ.get("MINISGL_ALLOW_NO_TRITON") == "1":
-        pytest.skip(reason)
-    pytest.fail(reason)
+        pytest.skip(missing)
+    pytest.fail(missing)
 
 
 def free_ports(n: int) -> list[int]:
