@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.offline_throughput import build_model
 from minisgl_backend import LLM, SamplingParams
-from minisgl_backend.engine.kv_cache import KVCache
+from minisgl_backend.kvcache import KVCache
 
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 28, repeats: int = 10) -> float:

@@ -1,7 +1,7 @@
 """minisgl_backend: a mini-sglang-style LLM serving engine, hosted as a Triton Python-backend model."""
 
 from minisgl_backend.config import EngineConfig
-from minisgl_backend.core import SamplingParams
+from minisgl_backend.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "EngineConfig"]
 

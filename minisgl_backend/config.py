@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from minisgl_backend.coerce import COERCERS, to_bool
+
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
 _DEVICES = ("cpu", "cuda", "auto")
 
@@ -132,7 +134,7 @@ class EngineConfig:
                 raise ConfigError(f"unknown engine setting {name!r}; known: {', '.join(sorted(leaves))}")
             owner, ftype = leaves[name]
             setattr(owner, name, _convert(raw, ftype, name))
-        if os.environ.get("MINISGL_DISABLE_OVERLAP_SCHEDULING", "") in ("1", "true", "True"):
+        if _env_flag("MINISGL_DISABLE_OVERLAP_SCHEDULING"):
             config.scheduler.enable_overlap = False
         return config.validate()
 
@@ -161,20 +163,16 @@ def _field_type(f: dataclasses.Field) -> type:
 
 def _convert(raw: Any, ftype: type, name: str) -> Any:
     try:
-        if ftype is bool:
-            if isinstance(raw, str):
-                lowered = raw.strip().lower()
-                if lowered in ("1", "true", "yes", "on"):
-                    return True
-                if lowered in ("0", "false", "no", "off", ""):
-                    return False
-                raise ValueError(raw)
-            return bool(raw)
-        if ftype is int and isinstance(raw, float) and not raw.is_integer():
-            raise ValueError(raw)
-        return ftype(raw)
-    except (TypeError, ValueError):
+        return COERCERS[ftype](raw)
+    except ValueError:
         raise ConfigError(f"setting {name!r} expects {ftype.__name__}, got {raw!r}") from None
+
+
+def _env_flag(name: str) -> bool:
+    try:
+        return to_bool(os.environ.get(name, "0"))
+    except ValueError:
+        return False
 
 
 def _require(condition: bool, message: str) -> None:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from minisgl_backend.config import EngineConfig
-from minisgl_backend.core import (AbortMsg, ErrorEvent, ErrorKind, FinishReason, SamplingParams, StatsEvent,
-                                  TokenEvent, UserMsg)
+from minisgl_backend.messages import AbortMsg, ErrorEvent, ErrorKind, FinishReason, StatsEvent, TokenEvent, UserMsg
+from minisgl_backend.sampling_params import SamplingParams
 from minisgl_backend.detokenizer import IncrementalDetokenizer
 from minisgl_backend.launch import SchedulerProcesses
 

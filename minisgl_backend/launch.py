@@ -27,7 +27,7 @@ import msgspec
 import zmq
 
 from minisgl_backend.config import EngineConfig
-from minisgl_backend.core import ErrorEvent, SchedulerInput, SchedulerOutput, ShutdownMsg
+from minisgl_backend.messages import ErrorEvent, SchedulerInput, SchedulerOutput, ShutdownMsg
 
 logger = logging.getLogger(__name__)
 

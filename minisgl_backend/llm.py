@@ -10,7 +10,8 @@ import threading
 from typing import Any, Sequence
 
 from minisgl_backend.config import EngineConfig
-from minisgl_backend.core import AbortMsg, SamplingParams, TokenEvent, UserMsg
+from minisgl_backend.messages import AbortMsg, TokenEvent, UserMsg
+from minisgl_backend.sampling_params import SamplingParams
 from minisgl_backend.frontend import Frontend, RequestStream, StreamOutput, check_prompt, tokenize_prompt
 from minisgl_backend.launch import build_scheduler
 from minisgl_backend.scheduler.io import LocalIO

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from minisgl_backend.config import ConfigError, EngineConfig
-from minisgl_backend.core import SamplingParams
+from minisgl_backend.sampling_params import SamplingParams
 
 
 def test_flat_settings_reach_their_sections(tiny_llama):

@@ -18,7 +18,7 @@ from minisgl_backend.engine.graph import (
     pick_graph_bs,
     supports_cuda_graph,
 )
-from minisgl_backend.engine.kv_cache import KVCache
+from minisgl_backend.kvcache import KVCache
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -294,12 +294,21 @@ class _FakeGraph:
         self.runner.logits[:self.bs] = (st.input_ids[:self.bs] * 1000 + st.rows[:self.bs]).float()[:, None]
 
 
+def test_page_table_maps_the_spare_row_to_the_spare_page():
+    from minisgl_backend.kvcache import KVCache, PageTable
+
+    cache = KVCache(1, 10, 4, 1, 8, torch.float32, torch.device("cpu"))
+    assert cache.spare_slot == 40 and cache.k[0].shape[0] == 44, "one page past the pool"
+    table = PageTable(num_rows=4, max_seq_len=30, page_size=4, spare_slot=cache.spare_slot, device="cpu")
+    assert table.spare_row == 4 and table.slots.shape == (5, 32) and table.tokens.shape == (5, 32)
+    assert table.slots[4, 0] == 40, "the spare row's first position maps to the spare slot"
+
+
 def test_runner_replay_pads_and_slices_on_cpu():
     table = torch.zeros(5, 8, dtype=torch.int32)
     hooks = _FakeHooks()
-    runner = CudaGraphRunner(lambda ids, pos, fwd: None, hooks, max_bs=8, vocab_size=3, page_table=table,
+    runner = CudaGraphRunner(lambda ids, pos, fwd: None, hooks, max_bs=8, vocab_size=3,
                              spare_row=4, spare_slot=40, device="cpu")
-    assert table[4, 0] == 40, "the spare row's first position maps to the spare slot"
     assert runner.sizes == [1, 2, 4, 8] and not runner.can_run(1), "nothing captured yet"
     runner.graphs = {bs: _FakeGraph(runner, bs) for bs in runner.sizes}
     assert runner.can_run(8) and not runner.can_run(9) and not runner.can_run(0)
@@ -395,6 +404,19 @@ class _FakePrefill(_FakeWrapperBase):
                     kwargs["paged_kv_last_page_len"], kwargs, kwargs["page_size"], True)
 
 
+class _FakeEvent:
+    """torch.cuda.Event on a CPU machine: the stand-in's plan() copies are already done."""
+
+    def __init__(self):
+        self.recorded = 0
+
+    def record(self, stream=None):
+        self.recorded += 1
+
+    def synchronize(self):
+        assert self.recorded, "synchronize() before record()"
+
+
 @pytest.fixture
 def fake_flashinfer(monkeypatch):
     import sys
@@ -407,6 +429,7 @@ def fake_flashinfer(monkeypatch):
     module.BatchPrefillWithPagedKVCacheWrapper = _FakePrefill
     monkeypatch.setitem(sys.modules, "flashinfer", module)
     monkeypatch.setattr(fib, "flashinfer_unsupported_reason", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     return fib
 
 
@@ -444,7 +467,7 @@ def test_backend_on_stand_in_matches_torch_backend(fake_flashinfer, page_size, d
     table, cache, layout, qkv = _backend_case(page_size, decode, seed=page_size)
     ref_cache = _clone_cache(cache)
     ref = TorchAttentionBackend(ref_cache, table)
-    fi = fake_flashinfer.FlashInferBackend(cache, table, 4, 2, 8, page_size, torch.float32, "cpu", max_batch_size=8)
+    fi = fake_flashinfer.FlashInferBackend(cache, table, 4, 2, 8, torch.float32, "cpu", max_batch_size=8)
     ref.prepare(layout)
     fi.prepare(layout)
     assert fi._wrapper is (fi.decode_wrapper if decode else fi.prefill_wrapper)
@@ -459,9 +482,9 @@ def test_backend_on_stand_in_matches_torch_backend(fake_flashinfer, page_size, d
 def test_backend_graph_hooks_on_stand_in(fake_flashinfer, page_size):
     """capture plans a dummy batch into the fixed buffers; replay re-plans the real padded batch."""
     table, cache, layout, qkv = _backend_case(page_size, True, seed=11)
-    spare_row, spare_slot = table.shape[0] - 1, (cache.num_pages - 1) * page_size
+    spare_row, spare_slot = table.shape[0] - 1, cache.spare_slot
     table[spare_row, 0] = spare_slot
-    fi = fake_flashinfer.FlashInferBackend(cache, table, 4, 2, 8, page_size, torch.float32, "cpu", max_batch_size=8)
+    fi = fake_flashinfer.FlashInferBackend(cache, table, 4, 2, 8, torch.float32, "cpu", max_batch_size=8)
     fi.init_cuda_graph(8)
     st = StaticDecodeInputs.allocate(8, "cpu")
     st.fill_dummy(8, spare_row, spare_slot)
@@ -491,11 +514,10 @@ def test_build_graph_runner_off_on_cpu_and_when_disabled(tiny_llama):
     from minisgl_backend.config import EngineConfig
     from minisgl_backend.engine.graph import build_graph_runner
 
-    table = torch.zeros(3, 8, dtype=torch.int32)
     hooks = _FakeHooks()
-    kwargs = dict(vocab_size=4, page_table=table, spare_row=2, spare_slot=8, max_running_requests=2)
+    kwargs = dict(vocab_size=4, spare_row=2, spare_slot=8, max_running_requests=2)
     config = EngineConfig.from_flat(model_path=tiny_llama)
     assert build_graph_runner(config, None, hooks, device="cpu", **kwargs) is None
     config = EngineConfig.from_flat(model_path=tiny_llama, enable_cuda_graph=False)
     assert build_graph_runner(config, None, hooks, device="cuda", **kwargs) is None
-    assert hooks.calls == [] and table.sum() == 0
+    assert hooks.calls == []

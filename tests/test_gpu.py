@@ -14,8 +14,8 @@ import torch
 
 from minisgl_backend.attention.base import BatchLayout
 from minisgl_backend.attention.torch_backend import TorchAttentionBackend
-from minisgl_backend.engine.forward import ForwardBatch
-from minisgl_backend.engine.kv_cache import KVCache
+from minisgl_backend.attention.base import ForwardBatch
+from minisgl_backend.kvcache import KVCache
 
 pytestmark = pytest.mark.gpu
 
@@ -76,7 +76,7 @@ def test_flashinfer_matches_torch_backend(page_size, tensor_cores, kind):
     ref = TorchAttentionBackend(ref_cache, table)
     ref.prepare(layout)
     expected = ref.forward(q, k, v, 0)
-    fi = FlashInferBackend(cache, table, hq, hkv, dim, page_size, DTYPE, "cuda", max_batch_size=8,
+    fi = FlashInferBackend(cache, table, hq, hkv, dim, DTYPE, "cuda", max_batch_size=8,
                            use_tensor_cores=tensor_cores)
     fi.prepare(layout)
     got = fi.forward(q, k, v, 0)
@@ -95,7 +95,8 @@ def test_graph_runner_replay_matches_eager():
     seq_lens = [5, 40, 17]
     table, cache, layout, _ = _setup(seq_lens, [1, 1, 1], page_size, hq, hkv, dim, seed=1)
     # like the engine's extra page past the scheduler's pool: _page_table never hands it out
-    spare_row, spare_slot = table.shape[0] - 1, (cache.num_pages - 1) * page_size
+    spare_row, spare_slot = table.shape[0] - 1, cache.spare_slot
+    table[spare_row, 0] = spare_slot  # as PageTable maps its spare row
     emb = torch.randn(vocab, hq * dim, device="cuda", dtype=DTYPE)
     wk = torch.randn(hq * dim, hkv * dim, device="cuda", dtype=DTYPE) / dim
     head = torch.randn(hq * dim, vocab, device="cuda", dtype=DTYPE) / dim
@@ -107,8 +108,8 @@ def test_graph_runner_replay_matches_eager():
         out = fwd.attn.forward(q, kv, kv.contiguous(), 0)
         return (out[fwd.last_token_indices] @ head).float()
 
-    attn = FlashInferBackend(cache, table, hq, hkv, dim, page_size, DTYPE, "cuda", max_batch_size=8)
-    runner = CudaGraphRunner(forward_fn, attn, max_bs=8, vocab_size=vocab, page_table=table,
+    attn = FlashInferBackend(cache, table, hq, hkv, dim, DTYPE, "cuda", max_batch_size=8)
+    runner = CudaGraphRunner(forward_fn, attn, max_bs=8, vocab_size=vocab,
                              spare_row=spare_row, spare_slot=spare_slot, device="cuda")
     runner.capture()
     assert runner.sizes == [1, 2, 4, 8] and runner.can_run(3)

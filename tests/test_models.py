@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from minisgl_backend.attention.base import BatchLayout
-from minisgl_backend.engine.forward import ForwardBatch
+from minisgl_backend.attention.base import ForwardBatch
 from minisgl_backend.models import load_model, read_arch_config
 from minisgl_backend.models.hf_config import arch_config_from_dict
 from minisgl_backend.tools.make_tiny_model import make_tiny_model

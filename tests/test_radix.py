@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minisgl_backend.core import Req, SamplingParams
+from minisgl_backend.batch import Req
+from minisgl_backend.sampling_params import SamplingParams
 from minisgl_backend.scheduler.cache import CacheManager
 from minisgl_backend.scheduler.radix import RadixTree
 

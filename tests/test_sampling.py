@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
-from minisgl_backend.core import SamplingParams
+from minisgl_backend.sampling_params import SamplingParams
 from minisgl_backend.engine.sampling import (
     PenaltyInputs,
     Sampler,

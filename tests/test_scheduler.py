@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from minisgl_backend import LLM, SamplingParams
-from minisgl_backend.core import AbortMsg, TokenEvent, UserMsg
+from minisgl_backend.messages import AbortMsg, TokenEvent, UserMsg
 from tests.workloads import shared_prefix_workload
 
 CPU = dict(device="cpu", dtype="float32")

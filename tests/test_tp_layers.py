@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from minisgl_backend.distributed import all_gather_last_dim, all_reduce, get_tp_rank, get_tp_size, init_tp
-from minisgl_backend.engine.forward import ForwardBatch
+from minisgl_backend.attention.base import ForwardBatch
 from minisgl_backend.models import load_model
 from minisgl_backend.models.hf_config import arch_config_from_dict
 from minisgl_backend.models.llama import LlamaForCausalLM

@@ -6,7 +6,7 @@ import torch
 
 from minisgl_backend.attention.base import AttentionBackend, BatchLayout
 from minisgl_backend.config import ConfigError, EngineConfig
-from minisgl_backend.engine.kv_cache import KVCache
+from minisgl_backend.kvcache import KVCache
 
 
 def make_attention_backend(config: EngineConfig, kv_cache: KVCache, page_table: torch.Tensor, *,
@@ -21,8 +21,8 @@ def make_attention_backend(config: EngineConfig, kv_cache: KVCache, page_table: 
 
         reason = flashinfer_unsupported_reason(head_dim, dtype, device)  # checks the device before importing
         if reason is None:
-            return FlashInferBackend(kv_cache, page_table, num_qo_heads, num_kv_heads, head_dim,
-                                     config.cache.page_size, dtype, device, config.scheduler.max_running_requests)
+            return FlashInferBackend(kv_cache, page_table, num_qo_heads, num_kv_heads, head_dim, dtype, device,
+                                     config.scheduler.max_running_requests)
         if name == "flashinfer":
             raise ConfigError(f"attention_backend 'flashinfer' cannot run here: {reason}")
     return TorchAttentionBackend(kv_cache, page_table)

@@ -1,4 +1,5 @@
-"""The attention interface every backend implements, and the per-batch layout it is planned from."""
+"""The attention interface every backend implements, the per-batch layout it is planned from, and
+what a model's forward receives besides token ids and positions."""
 
 from __future__ import annotations
 
@@ -36,3 +37,9 @@ class AttentionBackend(Protocol):
         Stores k/v into the KV cache at `layout.out_loc`, then attends causally over each
         request's whole sequence (cached prefix + new tokens) through the page table.
         """
+
+
+@dataclass
+class ForwardBatch:
+    attn: AttentionBackend  # already prepared for this batch
+    last_token_indices: torch.Tensor  # [B] int64: rows of the flattened tokens whose logits are wanted

@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 
 from minisgl_backend.attention.base import BatchLayout
-from minisgl_backend.engine.kv_cache import KVCache
+from minisgl_backend.kvcache import KVCache
 
 # Head sizes flashinfer's fa2 paged kernels are built and tested for (its AOT set); others may
 # JIT-compile but are not relied on. Float32 has no flashinfer kernel at all.
@@ -160,7 +160,7 @@ class FlashInferBackend:
     """The AttentionBackend protocol (`prepare(layout)`, `forward(q, k, v, layer_id)`) on flashinfer."""
 
     def __init__(self, kv_cache: KVCache, page_table: torch.Tensor, num_qo_heads: int, num_kv_heads: int,
-                 head_dim: int, page_size: int, dtype: torch.dtype, device: torch.device | str,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str,
                  max_batch_size: int, *, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
                  use_tensor_cores: bool | None = None) -> None:
         reason = flashinfer_unsupported_reason(head_dim, dtype, device)
@@ -174,7 +174,7 @@ class FlashInferBackend:
         self.kv_cache = kv_cache
         self.page_table = page_table
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
-        self.page_size = page_size
+        self.page_size = kv_cache.page_size
         self.dtype = dtype
         self.kv_dtype = kv_cache.k[0].dtype if kv_cache.k else dtype
         self.device = torch.device(device)
@@ -182,7 +182,6 @@ class FlashInferBackend:
         if use_tensor_cores is None:
             use_tensor_cores = num_qo_heads // num_kv_heads >= TENSOR_CORE_MIN_GROUP
         self.use_tensor_cores = use_tensor_cores
-        self.num_pages = kv_cache.k[0].shape[0] // page_size if kv_cache.k else 0
 
         # "Must be initialized to 0 for its first use" (BatchDecodeWithPagedKVCacheWrapper docs).
         self.workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=self.device)
@@ -230,8 +229,6 @@ class FlashInferBackend:
             self._plan_done.synchronize()
 
     def _after_plan(self) -> None:
-        if self.device.type != "cuda":  # only the CPU tests' stand-in for flashinfer gets here
-            return
         if self._plan_done is None:
             self._plan_done = torch.cuda.Event()
         self._plan_done.record()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from minisgl_backend.attention.base import BatchLayout
-from minisgl_backend.engine.kv_cache import KVCache
+from minisgl_backend.kvcache import KVCache
 
 
 class TorchAttentionBackend:

@@ -31,3 +31,9 @@ def min_over_ranks(value: int, device: str) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def destroy_distributed() -> None:
+    """Leave the TP group (engine shutdown); a no-op without one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

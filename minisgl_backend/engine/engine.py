@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import torch
 
 from minisgl_backend.attention import make_attention_backend
-from minisgl_backend.attention.base import BatchLayout
+from minisgl_backend.attention.base import BatchLayout, ForwardBatch
+from minisgl_backend.batch import Batch
 from minisgl_backend.config import EngineConfig
-from minisgl_backend.core import Batch
-from minisgl_backend.engine.forward import ForwardBatch
+from minisgl_backend.distributed.group import destroy_distributed
 from minisgl_backend.engine.graph import build_graph_runner
-from minisgl_backend.engine.kv_cache import KVCache
 from minisgl_backend.engine.sampling import PenaltyInputs, Sampler, SamplingTensors
 from minisgl_backend.engine.transfer import to_device
+from minisgl_backend.kvcache import KVCache, PageTable
 from minisgl_backend.models import load_model
 
 logger = logging.getLogger(__name__)
@@ -46,29 +46,38 @@ class Engine:
         torch.manual_seed(config.seed)
         self.model = load_model(config.model.model_path, self.dtype, self.device)
         self.arch = self.model.arch
-        self.page_size = config.cache.page_size
-        self.num_pages = self._size_kv_pool()
+        self.vocab_size = self.arch.vocab_size
+        self.eos_ids = list(self.arch.eos_token_ids)
         self.max_seq_len = self._max_seq_len()
-        self.num_rows = config.scheduler.max_running_requests
-        width = -(-(self.max_seq_len + 1) // self.page_size) * self.page_size
-        self.page_table = torch.zeros(self.num_rows + 1, width, dtype=torch.int32, device=self.device)
-        self.token_pool = torch.zeros(self.num_rows + 1, width, dtype=torch.int64, device=self.device)
-        # One spare page past the scheduler's pool: CUDA-graph padding writes its K/V there.
-        self.kv_cache = KVCache(self.model.num_layers, self.num_pages + 1, self.page_size,
+        self.kv_cache = KVCache(self.model.num_layers, self._size_kv_pool(), config.cache.page_size,
                                 self.model.num_kv_heads_per_rank, self.model.head_dim, self.dtype, self.device)
-        self.spare_slot = self.num_pages * self.page_size
-        self.attn = make_attention_backend(config, self.kv_cache, self.page_table,
+        self.page_table = PageTable(config.scheduler.max_running_requests, self.max_seq_len,
+                                    self.kv_cache.page_size, self.kv_cache.spare_slot, self.device)
+        self.attn = make_attention_backend(config, self.kv_cache, self.page_table.slots,
                                            num_qo_heads=self.model.num_heads_per_rank,
                                            num_kv_heads=self.model.num_kv_heads_per_rank,
                                            head_dim=self.model.head_dim, dtype=self.dtype)
         self.sampler = Sampler()
-        self.vocab_size = self.arch.vocab_size
         # The engine stream runs batches; the scheduler enqueues its table writes on the default one.
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.graph_runner = build_graph_runner(
-            config, self.model, self.attn, vocab_size=self.vocab_size, page_table=self.page_table,
-            spare_row=self.num_rows, spare_slot=self.spare_slot, max_running_requests=self.num_rows,
+            config, self.model, self.attn, vocab_size=self.vocab_size, spare_row=self.page_table.spare_row,
+            spare_slot=self.kv_cache.spare_slot, max_running_requests=self.page_table.num_rows,
             device=self.device, stream=self.stream)
+
+    @property
+    def num_pages(self) -> int:
+        return self.kv_cache.num_pages
+
+    def shutdown(self) -> None:
+        """Free the CUDA graphs, the KV pool and the TP process group (the model unloads)."""
+        if self.graph_runner is not None:
+            self.graph_runner.close()
+            self.graph_runner = None
+        self.kv_cache.free()
+        destroy_distributed()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------ sizing
 
@@ -83,11 +92,12 @@ class Engine:
             tokens = int(free * cfg.mem_fraction) // per_token
         else:
             tokens = _CPU_KV_BUDGET_BYTES // per_token
-        num_pages = tokens // self.page_size
+        page_size = cfg.page_size
+        num_pages = tokens // page_size
         if num_pages < 1:
-            raise ValueError(f"KV pool of {tokens} tokens holds no page of {self.page_size} tokens")
-        logger.info("KV pool: %d pages x %d tokens (%.1f MiB)", num_pages, self.page_size,
-                    num_pages * self.page_size * per_token / 2**20)
+            raise ValueError(f"KV pool of {tokens} tokens holds no page of {page_size} tokens")
+        logger.info("KV pool: %d pages x %d tokens (%.1f MiB)", num_pages, page_size,
+                    num_pages * page_size * per_token / 2**20)
         return num_pages
 
     def _max_seq_len(self) -> int:
@@ -97,16 +107,16 @@ class Engine:
     # ------------------------------------------------------------ forward
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, eos_ids: list[int]) -> ForwardResult:
+    def forward(self, batch: Batch) -> ForwardResult:
         """Run one batch and sample; sampled ids are also written into the token pool.
 
         On CUDA everything runs on the engine stream, after what the scheduler stream has
         enqueued so far (page-table and token-pool writes), and returns without waiting.
         """
         with self._engine_stream():
-            return self._forward(batch, eos_ids)
+            return self._forward(batch)
 
-    def _forward(self, batch: Batch, eos_ids: list[int]) -> ForwardResult:
+    def _forward(self, batch: Batch) -> ForwardResult:
         items = batch.items
         starts = [it.start for it in items]
         ends = [it.end for it in items]
@@ -116,8 +126,8 @@ class Engine:
         tok_rows = torch.repeat_interleave(host[0], host[2])
         rows_d, ends_d, ext_d, tok_rows_d, positions_d = (
             to_device(t, self.device) for t in (host[0], host[1], host[2], tok_rows, positions))
-        input_ids = self.token_pool[tok_rows_d, positions_d]
-        out_loc = self.page_table[tok_rows_d, positions_d].long()
+        input_ids = self.page_table.tokens[tok_rows_d, positions_d]
+        out_loc = self.page_table.slots[tok_rows_d, positions_d].long()
         layout = BatchLayout(batch.is_decode, rows_d, ends_d, ext_d, out_loc, ends, ext)
         if batch.is_decode and self.graph_runner is not None and self.graph_runner.can_run(len(items)):
             logits = self.graph_runner.replay(input_ids, positions_d, layout)
@@ -125,7 +135,7 @@ class Engine:
             self.attn.prepare(layout)
             last = torch.cumsum(ext_d, 0) - 1
             logits = self.model(input_ids, positions_d, ForwardBatch(self.attn, last))
-        next_ids, logprobs = self._sample(batch, logits, eos_ids)
+        next_ids, logprobs = self._sample(batch, logits)
         self._store_sampled(batch, rows_d, ends_d, next_ids)
         return self._copy_to_host(next_ids, logprobs)
 
@@ -139,18 +149,18 @@ class Engine:
         """The next step reads its input ids from the token pool, so they never wait on the host."""
         sampling = [i for i, it in enumerate(batch.items) if it.samples]
         if len(sampling) == len(batch.items):
-            self.token_pool[rows, ends] = next_ids
+            self.page_table.tokens[rows, ends] = next_ids
             return
         keep = to_device(torch.tensor(sampling, dtype=torch.int64), self.device)
-        self.token_pool[rows[keep], ends[keep]] = next_ids[keep]
+        self.page_table.tokens[rows[keep], ends[keep]] = next_ids[keep]
 
-    def _sample(self, batch: Batch, logits: torch.Tensor, eos_ids: list[int]):
+    def _sample(self, batch: Batch, logits: torch.Tensor):
         reqs = [it.req for it in batch.items]
         params = [r.params for r in reqs]
         steps = [it.end - len(r.input_ids) for it, r in zip(batch.items, reqs)]
         st = SamplingTensors.build(params, [r.seed for r in reqs], steps, self.device)
         penalties = self._penalty_inputs(batch) if st.need_penalties else None
-        suppress = self._suppressed_ids(batch, steps, eos_ids)
+        suppress = self._suppressed_ids(batch, steps)
         out = self.sampler.sample(logits, st, penalties, suppress_ids=suppress,
                                   return_logprobs=st.need_logprobs)
         return out if st.need_logprobs else (out, None)
@@ -160,18 +170,18 @@ class Engine:
         prompts, outputs = [], []
         for it in batch.items:
             row, n_in = it.req.row, len(it.req.input_ids)
-            prompts.append(self.token_pool[row, :n_in])
-            outputs.append(self.token_pool[row, n_in:max(it.end, n_in)])
+            prompts.append(self.page_table.tokens[row, :n_in])
+            outputs.append(self.page_table.tokens[row, n_in:max(it.end, n_in)])
         pad = lambda seqs: torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=-1)  # noqa: E731
         return PenaltyInputs.build(pad(outputs), self.vocab_size, pad(prompts))
 
-    def _suppressed_ids(self, batch: Batch, steps: list[int], eos_ids: list[int]) -> torch.Tensor | None:
+    def _suppressed_ids(self, batch: Batch, steps: list[int]) -> torch.Tensor | None:
         """EOS and stop ids may not end a request before its `min_tokens`."""
         rows = []
         for it, step in zip(batch.items, steps):
             p = it.req.params
             if step < p.min_tokens:
-                rows.append(([] if p.ignore_eos else eos_ids) + list(p.stop_token_ids))
+                rows.append(([] if p.ignore_eos else self.eos_ids) + list(p.stop_token_ids))
             else:
                 rows.append([])
         if not any(rows):

@@ -7,15 +7,10 @@ backend's per-layer `forward()` (K/V store + flashinfer decode kernel). Sampling
 it runs eagerly on the returned logits.
 
 Padding: a batch of `bs` requests runs the graph of the smallest captured size >= bs. The extra
-requests are dummies that cannot touch real ones: their page-table row is the table's spare row
-(`TableManager.spare_row`, never handed to a request), their length is 1 (one position, one
-page), their token id and position are 0, and their K/V go to `spare_slot`, a slot of a KV page
-that the scheduler never allocates. The runner writes `page_table[spare_row, 0] = spare_slot`
-itself at construction.
-
-What the engine must reserve: one spare KV page, e.g. allocate the pool with
-`num_pages + 1` pages, give the scheduler `num_pages`, and pass
-`spare_slot = num_pages * page_size` (the first slot of the extra page).
+requests are dummies that cannot touch real ones: their length is 1, their token id and position
+are 0, their page-table row is the spare row and their K/V go to the spare slot. Both come from
+`minisgl_backend.kvcache`: `PageTable.spare_row` (never handed to a request, its one position
+mapped to the spare slot) and `KVCache.spare_slot` (a page past the scheduler's pool).
 
 Memory: every captured graph shares one memory pool (captured largest first, so the smaller
 graphs fit in what the largest one reserved). The logits of a replay land in one static buffer
@@ -35,7 +30,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from minisgl_backend.attention.base import BatchLayout
-from minisgl_backend.engine.forward import ForwardBatch
+from minisgl_backend.attention.base import ForwardBatch
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +136,7 @@ class CudaGraphRunner:
     """Captures `forward_fn` for decode batches of `graph_batch_sizes(max_bs)` requests."""
 
     def __init__(self, forward_fn: ForwardFn, attn: GraphAttentionHooks, *, max_bs: int, vocab_size: int,
-                 page_table: torch.Tensor, spare_row: int, spare_slot: int,
+                 spare_row: int, spare_slot: int,
                  device: torch.device | str, stream: torch.cuda.Stream | None = None,
                  batch_sizes: Sequence[int] | None = None) -> None:
         self.forward_fn = forward_fn
@@ -158,8 +153,6 @@ class CudaGraphRunner:
         self.pool = None
         self.inputs = StaticDecodeInputs.allocate(self.max_bs, self.device)
         self.logits = torch.zeros(self.max_bs, vocab_size, dtype=torch.float32, device=self.device)
-        # a dummy request's single position lives in the spare page
-        page_table[spare_row, 0] = spare_slot
 
     def can_run(self, batch_size: int) -> bool:
         return bool(self.graphs) and 1 <= batch_size <= self.max_bs
@@ -210,8 +203,7 @@ class CudaGraphRunner:
         self.pool = None
 
 
-def build_graph_runner(config, forward_fn: ForwardFn, attn: object, *, vocab_size: int, page_table: torch.Tensor,
-                       spare_row: int, spare_slot: int, max_running_requests: int,
+def build_graph_runner(config, forward_fn: ForwardFn, attn: object, *, vocab_size: int, spare_row: int, spare_slot: int, max_running_requests: int,
                        device: torch.device | str, stream: torch.cuda.Stream | None = None) -> CudaGraphRunner | None:
     """A captured runner, or None where graphs are off: `config.graph.enable_cuda_graph` false,
     not on CUDA, or an attention backend without the graph hooks (the torch one)."""
@@ -221,7 +213,6 @@ def build_graph_runner(config, forward_fn: ForwardFn, attn: object, *, vocab_siz
     max_bs = min(graph_cfg.cuda_graph_max_bs, max_running_requests)
     if max_bs < 1:
         return None
-    runner = CudaGraphRunner(forward_fn, attn, max_bs=max_bs, vocab_size=vocab_size, page_table=page_table,
-                             spare_row=spare_row, spare_slot=spare_slot, device=device, stream=stream)
+    runner = CudaGraphRunner(forward_fn, attn, max_bs=max_bs, vocab_size=vocab_size, spare_row=spare_row, spare_slot=spare_slot, device=device, stream=stream)
     runner.capture()
     return runner

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from minisgl_backend.core import SamplingParams
+from minisgl_backend.sampling_params import SamplingParams
 from minisgl_backend.engine.transfer import to_device
 
 __all__ = [

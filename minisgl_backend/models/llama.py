@@ -7,11 +7,10 @@ checkpoint except for the merged `qkv_proj` and `gate_up_proj` (see `stacked_par
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from minisgl_backend.attention.base import ForwardBatch
 from minisgl_backend.distributed.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -23,8 +22,6 @@ from minisgl_backend.distributed.parallel_state import get_tp_size
 from minisgl_backend.models.hf_config import ModelArchConfig
 from minisgl_backend.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 
-if TYPE_CHECKING:  # the engine imports the models; avoid the cycle at run time
-    from minisgl_backend.engine.forward import ForwardBatch
 
 
 class LlamaAttention(nn.Module):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minisgl_backend.core import Req
+from minisgl_backend.batch import Req
 from minisgl_backend.engine.transfer import copy_to
 from minisgl_backend.scheduler.radix import RadixTree
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from minisgl_backend.core import Req, ScheduledReq
+from minisgl_backend.batch import Req, ScheduledReq
 from minisgl_backend.scheduler.cache import CacheManager
 
 

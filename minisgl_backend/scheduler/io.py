@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 from typing import Callable, Protocol
 
-from minisgl_backend.core import SchedulerInput, SchedulerOutput
+from minisgl_backend.messages import SchedulerInput, SchedulerOutput
 
 
 class SchedulerIO(Protocol):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from minisgl_backend.core import Req, ScheduledReq
+from minisgl_backend.batch import Req, ScheduledReq
 from minisgl_backend.scheduler.cache import CacheManager
 from minisgl_backend.scheduler.table import TableManager
 

@@ -11,8 +11,9 @@ import random
 import time
 
 from minisgl_backend.config import EngineConfig
-from minisgl_backend.core import (AbortMsg, Batch, ErrorKind, FinishReason, FlushCacheMsg, Req, SchedulerInput,
-                                  SchedulerOutput, ShutdownMsg, StatsEvent, TokenEvent, UserMsg)
+from minisgl_backend.batch import Batch, Req
+from minisgl_backend.messages import (AbortMsg, ErrorKind, FinishReason, FlushCacheMsg, SchedulerInput,
+                                      SchedulerOutput, ShutdownMsg, StatsEvent, TokenEvent, UserMsg)
 from minisgl_backend.engine.engine import Engine, ForwardResult
 from minisgl_backend.scheduler.cache import CacheManager
 from minisgl_backend.scheduler.decode import DecodeManager
@@ -33,13 +34,13 @@ class Scheduler:
         self.engine = engine
         self.io = io
         pages = num_pages if num_pages is not None else engine.num_pages  # TP: the minimum over ranks
-        self.cache = CacheManager(pages, config.cache.page_size, engine.page_table,
+        self.cache = CacheManager(pages, engine.kv_cache.page_size, engine.page_table.slots,
                                   config.cache.enable_prefix_cache)
-        self.table = TableManager(engine.page_table, engine.token_pool, engine.num_rows)
+        self.table = TableManager(engine.page_table)
         self.prefill = PrefillManager(self.cache, self.table, config.scheduler.chunk_size)
         self.decode = DecodeManager(self.cache)
-        self.context_len = min(engine.max_seq_len, pages * config.cache.page_size)
-        self.eos_ids = list(engine.arch.eos_token_ids)
+        self.context_len = min(engine.max_seq_len, pages * self.cache.page_size)
+        self.eos_ids = engine.eos_ids
         self.vocab_size = engine.vocab_size
         self.reqs: dict[int, Req] = {}
         self._rng = random.Random(config.seed)
@@ -124,8 +125,8 @@ class Scheduler:
         error = self._validate(msg)
         if error is not None:
             kind, message = error
-            self._events.append(TokenEvent(msg.rid, [], FinishReason.ERROR.value, error=message,
-                                           error_kind=kind.value, num_input_tokens=len(msg.input_ids)))
+            self._events.append(TokenEvent(msg.rid, [], FinishReason.ERROR, error=message,
+                                           error_kind=kind, num_input_tokens=len(msg.input_ids)))
             return
         seed = msg.params.seed if msg.params.seed is not None else self._rng.getrandbits(63)
         max_out = min(msg.params.max_tokens, self.context_len - len(msg.input_ids))
@@ -194,7 +195,7 @@ class Scheduler:
             if not item.req.first_scheduled_time:
                 item.req.first_scheduled_time = now
         self.num_steps += 1
-        return self.engine.forward(batch, self.eos_ids)
+        return self.engine.forward(batch)
 
     # ------------------------------------------------------------ results
 
@@ -222,13 +223,13 @@ class Scheduler:
         if reason is not None:
             self._finish(req)
 
-    def _finish_reason(self, req: Req, token: int) -> str | None:
+    def _finish_reason(self, req: Req, token: int) -> FinishReason | None:
         p = req.params
         if len(req.output_ids) >= p.min_tokens:
             if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
-                return FinishReason.STOP.value
+                return FinishReason.STOP
         if len(req.output_ids) >= req.max_output_tokens:
-            return FinishReason.LENGTH.value
+            return FinishReason.LENGTH
         return None
 
     def _finish(self, req: Req) -> None:

@@ -1,23 +1,18 @@
-"""Page-table rows and the token pool: one row per running request."""
+"""TableManager: hands out page-table rows (one per running request) and writes the token pool."""
 
 from __future__ import annotations
 
 import torch
 
 from minisgl_backend.engine.transfer import copy_to
+from minisgl_backend.kvcache import PageTable
 
 
 class TableManager:
-    def __init__(self, page_table: torch.Tensor, token_pool: torch.Tensor, num_rows: int) -> None:
-        self.page_table = page_table  # [rows + 1, max_len] int32 slot per position; the last row is spare
-        self.token_pool = token_pool  # [rows + 1, max_len] int64 token id per position
-        self.num_rows = num_rows
-        self._free_rows = list(range(num_rows - 1, -1, -1))
-
-    @property
-    def spare_row(self) -> int:
-        """A row that no request owns: pads CUDA-graph batches without touching real requests."""
-        return self.num_rows
+    def __init__(self, table: PageTable) -> None:
+        self.table = table
+        self.num_rows = table.num_rows
+        self._free_rows = list(range(self.num_rows - 1, -1, -1))  # the spare row is never here
 
     @property
     def free_rows(self) -> int:
@@ -30,5 +25,5 @@ class TableManager:
         self._free_rows.append(row)
 
     def write_tokens(self, row: int, start: int, token_ids: list[int]) -> None:
-        ids = torch.tensor(token_ids, dtype=self.token_pool.dtype)
-        copy_to(self.token_pool[row, start:start + len(token_ids)], ids)
+        pool = self.table.tokens
+        copy_to(pool[row, start:start + len(token_ids)], torch.tensor(token_ids, dtype=pool.dtype))

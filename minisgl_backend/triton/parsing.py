@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from minisgl_backend.core import SamplingParams
+from minisgl_backend.sampling_params import SamplingParams
 from minisgl_backend.triton.contract import BOOL_INPUTS, FLAT_SAMPLING_INPUTS
 
 SAMPLING_KEYS = frozenset(SamplingParams.__struct_fields__)

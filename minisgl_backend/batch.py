@@ -1,0 +1,74 @@
+"""A request's state inside the scheduler, and the batch of work the engine runs for one step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from minisgl_backend.sampling_params import SamplingParams
+
+
+@dataclass(eq=False)
+class Req:
+    """One request inside the scheduler.
+
+    Positions [0, cached_len) have K/V in the cache (or scheduled to); the token pool row holds
+    ids for [0, device_len). After a batch that samples, cached_len == device_len - 1.
+    """
+
+    rid: int
+    input_ids: list[int]
+    params: SamplingParams
+    seed: int
+    max_output_tokens: int
+    arrival_time: float = 0.0
+    output_ids: list[int] = field(default_factory=list)
+    row: int = -1
+    cached_len: int = 0
+    device_len: int = 0
+    pages: list[int] = field(default_factory=list)
+    cache_node: Any = None  # locked radix node of the matched prefix
+    matched_len: int = 0  # prefix tokens served from the radix cache at admission
+    inflight: int = 0  # scheduled batches whose results are not processed yet
+    finished: bool = False
+    finish_sent: bool = False
+    first_scheduled_time: float = 0.0
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.pages)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.input_ids + self.output_ids
+
+    @property
+    def num_scheduled_outputs(self) -> int:
+        return max(self.device_len - len(self.input_ids), 0)
+
+    @property
+    def wants_more(self) -> bool:
+        """Whether another decode step may be scheduled (length limit not yet reached)."""
+        return not self.finished and self.num_scheduled_outputs < self.max_output_tokens
+
+
+@dataclass
+class ScheduledReq:
+    req: Req
+    start: int  # first position computed in this batch
+    end: int  # one past the last position computed
+    samples: bool  # whether this batch samples the request's next token
+
+
+@dataclass
+class Batch:
+    items: list[ScheduledReq]
+    is_decode: bool
+
+    @property
+    def size(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.end - item.start for item in self.items)

@@ -1,0 +1,125 @@
+"""Messages between the frontend and the scheduler processes, and their msgpack codecs.
+
+frontend -> rank 0 -> ranks 1..N-1: `SchedulerInput` (UserMsg, AbortMsg, ShutdownMsg, FlushCacheMsg)
+rank 0 -> frontend: `SchedulerOutput` (TokenEvent, StatsEvent, ErrorEvent)
+every rank -> its parent, once at start-up: `ReadyMsg` (with `SchedulerInfo` when it started)
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import msgspec
+
+from minisgl_backend.sampling_params import SamplingParams
+
+class FinishReason(str, Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+class ErrorKind(str, Enum):
+    INVALID = "invalid_request"  # the client must change the request
+    OVERLOADED = "overloaded"  # retry later
+    ENGINE = "engine_failure"  # the engine broke
+
+
+class UserMsg(msgspec.Struct, tag=True):
+    """A new request from the frontend to rank 0 (and from rank 0 to every other rank)."""
+
+    rid: int
+    input_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0
+
+
+class AbortMsg(msgspec.Struct, tag=True):
+    rid: int
+
+
+class ShutdownMsg(msgspec.Struct, tag=True):
+    pass
+
+
+class FlushCacheMsg(msgspec.Struct, tag=True):
+    pass
+
+
+class TokenEvent(msgspec.Struct, tag=True):
+    """Scheduler -> frontend: new ids for one request; `finish_reason` set on its last event."""
+
+    rid: int
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    logprobs: list[float] | None = None
+    num_input_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+    error_kind: ErrorKind | None = None  # set with `error`
+    queue_time: float = 0.0
+
+
+class StatsEvent(msgspec.Struct, tag=True):
+    """Scheduler -> frontend: gauges of the running system."""
+
+    running: int
+    pending: int
+    total_pages: int
+    free_pages: int
+    cached_pages: int
+    locked_pages: int
+    free_rows: int
+    total_rows: int
+    cache_hit_tokens: int
+    cache_miss_tokens: int
+
+
+class ErrorEvent(msgspec.Struct, tag=True):
+    """Scheduler -> frontend: the engine failed and cannot serve anymore."""
+
+    message: str
+
+
+SchedulerInput = UserMsg | AbortMsg | ShutdownMsg | FlushCacheMsg
+SchedulerOutput = TokenEvent | StatsEvent | ErrorEvent
+
+
+class SchedulerInfo(msgspec.Struct):
+    """What a started scheduler tells its parent about the engine it runs."""
+
+    context_len: int
+    vocab_size: int
+    num_pages: int
+    page_size: int
+
+
+class ReadyMsg(msgspec.Struct):
+    """A scheduler process -> its parent, once: started (with `info`) or failed (with `error`)."""
+
+    rank: int
+    info: SchedulerInfo | None = None
+    error: str | None = None
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_INPUT_DECODER = msgspec.msgpack.Decoder(list[SchedulerInput])
+_OUTPUT_DECODER = msgspec.msgpack.Decoder(list[SchedulerOutput])
+_READY_DECODER = msgspec.msgpack.Decoder(ReadyMsg)
+
+
+def encode(msgs: object) -> bytes:
+    return _ENCODER.encode(msgs)
+
+
+def decode_inputs(data: bytes) -> list[SchedulerInput]:
+    return _INPUT_DECODER.decode(data)
+
+
+def decode_outputs(data: bytes) -> list[SchedulerOutput]:
+    return _OUTPUT_DECODER.decode(data)
+
+
+def decode_ready(data: bytes) -> ReadyMsg:
+    return _READY_DECODER.decode(data)
