@@ -113,7 +113,7 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from minisgl_backend.triton.repository import make_model_repository
-    from tests.triton_server import TritonServer, triton_available
+    from minisgl_backend.triton.server import TritonServer, triton_available
 
     args = parse_args()
     if triton_available():

@@ -23,11 +23,7 @@ mkdir -p "$OUT"
 args=(--set "model_path=$(cd "$MODEL" && pwd)" --set "tp_size=$TP")
 for kv in $SETTINGS; do args+=(--set "$kv"); done
 REPO="$("$PY" -m minisgl_backend.triton.repository "$OUT/model_repository" "${args[@]}")"
-read -r HTTP_PORT GRPC_PORT METRICS_PORT < <("$PY" -c '
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])')
+read -r HTTP_PORT GRPC_PORT METRICS_PORT < <("$PY" -m minisgl_backend.ports 3)
 
 # perf_analyzer input data: every STRING element as a JSON string (perf_analyzer adds the
 # 4-byte length prefix itself); optional inputs that are not listed are not sent.

@@ -9,7 +9,6 @@ import os
 import pytest
 
 from minisgl_backend import LLM, SamplingParams
-from minisgl_backend.tokenizer import apply_chat_template
 from tests.hf_reference import hf_greedy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +27,8 @@ def default_model() -> str:
 
 def test_default_model_greedy_equals_transformers(default_model):
     llm = LLM(default_model, device="cpu", dtype="float32", max_total_tokens=8192)
-    prompts = [apply_chat_template(llm.tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                    add_generation_prompt=True) for q in QUESTIONS]
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0))
     for prompt, out in zip(prompts, outs):
         assert out["token_ids"] == hf_greedy(default_model, prompt, 24)

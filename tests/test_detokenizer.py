@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from minisgl_backend.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from minisgl_backend.tokenizer import ChatTemplateError, apply_chat_template, eos_token_ids, load_tokenizer
+from minisgl_backend.tokenizer import load_tokenizer
 from minisgl_backend.tools.tiny_tokenizer import SPECIAL_TOKENS, corpus, save_tiny_tokenizer
 
 TEXTS = [
@@ -89,43 +89,14 @@ def test_tiny_tokenizer_same_beside_model_config(tok, tmp_path, model_type):
     for t in TEXTS + ["12345 678", "I'M   x\n\n y"]:
         assert t2.encode(t) == tok.encode(t)
         assert t2.decode(t2.encode(t)) == t
-    assert eos_token_ids(t2, d) == {0, 2}
 
 
-def test_chat_template(tok):
+def test_tiny_tokenizer_has_a_chatml_template(tok):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
-    text = apply_chat_template(tok, msgs)
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
                     "<|im_start|>assistant\n")
-    assert not apply_chat_template(tok, msgs, add_generation_prompt=False).endswith("assistant\n")
-    with pytest.raises(ChatTemplateError):
-        apply_chat_template(tok, [{"content": "no role"}])
-
-
-def test_chat_template_missing(tok_dir, tmp_path):
-    d = str(tmp_path / "notemplate")
-    save_tiny_tokenizer(d)
-    os.remove(os.path.join(d, "chat_template.jinja"))
-    cfg_path = os.path.join(d, "tokenizer_config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg.pop("chat_template", None)
-    with open(cfg_path, "w") as f:
-        json.dump(cfg, f)
-    t = load_tokenizer(d)
-    with pytest.raises(ChatTemplateError, match="no chat template"):
-        apply_chat_template(t, [{"role": "user", "content": "hi"}])
-
-
-def test_eos_ids(tok, tmp_path):
-    assert eos_token_ids(tok, None) == {0}
-    d = tmp_path / "m"
-    d.mkdir()
-    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
-    (d / "config.json").write_text(json.dumps({"eos_token_id": 5, "text_config": {"eos_token_id": 9}}))
-    assert eos_token_ids(tok, str(d)) == {0, 2, 5, 7, 9}
-    (d / "config.json").write_text("not json")
-    assert eos_token_ids(tok, str(d)) == {0, 2, 7}
+    assert not tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False).endswith("assistant\n")
 
 
 def test_load_tokenizer_missing_folder(tmp_path):

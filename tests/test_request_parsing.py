@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from minisgl_backend.frontend import StreamOutput
+from minisgl_backend.messages import ErrorKind, FinishReason
+from minisgl_backend.router import StreamOutput
 from minisgl_backend.triton.contract import INPUTS, OUTPUTS
 from minisgl_backend.triton.parsing import RequestError, parse_request
 from minisgl_backend.triton.repository import read_parameters, set_parameters
@@ -140,7 +141,8 @@ def test_bad_requests_raise_actionable_errors(case):
 
 
 def _out(text, ids, finished=False, reason=None, n_out=0, logprobs=None):
-    return StreamOutput(rid=1, text=text, token_ids=ids, finished=finished, finish_reason=reason,
+    return StreamOutput(rid=1, text=text, token_ids=ids, finished=finished,
+                        finish_reason=FinishReason(reason) if reason else None,
                         num_input_tokens=3, num_output_tokens=n_out, logprobs=logprobs)
 
 
@@ -191,7 +193,7 @@ def test_abort_and_error_replies():
                                        ("engine_failure", "INTERNAL")])
 def test_engine_error_kinds_map_to_triton_codes(kind, code):
     out = _out("", [], finished=True, reason="error")
-    out.error, out.error_kind = "why", kind
+    out.error, out.error_kind = "why", ErrorKind(kind)
     (r,) = ResponseAssembler(parse()).on_output(out)
     assert r.final and r.error_code == code and r.error_message == "why"
 

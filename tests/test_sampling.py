@@ -23,6 +23,21 @@ from minisgl_backend.engine.sampling import (
 SP = SamplingParams
 
 
+def _pad_ids(seqs, device):
+    width = max((len(x) for x in seqs), default=0)
+    out = torch.full((len(seqs), max(width, 1)), -1, dtype=torch.int64)
+    for i, x in enumerate(seqs):
+        if len(x):
+            out[i, :len(x)] = torch.as_tensor(list(x), dtype=torch.int64)
+    return out.to(device)
+
+
+def penalties_from_lists(output_ids, vocab_size, device="cpu", prompt_ids=None):
+    """PenaltyInputs from Python lists of ids (the engine builds them from the token pool)."""
+    prompts = _pad_ids(prompt_ids, device) if prompt_ids is not None else None
+    return PenaltyInputs.build(_pad_ids(output_ids, device), vocab_size, prompts)
+
+
 def _logits(b: int, v: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, v, generator=g) * scale
@@ -74,7 +89,7 @@ def test_logprobs_are_raw_log_softmax():
     params = [SP(temperature=0.0), SP(temperature=0.5, top_k=3), SP(repetition_penalty=1.5),
               SP(temperature=2.0), SP(top_p=0.2), SP(min_p=0.3)]
     st = SamplingTensors.build(params, [1, 2, 3, 4, 5, 6], [0] * 6, "cpu")
-    pen = PenaltyInputs.from_lists([[1, 2]] * 6, 50)
+    pen = penalties_from_lists([[1, 2]] * 6, 50)
     ids, lps = Sampler().sample(logits, st, pen, return_logprobs=True)
     ref = torch.log_softmax(logits, 1).gather(1, ids[:, None]).squeeze(1)
     torch.testing.assert_close(lps, ref)
@@ -114,7 +129,7 @@ def test_independent_of_batch_mates_and_position():
     logits = torch.cat([target[None], others[:3]])
     params = [tp, SP(repetition_penalty=1.3), SP(presence_penalty=1.0), SP(temperature=0.0)]
     st = SamplingTensors.build(params, [1234, 1, 2, 3], [5, 0, 0, 0], "cpu")
-    pen = PenaltyInputs.from_lists([[], [1, 2, 3], [4, 4], [5]], v, prompt_ids=[[], [9], [8], []])
+    pen = penalties_from_lists([[], [1, 2, 3], [4, 4], [5]], v, prompt_ids=[[], [9], [8], []])
     assert Sampler().sample(logits, st, pen)[0] == alone
 
 
@@ -261,7 +276,7 @@ def test_penalties_unit():
     assert st.need_penalties and st.need_repetition and st.need_presence_frequency
     outputs = [[0, 1, 1], [0, 1, 1, 1], [0, 1]]
     prompts = [[3, 5], [2, 6], [4]]
-    pen = PenaltyInputs.from_lists(outputs, v, prompt_ids=prompts)
+    pen = penalties_from_lists(outputs, v, prompt_ids=prompts)
     out = apply_penalties(logits, st, pen)
     # row 0: HF repetition over prompt + output tokens {0, 1, 3, 5}
     exp0 = [1.0, -2.0, 0.5, -1.0, 1.0, 0.0, 3.0, -2.0]
@@ -284,7 +299,7 @@ def test_penalties_unit():
 def test_penalties_affect_greedy_and_are_required():
     logits = torch.tensor([[5.0, 4.0, 1.0]])
     st = SamplingTensors.build([SP(temperature=0.0, repetition_penalty=2.0)], [0], [0], "cpu")
-    pen = PenaltyInputs.from_lists([[0]], 3)
+    pen = penalties_from_lists([[0]], 3)
     assert Sampler().sample(logits, st, pen).tolist() == [1]  # 5/2 < 4
     with pytest.raises(ValueError):
         Sampler().sample(logits, st)
@@ -356,7 +371,7 @@ def test_cuda_matches_cpu():
     res = {}
     for dev in ("cpu", "cuda"):
         st = SamplingTensors.build(params, seeds, steps, dev)
-        pen = PenaltyInputs.from_lists(outs, v, dev, prompt_ids=outs)
+        pen = penalties_from_lists(outs, v, dev, prompt_ids=outs)
         res[dev] = Sampler().sample(logits.to(dev), st, pen).cpu()
     assert torch.equal(hash_uniform(torch.arange(4), torch.arange(4), 100),
                        hash_uniform(torch.arange(4).cuda(), torch.arange(4).cuda(), 100).cpu())

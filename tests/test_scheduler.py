@@ -81,7 +81,7 @@ def test_abort_half_mid_flight(model, workload_300, alone_outputs):
     llm = LLM(model, **CPU, page_size=4, max_total_tokens=2000, max_running_requests=32)
     params = [SamplingParams(**{**{f: getattr(p, f) for f in p.__struct_fields__}, "ignore_eos": False})
               for p in workload_300.params[:n]]
-    deliver = llm._on_events
+    deliver = llm.io.listener
     seen: dict[int, int] = {}
 
     def abort_even_after_two_tokens(events):

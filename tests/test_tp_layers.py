@@ -4,7 +4,6 @@ tp_size 1 logits; every rank holds only its shard of each split matrix."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from minisgl_backend.attention.base import ForwardBatch
 from minisgl_backend.models import load_model
 from minisgl_backend.models.hf_config import arch_config_from_dict
 from minisgl_backend.models.llama import LlamaForCausalLM
+from minisgl_backend.ports import free_port
 
 TP = 2
 CASES = {
@@ -81,19 +81,13 @@ def _worker(rank: int, port: int, paths: dict[str, str], out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tp_run(tmp_path_factory):
     from minisgl_backend.tools.make_tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("tp")
     paths = {name: make_tiny_model(str(root / name), seed=10 + i, **kw) for i, (name, kw) in enumerate(CASES.items())}
-    mp.spawn(_worker, args=(_free_port(), paths, str(root)), nprocs=TP, join=True)
+    mp.spawn(_worker, args=(free_port(), paths, str(root)), nprocs=TP, join=True)
     results = [torch.load(root / f"rank{r}.pt") for r in range(TP)]
     return paths, results
 

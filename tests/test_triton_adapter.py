@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from minisgl_backend.frontend import InvalidRequest, StreamOutput
+from minisgl_backend.messages import FinishReason, SchedulerInfo, StatsEvent
+from minisgl_backend.router import InvalidRequest, StreamOutput
 from minisgl_backend.triton.adapter import TritonAdapter, resolve_model_path, split_parameters
 
 
@@ -117,7 +118,8 @@ class FakeFrontend:
         self.pieces, self.delay = pieces, delay
         self.aborted = set()
         self.tokenizer = None
-        self.info = {"vocab_size": 100}
+        self.info = SchedulerInfo(context_len=100, vocab_size=100, num_pages=10, page_size=1)
+        self.context_len = 100
         self.rid = 0
         self.threads = []
         self.shut = False
@@ -132,10 +134,11 @@ class FakeFrontend:
             for i in range(self.pieces):
                 time.sleep(self.delay)
                 if rid in self.aborted:
-                    callback(StreamOutput(rid, "", [], True, "abort", None, 2, i))
+                    callback(StreamOutput(rid, "", [], True, FinishReason.ABORT, None, 2, i))
                     return
                 last = i == self.pieces - 1
-                callback(StreamOutput(rid, f"t{i}", [i], last, "length" if last else None, None, 2, i + 1))
+                callback(StreamOutput(rid, f"t{i}", [i], last, FinishReason.LENGTH if last else None, None,
+                                      2, i + 1))
 
         t = threading.Thread(target=run, daemon=True)
         t.start()
@@ -146,8 +149,8 @@ class FakeFrontend:
         self.aborted.add(rid)
 
     def stats(self):
-        return {"running": 1, "pending": 0, "total_pages": 10, "free_pages": 5, "cached_pages": 3,
-                "locked_pages": 2}
+        return StatsEvent(running=1, pending=0, total_pages=10, free_pages=5, cached_pages=3, locked_pages=2,
+                          free_rows=3, total_rows=4, cache_hit_tokens=0, cache_miss_tokens=0)
 
     def is_healthy(self):
         return not self.shut

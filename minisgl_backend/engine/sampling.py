@@ -218,15 +218,6 @@ class SamplingTensors:
 # ---------------------------------------------------------------- penalties
 
 
-def _pad_ids(seqs: Sequence[Sequence[int]], device: torch.device | str) -> torch.Tensor:
-    width = max((len(s) for s in seqs), default=0)
-    out = torch.full((len(seqs), max(width, 1)), -1, dtype=torch.int64)
-    for i, s in enumerate(seqs):
-        if len(s):
-            out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.int64)
-    return to_device(out, device)
-
-
 def _counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, L] int64 with -1 padding -> [B, V] float32 occurrence counts (ids >= V are ignored)."""
     ids = ids.to(torch.int64)
@@ -257,14 +248,6 @@ class PenaltyInputs:
         if prompt_ids is not None:
             seen = seen | (_counts(prompt_ids, vocab_size) > 0)
         return cls(output_counts=counts, seen=seen)
-
-    @classmethod
-    def from_lists(cls, output_ids: Sequence[Sequence[int]], vocab_size: int,
-                   device: torch.device | str = "cpu",
-                   prompt_ids: Sequence[Sequence[int]] | None = None) -> "PenaltyInputs":
-        out = _pad_ids(output_ids, device)
-        prm = _pad_ids(prompt_ids, device) if prompt_ids is not None else None
-        return cls.build(out, vocab_size, prm)
 
 
 def apply_penalties(logits: torch.Tensor, st: SamplingTensors, pen: PenaltyInputs) -> torch.Tensor:

@@ -100,6 +100,11 @@ class Scheduler:
             self.normal_loop(until_idle=True)
         self._flush_events()
 
+    def shutdown(self) -> None:
+        """Close the IO and free the engine's memory, graphs and process group."""
+        self.io.close()
+        self.engine.shutdown()
+
     @property
     def is_idle(self) -> bool:
         return not self.prefill.has_work and not self.decode.running
@@ -157,7 +162,7 @@ class Scheduler:
             return
         self.prefill.remove(req)
         self._finish(req)
-        self._events.append(TokenEvent(rid, [], FinishReason.ABORT.value))
+        self._events.append(TokenEvent(rid, [], FinishReason.ABORT))
         self._release_if_done(req)
 
     # ------------------------------------------------------------ scheduling

@@ -34,6 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from minisgl_backend.messages import FinishReason
 from minisgl_backend.triton.contract import ADAPTER_PARAMETERS, INPUTS, MODEL_PATH_ENV, OUTPUTS
 from minisgl_backend.triton.metrics import EngineMetrics
 from minisgl_backend.triton.parsing import ParsedRequest, RequestError, parse_request
@@ -148,13 +149,12 @@ class TritonAdapter:
         config = EngineConfig.from_flat(engine)
         logger.info("starting engine: %s", config.to_flat())
         self.fe = Frontend(config)
-        info = getattr(self.fe, "info", None) or {}
-        self.vocab_size = info.get("vocab_size")
+        self.vocab_size = self.fe.info.vocab_size
         self.model_name = args.get("model_name", self.model_name)
         self.metrics = EngineMetrics(self.pb, self.model_name, args.get("model_version", "1"))
         self._watcher = threading.Thread(target=self._watch, name="minisgl-triton-watch", daemon=True)
         self._watcher.start()
-        logger.info("engine ready (context %s tokens)", getattr(self.fe, "context_len", "?"))
+        logger.info("engine ready (context %d tokens)", self.fe.context_len)
 
     def finalize(self) -> None:
         if self._finalized:
@@ -199,8 +199,6 @@ class TritonAdapter:
                     logger.exception("could not answer a failed request")
 
     def _start(self, request: Any) -> None:
-        from minisgl_backend.frontend import InvalidRequest
-
         sender = request.get_response_sender()
         arrival = time.monotonic()
         try:
@@ -217,10 +215,7 @@ class TritonAdapter:
             self._live[id(live)] = live
         try:
             live.rid = self.fe.submit(parsed.prompt, parsed.params, partial(self._on_output, live))
-        except InvalidRequest as exc:
-            self._forget(live)
-            self._reject(sender, "INVALID_ARG", str(exc))
-        except ValueError as exc:
+        except ValueError as exc:  # InvalidRequest among them
             self._forget(live)
             self._reject(sender, "INVALID_ARG", str(exc))
         except RuntimeError as exc:
@@ -273,7 +268,7 @@ class TritonAdapter:
             replies = live.assembler.on_output(out)
             if out.finished:
                 self._forget(live)
-                reason = out.finish_reason or "stop"
+                reason = out.finish_reason or FinishReason.STOP
                 ttft = None if live.first_token_at is None else live.first_token_at - live.arrival
                 self._metric("on_finish", reason, out.num_input_tokens, out.num_output_tokens, out.cached_tokens,
                              now - live.arrival, ttft)
@@ -326,9 +321,10 @@ class TritonAdapter:
                     self._report_engine_down()
                 self._poll_cancellations()
                 now = time.monotonic()
-                if now - last_stats >= self.stats_interval_s and self.fe is not None:
+                stats = self.fe.stats() if self.fe is not None else None
+                if now - last_stats >= self.stats_interval_s and stats is not None:
                     last_stats = now
-                    self._metric("update_stats", self.fe.stats())
+                    self._metric("update_stats", stats)
             except Exception:
                 logger.exception("watcher iteration failed")
 
@@ -374,9 +370,6 @@ class TritonAdapter:
                 with live.lock:
                     self._forget(live)
                     self._send(live, error_reply("CANCELLED", "the request was cancelled"))
-
-    def stats(self) -> dict:
-        return {"live": len(self._live)}
 
 
 def _parameters_of(request: Any) -> str | None:

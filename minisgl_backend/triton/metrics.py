@@ -15,14 +15,16 @@ Every metric carries the labels model and version. Stubs without HISTOGRAM suppo
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+
+from minisgl_backend.messages import FinishReason, StatsEvent
 
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0]
 TPOT_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0]
 E2E_BUCKETS = [0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                240.0, 480.0]
-FINISH_REASONS = ("stop", "length", "abort", "error", "invalid")
+FINISH_REASONS = (*(r.value for r in FinishReason), "invalid")  # "invalid": rejected before it was queued
 KV_STATES = ("total", "free", "cached", "locked")
 
 
@@ -99,16 +101,16 @@ class EngineMetrics:
         self.ttft.observe(ttft_s)
         self.queue.observe(queue_s)
 
-    def on_finish(self, reason: str, num_input_tokens: int, num_output_tokens: int, cached_tokens: int,
+    def on_finish(self, reason: FinishReason, num_input_tokens: int, num_output_tokens: int, cached_tokens: int,
                   e2e_s: float, ttft_s: float | None) -> None:
-        self.requests.get(reason, self.requests["error"]).increment(1)
+        self.requests[reason.value].increment(1)
         if num_input_tokens:
             self.prompt_tokens.increment(num_input_tokens)
         if num_output_tokens:
             self.generation_tokens.increment(num_output_tokens)
         if cached_tokens:
             self.cache_hit_tokens.increment(cached_tokens)
-        if reason in ("stop", "length"):
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
             self.e2e.observe(e2e_s)
             if ttft_s is not None and num_output_tokens > 1:
                 self.tpot.observe((e2e_s - ttft_s) / (num_output_tokens - 1))
@@ -118,16 +120,13 @@ class EngineMetrics:
 
     # ------------------------------------------------------------ gauges
 
-    def update_stats(self, stats: Mapping[str, int]) -> None:
+    def update_stats(self, stats: StatsEvent) -> None:
         """Set the gauges that changed since the last call (an idle server makes no stub calls:
         a metric update that reaches the backend while the model unloads deadlocks the unload)."""
-        if not stats:
-            return
-        total = stats.get("total_pages", 0)
-        free, cached = stats.get("free_pages", 0), stats.get("cached_pages", 0)
-        values = {"running": stats.get("running", 0), "pending": stats.get("pending", 0),
+        total, free, cached = stats.total_pages, stats.free_pages, stats.cached_pages
+        values = {"running": stats.running, "pending": stats.pending,
                   "kv_usage": max(total - free - cached, 0) / total if total else 0.0,
-                  **{f"kv_{state}": stats.get(f"{state}_pages", 0) for state in KV_STATES}}
+                  **{f"kv_{state}": getattr(stats, f"{state}_pages") for state in KV_STATES}}
         for key, value in values.items():
             if self._last_gauges.get(key) == value:
                 continue

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from minisgl_backend.coerce import to_bool, to_int
 from minisgl_backend.sampling_params import SamplingParams
 from minisgl_backend.triton.contract import BOOL_INPUTS, FLAT_SAMPLING_INPUTS
 
@@ -53,7 +54,6 @@ class ParsedRequest:
     return_num_output_tokens: bool = False
     return_logprobs: bool = False
     prompt_text: str | None = None  # the text prompt, for echoing it in non-streaming output
-    sampling: dict[str, Any] = field(default_factory=dict)  # merged raw sampling values
 
 
 InputGetter = Callable[[str], "np.ndarray | None"]
@@ -91,7 +91,7 @@ def parse_request(get_input: InputGetter, parameters_json: str | bytes | None = 
         raise RequestError(f"invalid sampling parameters: {exc}") from None
 
     prompt, prompt_text = _prompt(get_input, vocab_size)
-    return ParsedRequest(prompt=prompt, params=params, prompt_text=prompt_text, sampling=sampling,
+    return ParsedRequest(prompt=prompt, params=params, prompt_text=prompt_text,
                          **{k: bool(v) for k, v in flags.items()})
 
 
@@ -242,16 +242,7 @@ def _drop_neutral_vllm_keys(sampling: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in sampling.items():
         if key in _VLLM_NEUTRAL:
-            norm = value
-            if isinstance(value, str):
-                low = value.strip().lower()
-                norm = {"true": True, "false": False, "none": None, "null": None}.get(low, value)
-                if isinstance(norm, str):
-                    try:
-                        norm = int(norm)
-                    except ValueError:
-                        pass
-            if norm not in _VLLM_NEUTRAL[key]:
+            if _normalise(value) not in _VLLM_NEUTRAL[key]:
                 raise RequestError(f"sampling parameter {key!r}={value!r} is not supported; "
                                    f"only {_VLLM_NEUTRAL[key][0]!r} is")
             continue
@@ -259,11 +250,22 @@ def _drop_neutral_vllm_keys(sampling: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _as_bool(value: Any, what: str) -> bool:
-    if isinstance(value, bool):
+def _normalise(value: Any) -> Any:
+    """"true" -> True, "1" -> 1, "null" -> None: how a neutral vLLM value may be spelt."""
+    if not isinstance(value, str):
         return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-        return value.strip().lower() in ("true", "1")
-    raise RequestError(f"{what} must be a boolean (true/false), got {value!r}")
+    if value.strip().lower() in ("none", "null"):
+        return None
+    for coerce in (to_int, to_bool):
+        try:
+            return coerce(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _as_bool(value: Any, what: str) -> bool:
+    try:
+        return to_bool(value)
+    except ValueError:
+        raise RequestError(f"{what} must be a boolean (true/false), got {value!r}") from None

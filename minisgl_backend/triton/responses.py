@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 
+from minisgl_backend.messages import ErrorKind, FinishReason
+from minisgl_backend.router import StreamOutput
 from minisgl_backend.triton.parsing import ParsedRequest
 
 
@@ -33,8 +33,8 @@ class Reply:
     error_message: str | None = None
 
 
-# ErrorKind values of the engine -> Triton error codes
-_ERROR_CODES = {"invalid_request": "INVALID_ARG", "overloaded": "UNAVAILABLE", "engine_failure": "INTERNAL"}
+# the engine's error kinds -> Triton error codes
+_ERROR_CODES = {ErrorKind.INVALID: "INVALID_ARG", ErrorKind.OVERLOADED: "UNAVAILABLE", ErrorKind.ENGINE: "INTERNAL"}
 
 
 def error_reply(code: str, message: str) -> Reply:
@@ -59,7 +59,7 @@ class ResponseAssembler:
         self.num_input_tokens = 0
         self.done = False
 
-    def on_output(self, out: Any) -> list[Reply]:
+    def on_output(self, out: StreamOutput) -> list[Reply]:
         """Feed one StreamOutput; return the replies to send now (zero or one)."""
         if self.done:
             return []
@@ -74,13 +74,13 @@ class ResponseAssembler:
                 return [self._data_reply(final=False, reason="")]
             return []
         self.done = True
-        reason = out.finish_reason or "stop"
-        if reason == "abort":
+        reason = out.finish_reason or FinishReason.STOP
+        if reason is FinishReason.ABORT:
             return [error_reply("CANCELLED", "the request was cancelled")]
-        if reason == "error":
-            code = _ERROR_CODES.get(getattr(out, "error_kind", None) or "", "INTERNAL")
+        if reason is FinishReason.ERROR:
+            code = _ERROR_CODES.get(out.error_kind, "INTERNAL")
             return [error_reply(code, out.error or "the engine failed to serve this request")]
-        return [self._data_reply(final=True, reason=reason)]
+        return [self._data_reply(final=True, reason=reason.value)]
 
     def _data_reply(self, final: bool, reason: str) -> Reply:
         req = self.request

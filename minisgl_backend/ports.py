@@ -1,0 +1,27 @@
+"""Free TCP ports on the loopback interface (TP rendezvous, test and benchmark servers)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports that were free a moment ago (all bound at once, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+if __name__ == "__main__":  # `python -m minisgl_backend.ports N` prints N free ports (shell scripts)
+    import sys
+
+    print(*free_ports(int(sys.argv[1]) if len(sys.argv) > 1 else 1))
