@@ -58,3 +58,22 @@ def test_dead_rank_ends_requests_with_error(tiny_llama):
     finally:
         fe.shutdown()
     assert all(p.poll() is not None for p in fe._procs.procs), "no scheduler process may outlive shutdown"
+
+
+def test_shutdown_frees_the_engine_and_every_rank_exits_cleanly(tiny_llama):
+    fe = Frontend(EngineConfig.from_flat(model_path=tiny_llama, tp_size=2, **CPU))
+    done = threading.Event()
+    fe.submit([5] * 10, SamplingParams(max_tokens=4, temperature=0), lambda out: out.finished and done.set())
+    assert done.wait(30)
+    fe.shutdown()
+    # exit code 0: run_forever returned on the ShutdownMsg and Engine.shutdown (graphs, KV pool,
+    # process group) ran without error; a killed or failed rank exits otherwise
+    assert fe._procs.exit_codes() == [0, 0]
+
+
+def test_offline_shutdown_frees_the_kv_pool(tiny_llama):
+    llm = LLM(tiny_llama, **CPU)
+    engine = llm.scheduler.engine
+    assert engine.kv_cache.k
+    llm.shutdown()
+    assert engine.kv_cache.k == [] and engine.kv_cache.v == [] and llm.scheduler is None
