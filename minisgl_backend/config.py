@@ -89,17 +89,26 @@ class GraphConfig:
 
 
 @dataclass
+class FrontendConfig:
+    stream_interval: int = 1  # ids per streamed response before the end (more when the sender lags)
+
+    def validate(self) -> None:
+        _require(self.stream_interval >= 1, "stream_interval must be >= 1")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
     seed: int = 0
     attention_backend: str = "auto"  # auto | torch | flashinfer
 
     def validate(self) -> "EngineConfig":
-        for section in (self.model, self.cache, self.scheduler, self.parallel, self.graph):
+        for section in (self.model, self.cache, self.scheduler, self.parallel, self.graph, self.frontend):
             section.validate()
         if self.attention_backend not in ("auto", "torch", "flashinfer"):
             raise ConfigError("attention_backend must be auto, torch or flashinfer")

@@ -79,6 +79,15 @@ class StopStringMatcher:
         return out
 
 
+def fast_decoder(tokenizer):
+    """`tokenizer.decode`, or the Rust tokenizer's own decode where that gives the same text (a
+    fast tokenizer that does not clean up spaces): a third of the cost, paid on every step."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode") and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda ids, skip_special_tokens: backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    return tokenizer.decode
+
+
 class IncrementalDetokenizer:
     """Turns a request's output ids, fed a few at a time, into text pieces.
 
@@ -92,6 +101,7 @@ class IncrementalDetokenizer:
                  stop: Sequence[str] | None = None, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._decode_fn = fast_decoder(tokenizer)
         self._stop = StopStringMatcher(stop or [])
         ctx = list(prompt_ids[-_PROMPT_CONTEXT:]) if prompt_ids else []
         if ctx and self._decode(ctx).endswith(_REPLACEMENT):
@@ -140,7 +150,7 @@ class IncrementalDetokenizer:
     # -------------------------------------------------------------- internals
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decode_fn(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _diff(self, new_text: str) -> str:
         return new_text[len(self._prefix_text):]

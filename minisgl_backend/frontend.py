@@ -30,7 +30,8 @@ class Frontend:
         self._procs = SchedulerProcesses(config)
         self.info: SchedulerInfo = self._procs.start()
         self.context_len = self.info.context_len
-        self.router = RequestRouter(self.tokenizer, self.context_len, self._procs.send, deliver)
+        self.router = RequestRouter(self.tokenizer, self.context_len, self._procs.send, deliver,
+                                    config.frontend.stream_interval)
         self._stats: StatsEvent | None = None
         self._healthy = True
         self._closed = False
@@ -39,8 +40,9 @@ class Frontend:
 
     # ------------------------------------------------------------ public API
 
-    def submit(self, prompt: str | list[int], params: SamplingParams, consumer: Consumer) -> int:
-        return self.router.submit(prompt, params, consumer)
+    def submit(self, prompt: str | list[int], params: SamplingParams, consumer: Consumer,
+               stream: bool = True) -> int:
+        return self.router.submit(prompt, params, consumer, stream)
 
     def check_prompt(self, prompt: str | list[int]) -> None:
         self.router.prepare(prompt)

@@ -74,7 +74,7 @@ class LLM:
         ids_list = [self.router.prepare(p) for p in prompts]  # every prompt checked before any is sent
         collected = [_Collected() for _ in ids_list]
         for ids, p, col in zip(ids_list, params_list, collected):
-            self.router.submit(ids, p, col.add)
+            self.router.submit(ids, p, col.add, stream=False)
         if self.scheduler is not None:
             self.scheduler.run_until_idle()
         for col in collected:

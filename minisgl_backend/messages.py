@@ -1,7 +1,7 @@
 """Messages between the frontend and the scheduler processes, and their msgpack codecs.
 
 frontend -> rank 0 -> ranks 1..N-1: `SchedulerInput` (UserMsg, AbortMsg, ShutdownMsg, FlushCacheMsg)
-rank 0 -> frontend: `SchedulerOutput` (TokenEvent, StatsEvent, ErrorEvent)
+rank 0 -> frontend: `SchedulerOutput` (TokenBatch, TokenEvent, StatsEvent, ErrorEvent), one list per step
 every rank -> its parent, once at start-up: `ReadyMsg` (with `SchedulerInfo` when it started)
 """
 
@@ -47,8 +47,19 @@ class FlushCacheMsg(msgspec.Struct, tag=True):
     pass
 
 
+class TokenBatch(msgspec.Struct, tag=True):
+    """Scheduler -> frontend: every id one step sampled, `tokens[i]` for request `rids[i]`
+    (one message per step, no object per token)."""
+
+    rids: list[int]
+    tokens: list[int]
+    logprobs: list[float] | None = None  # aligned with tokens; NaN for requests that did not ask
+
+
 class TokenEvent(msgspec.Struct, tag=True):
-    """Scheduler -> frontend: new ids for one request; `finish_reason` set on its last event."""
+    """Scheduler -> frontend: what is not a plain token of one request: its start (first token:
+    `num_input_tokens`, `cached_tokens`, `queue_time`) or its end (`finish_reason`, errors).
+    `token_ids` is empty in the scheduler's events (tokens travel in TokenBatch)."""
 
     rid: int
     token_ids: list[int]
@@ -83,7 +94,7 @@ class ErrorEvent(msgspec.Struct, tag=True):
 
 
 SchedulerInput = UserMsg | AbortMsg | ShutdownMsg | FlushCacheMsg
-SchedulerOutput = TokenEvent | StatsEvent | ErrorEvent
+SchedulerOutput = TokenBatch | TokenEvent | StatsEvent | ErrorEvent
 
 
 class SchedulerInfo(msgspec.Struct):

@@ -5,16 +5,18 @@ sends it to the scheduler, routes the scheduler's token events to the request's
 `RequestStream`, and turns them into `StreamOutput`s (incremental text, stop strings) for the
 request's consumer. A stop string ends the request here and aborts it in the scheduler.
 
-Delivery: by default a stream's output is built and handed to its consumer as soon as its
-events arrive. With a `deliver` hook the router only announces that a stream has news; the
-caller builds the output later with `take(stream)`, from whatever thread it likes, and gets
-every token that arrived in between in one output (that is how a slow sender coalesces).
+Delivery: by default a stream's output is built and handed to its consumer as soon as a step
+brings it news worth delivering. With a `deliver` hook the router only announces that a
+stream has such news; the caller builds the output later with `take(stream)`, from its own
+thread, and gets every id that arrived in between in one output: a sender that falls behind
+coalesces by itself, and detokenization is paid per output, not per id.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import Any, Callable
 
 from minisgl_backend.detokenizer import IncrementalDetokenizer
 from minisgl_backend.messages import (AbortMsg, ErrorKind, FinishReason, SchedulerInput, SchedulerOutput,
-                                      TokenEvent, UserMsg)
+                                      TokenBatch, TokenEvent, UserMsg)
 from minisgl_backend.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -53,51 +55,57 @@ Consumer = Callable[[StreamOutput], None]
 
 class RequestStream:
     """One request on the frontend side: ids received and not yet delivered, the detokenizer,
-    stop strings and counters. `add` runs on the receiving thread, `take` on the delivering one."""
+    stop strings and counters. The router adds ids under its lock; `take` runs on the
+    delivering thread (one at a time per stream).
+
+    `deliver_every`: how many undelivered ids make the stream worth delivering before its end
+    (None: only its end). Stop strings need every step, so that a hit ends the request at once.
+    """
 
     def __init__(self, rid: int, tokenizer: Any, input_ids: list[int], params: SamplingParams,
-                 consumer: Consumer) -> None:
+                 consumer: Consumer, deliver_every: int | None = 1, inject_fault: bool = False) -> None:
         self.rid = rid
         self.consumer = consumer
         self.num_input_tokens = len(input_ids)
         self.detok = IncrementalDetokenizer(tokenizer, input_ids, params.stop)
         self.has_stop_strings = bool(params.stop)
+        self.deliver_every = 1 if self.has_stop_strings else deliver_every
+        self.inject_fault = inject_fault  # tests: detokenizing this request raises
         self.num_output_tokens = 0  # delivered
         self.cached_tokens = 0
         self.queue_time = 0.0
         self.finished = False  # the final output was built
         self.stop_hit = False  # a stop string ended the request: the scheduler must abort it
-        self._lock = threading.Lock()
-        self._ids: list[int] = []
-        self._logprobs: list[float] = []
-        self._end: TokenEvent | None = None  # the scheduler's last event for this request
-        self._started = False
+        self.queued = False  # free for the deliverer's bookkeeping (e.g. "in my ready queue")
+        self.ids: list[int] = []  # received, not yet delivered (guarded by the router's lock)
+        self.logprobs: list[float] = []
+        self.end: TokenEvent | None = None  # the scheduler's last event for this request
 
-    def add(self, event: TokenEvent) -> None:
-        with self._lock:
-            if self._end is not None:
-                return
-            if event.token_ids and not self._started:
-                self._started = True
-                self.cached_tokens, self.queue_time = event.cached_tokens, event.queue_time
-            self._ids.extend(event.token_ids)
-            if event.logprobs:
-                self._logprobs.extend(event.logprobs)
-            if event.finish_reason is not None:
-                self._end = event
+    @property
+    def worth_delivering(self) -> bool:
+        return self.end is not None or (self.deliver_every is not None and len(self.ids) >= self.deliver_every)
 
-    def fail(self, message: str, kind: ErrorKind) -> None:
-        self.add(TokenEvent(self.rid, [], FinishReason.ERROR, error=message, error_kind=kind))
+    def on_event(self, event: TokenEvent) -> None:
+        if self.end is not None:
+            return
+        if event.finish_reason is None:  # the start: first token's metadata
+            self.cached_tokens, self.queue_time = event.cached_tokens, event.queue_time
+            return
+        self.ids.extend(event.token_ids)
+        if event.logprobs:
+            self.logprobs.extend(event.logprobs)
+        self.end = event
 
-    def take(self) -> StreamOutput | None:
-        """Everything received since the last output, as one output (None: nothing new)."""
-        with self._lock:
-            if self.finished or (not self._ids and self._end is None):
-                return None
-            ids, logprobs, end = self._ids, self._logprobs, self._end
-            self._ids, self._logprobs = [], []
-            self.finished = end is not None
-        text, ids, reason = self._detokenize(ids, end)
+    def build_output(self, ids: list[int], logprobs: list[float], end: TokenEvent | None) -> StreamOutput:
+        """The output for `ids` (taken from the stream); the caller sets `finished` first."""
+        try:
+            text, ids, reason = self._detokenize(ids, end)
+        except Exception as exc:  # this request's text cannot be made: fail it alone
+            logger.exception("detokenizing request %d failed", self.rid)
+            self.finished = True
+            return StreamOutput(self.rid, "", ids, True, FinishReason.ERROR,
+                                f"detokenization failed: {type(exc).__name__}: {exc}", self.num_input_tokens,
+                                self.num_output_tokens, None, self.cached_tokens, self.queue_time, ErrorKind.ENGINE)
         if reason is FinishReason.STOP and end is None:
             self.stop_hit = self.finished = True
         self.num_output_tokens += len(ids)
@@ -107,6 +115,8 @@ class RequestStream:
                             end.error_kind if end else None)
 
     def _detokenize(self, ids: list[int], end: TokenEvent | None) -> tuple[str, list[int], FinishReason | None]:
+        if self.inject_fault:
+            raise RuntimeError("injected detokenization fault")
         reason = end.finish_reason if end is not None else None
         if self.has_stop_strings:  # one id at a time: the output must end at the id that completed it
             pieces = []
@@ -141,12 +151,18 @@ def check_prompt(input_ids: list[int], context_len: int) -> None:
 
 
 class RequestRouter:
+    """`stream_interval`: ids per output of a streamed request before its end (1: every step);
+    a request submitted with `stream=False` is delivered once, at its end."""
+
     def __init__(self, tokenizer: Any, context_len: int, send: Callable[[SchedulerInput], None],
-                 deliver: Callable[[RequestStream], None] | None = None) -> None:
+                 deliver: Callable[[RequestStream], None] | None = None, stream_interval: int = 1,
+                 detokenize_fault_seed: int = -1) -> None:
         self.tokenizer = tokenizer
         self.context_len = context_len
+        self.stream_interval = stream_interval
         self._send = send
         self._deliver_hook = deliver
+        self._fault_seed = detokenize_fault_seed
         self._streams: dict[int, RequestStream] = {}
         self._lock = threading.Lock()
         self._rids = itertools.count(1)
@@ -158,15 +174,18 @@ class RequestRouter:
         check_prompt(input_ids, self.context_len)
         return input_ids
 
-    def submit(self, prompt: str | list[int], params: SamplingParams, consumer: Consumer) -> int:
+    def submit(self, prompt: str | list[int], params: SamplingParams, consumer: Consumer,
+               stream: bool = True) -> int:
         input_ids = self.prepare(prompt)
         rid = next(self._rids)
-        stream = RequestStream(rid, self.tokenizer, input_ids, params, consumer)
+        entry = RequestStream(rid, self.tokenizer, input_ids, params, consumer,
+                              self.stream_interval if stream else None,
+                              inject_fault=params.seed is not None and params.seed == self._fault_seed)
         with self._lock:  # the same lock as close(): a stream is either failed or never added
             if self._closed is not None:
                 raise RuntimeError(f"the engine is not running ({self._closed}); reload the model "
                                    "or restart the server")
-            self._streams[rid] = stream
+            self._streams[rid] = entry
         try:
             self._send(UserMsg(rid, input_ids, params, time.monotonic()))
         except Exception:
@@ -184,29 +203,52 @@ class RequestRouter:
         return len(self._streams)
 
     def dispatch(self, events: list[SchedulerOutput]) -> list[SchedulerOutput]:
-        """Route the token events to their streams; returns the other events for the caller."""
+        """Route one step's token events to their streams; returns the other events."""
         news: dict[int, RequestStream] = {}
         others: list[SchedulerOutput] = []
+        streams = self._streams
         with self._lock:
             for event in events:
-                if not isinstance(event, TokenEvent):
+                if isinstance(event, TokenBatch):
+                    self._add_tokens(event, news)
+                elif isinstance(event, TokenEvent):
+                    entry = streams.get(event.rid)
+                    if entry is None:
+                        continue  # finished already (a stop string), or never ours
+                    entry.on_event(event)
+                    if event.finish_reason is not None:
+                        del streams[event.rid]
+                        news[event.rid] = entry
+                else:
                     others.append(event)
-                    continue
-                stream = self._streams.get(event.rid)
-                if stream is None:
-                    continue  # finished already (a stop string), or never ours
-                stream.add(event)
-                if event.finish_reason is not None:
-                    del self._streams[event.rid]
-                news[event.rid] = stream
-        for stream in news.values():
-            self._deliver(stream)
+            ready = [entry for entry in news.values() if entry.worth_delivering]
+        for entry in ready:
+            self._deliver(entry)
         return others
 
+    def _add_tokens(self, batch: TokenBatch, news: dict[int, RequestStream]) -> None:
+        streams = self._streams
+        logprobs = batch.logprobs
+        for i, (rid, token) in enumerate(zip(batch.rids, batch.tokens)):
+            entry = streams.get(rid)
+            if entry is None:
+                continue
+            entry.ids.append(token)
+            if logprobs is not None and not math.isnan(logprobs[i]):
+                entry.logprobs.append(logprobs[i])
+            news[rid] = entry
+
     def take(self, stream: RequestStream) -> StreamOutput | None:
-        """The stream's next output; a stop string ends the request and aborts it in the scheduler."""
-        out = stream.take()
-        if out is not None and stream.stop_hit and out.finished:
+        """Everything the stream received since its last output, as one output (None: nothing
+        new). A stop string ends the request and aborts it in the scheduler."""
+        with self._lock:
+            if stream.finished or (not stream.ids and stream.end is None):
+                return None
+            ids, logprobs, end = stream.ids, stream.logprobs, stream.end
+            stream.ids, stream.logprobs = [], []
+            stream.finished = end is not None
+        out = stream.build_output(ids, logprobs, end)
+        if out.finished and end is None:  # a stop string hit, or this request failed on our side
             with self._lock:
                 ours = self._streams.pop(stream.rid, None) is not None
             if ours:
@@ -219,9 +261,10 @@ class RequestRouter:
             if self._closed is None:
                 self._closed = message
             streams, self._streams = list(self._streams.values()), {}
-        for stream in streams:
-            stream.fail(message, kind)
-            self._deliver(stream)
+            for entry in streams:
+                entry.on_event(TokenEvent(entry.rid, [], FinishReason.ERROR, error=message, error_kind=kind))
+        for entry in streams:
+            self._deliver(entry)
 
     def _deliver(self, stream: RequestStream) -> None:
         if self._deliver_hook is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from minisgl_backend import LLM, SamplingParams
-from minisgl_backend.messages import AbortMsg, TokenEvent, UserMsg
+from minisgl_backend.messages import AbortMsg, TokenBatch, TokenEvent, UserMsg
 from tests.workloads import shared_prefix_workload
 
 CPU = dict(device="cpu", dtype="float32")
@@ -87,10 +87,11 @@ def test_abort_half_mid_flight(model, workload_300, alone_outputs):
     def abort_even_after_two_tokens(events):
         deliver(events)
         for ev in events:
-            if isinstance(ev, TokenEvent) and ev.token_ids and ev.rid % 2 == 0:
-                seen[ev.rid] = seen.get(ev.rid, 0) + 1
-                if seen[ev.rid] == 2:
-                    llm.io.put(AbortMsg(ev.rid))
+            for rid in ev.rids if isinstance(ev, TokenBatch) else []:
+                if rid % 2 == 0:
+                    seen[rid] = seen.get(rid, 0) + 1
+                    if seen[rid] == 2:
+                        llm.io.put(AbortMsg(rid))
 
     llm.io.listener = abort_even_after_two_tokens
     outs = llm.generate(workload_300.prompts[:n], params)

@@ -124,7 +124,7 @@ class FakeFrontend:
         self.threads = []
         self.shut = False
 
-    def submit(self, prompt, params, callback):
+    def submit(self, prompt, params, callback, stream=True):
         if prompt == "too long":
             raise InvalidRequest("the prompt has 9999 tokens: shorten it")
         self.rid += 1
@@ -166,8 +166,7 @@ def make_adapter(fe):
     from minisgl_backend.triton.metrics import EngineMetrics
 
     adapter.metrics = EngineMetrics(FakePb, "minisgl", "1")
-    adapter._watcher = threading.Thread(target=adapter._watch, daemon=True)
-    adapter._watcher.start()
+    adapter.start_threads()
     return adapter
 
 

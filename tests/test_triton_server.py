@@ -25,6 +25,7 @@ PROMPTS = [
 ]
 MAX_TOKENS = 12
 SETTINGS = {"max_total_tokens": 8192, "page_size": 16, "max_running_requests": 128}
+COALESCING_MODEL = "minisgl_si3"  # the same weights with stream_interval 3
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,8 @@ def server(tiny_llama, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("triton")
     repo = make_model_repository(work / "repo", {"model_path": tiny_llama, **SETTINGS})
+    make_model_repository(work / "repo", {"model_path": tiny_llama, **SETTINGS, "stream_interval": 3},
+                          model_name=COALESCING_MODEL)
     srv = TritonServer(repo, work / "server.log")
     srv.start()
     yield srv
@@ -117,6 +120,29 @@ def test_grpc_stream_and_nonstream_equal_offline(server, offline):
         assert w["responses"] == 1, "a non-streaming request gets exactly one response"
         assert s["responses"] >= 2
         assert "".join(s["texts"]) == w["texts"][0] == offline[prompt]
+
+
+def test_stream_interval_coalesces_without_changing_the_text(server, offline):
+    server.wait_ready(120, COALESCING_MODEL)
+    client = GrpcStream(server.grpc_url, model=COALESCING_MODEL)
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            for stream in (True, False):
+                client.send(f"{stream}{i}", grpc_inputs(prompt, stream=stream, return_num_output_tokens=True,
+                                                        return_finish_reason=True, exclude_input_in_output=True),
+                            parameters={"max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True})
+        results = client.collect([f"{s}{i}" for i in range(len(PROMPTS)) for s in (True, False)])
+    finally:
+        client.close()
+    for i, prompt in enumerate(PROMPTS):
+        streamed, whole = results[f"True{i}"], results[f"False{i}"]
+        assert streamed["error"] is None and whole["error"] is None
+        assert "".join(streamed["texts"]) == "".join(whole["texts"]) == offline[prompt]
+        counts = [int(o["num_output_tokens"][0]) for o in streamed["outputs"]]
+        assert sum(counts) == MAX_TOKENS and all(c >= 3 for c in counts[:-1]), counts
+        assert len(counts) <= MAX_TOKENS // 3 + 1
+        assert streamed["outputs"][-1]["finish_reason"][0] == b"length" and streamed["final"]
+        assert [int(o["num_output_tokens"][0]) for o in whole["outputs"]] == [MAX_TOKENS]
 
 
 def test_grpc_flat_tensors_and_return_switches(server, offline):

@@ -12,11 +12,12 @@ import time
 
 from minisgl_backend.config import EngineConfig
 from minisgl_backend.batch import Batch, Req
-from minisgl_backend.messages import (AbortMsg, ErrorKind, FinishReason, FlushCacheMsg, SchedulerInput,
-                                      SchedulerOutput, ShutdownMsg, StatsEvent, TokenEvent, UserMsg)
+from minisgl_backend.messages import (AbortMsg, ErrorKind, FinishReason, FlushCacheMsg, SchedulerInput, ShutdownMsg,
+                                      StatsEvent, TokenEvent, UserMsg)
 from minisgl_backend.engine.engine import Engine, ForwardResult
 from minisgl_backend.scheduler.cache import CacheManager
 from minisgl_backend.scheduler.decode import DecodeManager
+from minisgl_backend.scheduler.events import StepEvents
 from minisgl_backend.scheduler.io import SchedulerIO
 from minisgl_backend.scheduler.prefill import PrefillManager
 from minisgl_backend.scheduler.table import TableManager
@@ -44,7 +45,7 @@ class Scheduler:
         self.vocab_size = engine.vocab_size
         self.reqs: dict[int, Req] = {}
         self._rng = random.Random(config.seed)
-        self._events: list[SchedulerOutput] = []
+        self._events = StepEvents()
         self._last_stats = 0.0
         self.stopped = False
         self.num_steps = 0
@@ -217,15 +218,13 @@ class Scheduler:
     def _append_token(self, req: Req, token: int, logprob: float | None) -> None:
         req.output_ids.append(token)
         reason = self._finish_reason(req, token)
-        first = len(req.output_ids) == 1
-        self._events.append(TokenEvent(
-            req.rid, [token], reason,
-            logprobs=[logprob] if req.params.logprobs and logprob is not None else None,
-            num_input_tokens=len(req.input_ids) if first else 0,
-            cached_tokens=req.matched_len if first else 0,
-            queue_time=max(req.first_scheduled_time - req.arrival_time, 0.0) if first and req.arrival_time else 0.0,
-        ))
+        self._events.token(req.rid, token, logprob if req.params.logprobs else None)
+        if len(req.output_ids) == 1:  # the request's start: what its metrics need
+            queue_time = max(req.first_scheduled_time - req.arrival_time, 0.0) if req.arrival_time else 0.0
+            self._events.append(TokenEvent(req.rid, [], num_input_tokens=len(req.input_ids),
+                                           cached_tokens=req.matched_len, queue_time=queue_time))
         if reason is not None:
+            self._events.append(TokenEvent(req.rid, [], reason))
             self._finish(req)
 
     def _finish_reason(self, req: Req, token: int) -> FinishReason | None:
@@ -262,8 +261,7 @@ class Scheduler:
                 logger.error("resource leak after drain: %s", problem)
         self._was_idle = self.is_idle and not self.reqs
         if self._events:
-            events, self._events = self._events, []
-            self.io.send(events)
+            self.io.send(self._events.take())
 
     def _emit_stats(self, force: bool = False) -> None:
         now = time.monotonic()

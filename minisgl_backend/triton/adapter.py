@@ -1,7 +1,10 @@
 """The Triton Python-backend adapter behind `model_repository/minisgl/1/model.py`.
 
-`execute` parses each request, submits it to the `Frontend` and returns at once (decoupled);
-responses go out from the frontend's receiver thread through the request's response sender.
+`execute` parses each request, submits it to the `Frontend` and returns at once (decoupled).
+The frontend's receiver thread only routes each step's tokens to their streams and queues the
+streams that have news; one sender thread turns a queued stream's news into one response
+(detokenizing every id that arrived since its last response: when the sender falls behind,
+responses carry more ids each, so no client waits on a backlog) and sends it.
 A watcher thread polls live requests for cancellation (gRPC stop_stream(cancel_requests=True),
 client disconnect) and aborts them in the engine, and refreshes the gauges.
 
@@ -23,6 +26,7 @@ driven by a fake in unit tests.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from minisgl_backend.messages import FinishReason
+from minisgl_backend.router import deliver_to
 from minisgl_backend.triton.contract import ADAPTER_PARAMETERS, INPUTS, MODEL_PATH_ENV, OUTPUTS
 from minisgl_backend.triton.metrics import EngineMetrics
 from minisgl_backend.triton.parsing import ParsedRequest, RequestError, parse_request
@@ -108,6 +113,10 @@ class TritonAdapter:
         self._live_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._ready: collections.deque = collections.deque()  # streams with news, for the sender
+        self._wake = threading.Event()
+        self._sender_stop = threading.Event()
+        self._sender: threading.Thread | None = None
         self._finalized = False
         self._engine_down_reported = False
         self.model_name = "minisgl"
@@ -148,13 +157,18 @@ class TritonAdapter:
         self.cancel_grace_s = float(adapter["cancel_grace_s"])
         config = EngineConfig.from_flat(engine)
         logger.info("starting engine: %s", config.to_flat())
-        self.fe = Frontend(config)
+        self.fe = Frontend(config, deliver=self._on_news)
         self.vocab_size = self.fe.info.vocab_size
         self.model_name = args.get("model_name", self.model_name)
         self.metrics = EngineMetrics(self.pb, self.model_name, args.get("model_version", "1"))
-        self._watcher = threading.Thread(target=self._watch, name="minisgl-triton-watch", daemon=True)
-        self._watcher.start()
+        self.start_threads()
         logger.info("engine ready (context %d tokens)", self.fe.context_len)
+
+    def start_threads(self) -> None:
+        self._watcher = threading.Thread(target=self._watch, name="minisgl-triton-watch", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="minisgl-triton-send", daemon=True)
+        self._watcher.start()
+        self._sender.start()
 
     def finalize(self) -> None:
         if self._finalized:
@@ -165,9 +179,13 @@ class TritonAdapter:
             self._watcher.join(timeout=5)
         if self.fe is not None:
             try:
-                self.fe.shutdown()  # fails what is still in flight through the callbacks
+                self.fe.shutdown()  # fails what is still in flight through the sender
             except Exception:
                 logger.exception("frontend shutdown failed")
+        self._sender_stop.set()
+        self._wake.set()
+        if self._sender is not None:
+            self._sender.join(timeout=10)
         with self._live_lock:
             leftovers, self._live = list(self._live.values()), {}
         for live in leftovers:
@@ -214,7 +232,8 @@ class TritonAdapter:
         with self._live_lock:
             self._live[id(live)] = live
         try:
-            live.rid = self.fe.submit(parsed.prompt, parsed.params, partial(self._on_output, live))
+            live.rid = self.fe.submit(parsed.prompt, parsed.params, partial(self._on_output, live),
+                                      stream=parsed.stream)
         except ValueError as exc:  # InvalidRequest among them
             self._forget(live)
             self._reject(sender, "INVALID_ARG", str(exc))
@@ -257,7 +276,31 @@ class TritonAdapter:
         with self._live_lock:
             self._live.pop(id(live), None)
 
-    # ------------------------------------------------------------ streaming back (receiver thread)
+    # ------------------------------------------------------------ streaming back (sender thread)
+
+    def _on_news(self, stream: Any) -> None:
+        """The receiver thread: queue a stream with news for the sender (once at a time)."""
+        if not stream.queued:
+            stream.queued = True
+            self._ready.append(stream)
+            self._wake.set()
+
+    def _send_loop(self) -> None:
+        ready = self._ready
+        while True:
+            self._wake.wait(0.5)
+            self._wake.clear()
+            while ready:
+                stream = ready.popleft()
+                stream.queued = False
+                try:
+                    out = self.fe.take(stream)
+                    if out is not None:
+                        deliver_to(stream, out)
+                except Exception:
+                    logger.exception("sending the output of request %d failed", stream.rid)
+            if self._sender_stop.is_set():
+                return
 
     def _on_output(self, live: _Live, out: Any) -> None:
         now = time.monotonic()

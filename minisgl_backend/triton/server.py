@@ -71,9 +71,9 @@ class TritonServer:
             raise
         return self
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, model: str = MODEL) -> None:
         deadline = time.monotonic() + timeout
-        url = f"http://{self.http_url}/v2/models/{MODEL}/ready"
+        url = f"http://{self.http_url}/v2/models/{model}/ready"
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.log_tail()}")
@@ -84,7 +84,7 @@ class TritonServer:
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"model {MODEL} not READY after {timeout:.0f} s:\n{self.log_tail()}")
+        raise TimeoutError(f"model {model} not READY after {timeout:.0f} s:\n{self.log_tail()}")
 
     def is_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -1,0 +1,227 @@
+"""The serving layer's cost: the same closed-loop streaming workload in-process and through a
+real tritonserver driven by perf_analyzer (C++ client, gRPC streaming).
+
+The model is chosen so that the engine is faster than the serving layer (a micro random Llama
+on CPU by default; any model on a GPU), so what differs between the two paths is what
+tritonserver, the Python-backend stub and the frontend cost per token.
+
+For each concurrency c: c streams are kept busy, each request a fixed prompt of token ids and
+`--output-len` greedy tokens with `ignore_eos`. Reported per path: output tokens/s,
+responses/s, TTFT and inter-token latency (ITL: per request, (last - first response) /
+(tokens - 1)) p50 / p99, and CPU seconds per 1,000 output tokens of every process involved
+(in-process: this process; served: tritonserver, the stub, the scheduler); and the ratio of the
+served tokens/s to the in-process one.
+
+    python benchmarks/serving_overhead.py                        # micro model, 1 16 64 256 streams
+    python benchmarks/serving_overhead.py --model DIR --settings device=cuda --concurrency 1 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PERF_ANALYZER = ROOT / "build" / "perf_analyzer" / "perf_analyzer"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="", help="local HF folder; default: a micro random Llama")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--requests-per-stream", type=int, default=2, help="requests measured per stream")
+    p.add_argument("--settings", nargs="*", default=[], help="engine settings as key=value (both paths)")
+    p.add_argument("--skip-triton", action="store_true")
+    p.add_argument("--skip-in-process", action="store_true")
+    return p.parse_args()
+
+
+def build_micro_model() -> str:
+    from minisgl_backend.tools.make_tiny_model import make_tiny_model
+
+    out = tempfile.mkdtemp(prefix="minisgl-micro-")
+    return make_tiny_model(out, arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                           intermediate_size=128, vocab_size=512)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p99": 0.0}
+    values = sorted(values)
+    pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
+    return {"p50": statistics.median(values), "p99": pick(0.99)}
+
+
+def summarize(requests: list[tuple[float, list[float]]], output_len: int, seconds: float,
+              cpu: dict[str, float], cpu_tokens: int | None = None) -> dict[str, Any]:
+    """requests: (sent, [response times]) per request (seconds); cpu: process -> CPU seconds spent
+    while `cpu_tokens` tokens were generated (default: the requests' tokens)."""
+    ttft = [resp[0] - sent for sent, resp in requests if resp]
+    itl = [(resp[-1] - resp[0]) / (output_len - 1) for _, resp in requests if len(resp) > 1 and output_len > 1]
+    tokens = len(requests) * output_len
+    responses = sum(len(resp) for _, resp in requests)
+    return {"requests": len(requests), "output_tok_per_s": tokens / seconds, "responses_per_s": responses / seconds,
+            "tokens_per_response": tokens / max(responses, 1),
+            "ttft_ms": {k: v * 1e3 for k, v in percentiles(ttft).items()},
+            "itl_ms": {k: v * 1e3 for k, v in percentiles(itl).items()},
+            "cpu_s_per_1k_tokens": {name: 1e3 * s / max(cpu_tokens or tokens, 1) for name, s in cpu.items()}}
+
+
+# ---------------------------------------------------------------- in-process
+
+
+def run_in_process(llm, prompt: list[int], output_len: int, concurrency: int, total: int) -> dict[str, Any]:
+    """Closed loop through the offline API's router: a finished request starts the next one."""
+    from minisgl_backend.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    records: list[tuple[float, list[float]]] = []
+    started = [0]
+
+    def start_one() -> None:
+        record: tuple[float, list[float]] = (time.perf_counter(), [])
+        records.append(record)
+        started[0] += 1
+
+        def consume(out) -> None:
+            if out.token_ids:
+                record[1].append(time.perf_counter())
+            if out.finished and started[0] < total:
+                start_one()
+
+        llm.router.submit(prompt, params, consume)
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(min(concurrency, total)):
+        start_one()
+    llm.scheduler.run_until_idle()
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return summarize(records, output_len, seconds, {"in_process": cpu})
+
+
+# ---------------------------------------------------------------- through tritonserver
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+def server_processes(server_pid: int) -> dict[str, list[int]]:
+    """tritonserver, its Python-backend stub(s) and the scheduler processes under them."""
+    stubs = _children(server_pid)
+    schedulers = [c for s in stubs for c in _children(s)]
+    return {"tritonserver": [server_pid], "stub": stubs, "scheduler": schedulers}
+
+
+def cpu_snapshot(procs: dict[str, list[int]]) -> dict[str, float]:
+    return {name: sum(_cpu_seconds(p) for p in pids) for name, pids in procs.items()}
+
+
+def perf_analyzer_run(url: str, data_file: Path, concurrency: int, count: int, export: Path) -> None:
+    cmd = [str(PERF_ANALYZER), "-m", "minisgl", "-u", url, "-i", "grpc", "--streaming",
+           "--input-data", str(data_file), "--concurrency-range", str(concurrency),
+           "--measurement-mode", "count_windows", "--measurement-request-count", str(count),
+           "--stability-percentage", "1000000", "--max-trials", "3", "--profile-export-file", str(export)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"perf_analyzer failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+def read_profile(export: Path) -> tuple[list[tuple[float, list[float]]], float]:
+    """The requests of the experiment's measurement windows (perf_analyzer runs 3) and their length (s)."""
+    data = json.loads(export.read_text())
+    exp = data["experiments"][0]
+    lo, hi = exp["window_boundaries"][0], exp["window_boundaries"][-1]
+    requests = [(r["timestamp"] / 1e9, [t / 1e9 for t in r["response_timestamps"]])
+                for r in exp["requests"] if lo <= r["timestamp"] and r["response_timestamps"]
+                and r["response_timestamps"][-1] <= hi]
+    return requests, (hi - lo) / 1e9
+
+
+def run_triton(model: str, settings: dict[str, str], prompt: list[int], output_len: int,
+               concurrencies: list[int], per_stream: int) -> list[dict[str, Any]]:
+    from minisgl_backend.triton.repository import make_model_repository
+    from minisgl_backend.triton.server import TritonServer
+
+    work = Path(tempfile.mkdtemp(prefix="minisgl-serving-"))
+    repo = make_model_repository(work / "repo", {"model_path": model, **settings})
+    params = json.dumps({"max_tokens": output_len, "temperature": 0, "ignore_eos": True})
+    data_file = work / "input.json"
+    data_file.write_text(json.dumps({"data": [{"input_ids": {"content": prompt, "shape": [len(prompt)]},
+                                               "stream": [True], "sampling_parameters": [params]}]}))
+    server = TritonServer(repo, work / "server.log").start()
+    rows = []
+    try:
+        procs = server_processes(server.proc.pid)
+        perf_analyzer_run(server.grpc_url, data_file, 4, 4, work / "warmup.json")
+        for c in concurrencies:
+            export = work / f"profile_{c}.json"
+            cpu0, tok0 = cpu_snapshot(procs), server.metric("minisgl_generation_tokens_total")
+            perf_analyzer_run(server.grpc_url, data_file, c, max(c * per_stream // 3, 8), export)
+            time.sleep(0.6)  # the metrics port refreshes its counters every few hundred ms
+            cpu1, tok1 = cpu_snapshot(procs), server.metric("minisgl_generation_tokens_total")
+            requests, seconds = read_profile(export)
+            # CPU over the whole run (perf_analyzer's ramp-up and drain too), per token generated in it
+            rows.append({"concurrency": c, **summarize(requests, output_len, seconds,
+                                                       {k: cpu1[k] - cpu0[k] for k in cpu0}, int(tok1 - tok0))})
+    finally:
+        server.stop()
+    return rows
+
+
+def main() -> None:
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    args = parse_args()
+    model = args.model or build_micro_model()
+    settings = dict(kv.split("=", 1) for kv in args.settings)
+    settings.setdefault("max_running_requests", str(max(256, max(args.concurrency))))
+    prompt = [random.Random(0).randrange(3, 500) for _ in range(args.prompt_len)]
+    report: dict[str, Any] = {"model": args.model or "micro llama (hidden 64, 2 layers, vocab 512)",
+                              "settings": settings, "output_len": args.output_len, "prompt_len": args.prompt_len,
+                              "in_process": [], "triton": [], "ratio_tok_per_s": {}}
+    if not args.skip_in_process:
+        from minisgl_backend import LLM
+
+        llm = LLM(model, **settings)
+        run_in_process(llm, prompt, args.output_len, 4, 8)  # warm-up
+        for c in args.concurrency:
+            row = run_in_process(llm, prompt, args.output_len, c, max(c * args.requests_per_stream, 16))
+            report["in_process"].append({"concurrency": c, **row})
+        llm.shutdown()
+    if not args.skip_triton:
+        if not PERF_ANALYZER.exists():
+            raise SystemExit(f"{PERF_ANALYZER} is missing: run 'make perf-analyzer'")
+        report["triton"] = run_triton(model, settings, prompt, args.output_len, args.concurrency,
+                                      args.requests_per_stream)
+    for inproc, served in zip(report["in_process"], report["triton"]):
+        report["ratio_tok_per_s"][str(served["concurrency"])] = served["output_tok_per_s"] / inproc["output_tok_per_s"]
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
