@@ -7,6 +7,7 @@
 #   make bench                      offline throughput + decode step vs bandwidth floor (benchmarks/)
 #   make bench-latency [MODEL=...]  TTFT / inter-token latency through tritonserver at 1, 16, 64 streams
 #   make bench-triton [MODEL=...]   perf_analyzer streaming profile against a real tritonserver
+#   make bench-openai               the OpenAI frontend vs direct gRPC streaming (TTFT, ITL, tokens/s)
 #   make genai-perf                 genai-perf + perf_analyzer 2.60 (then client_examples/genai_perf.sh)
 
 PYTHON ?= python3
@@ -37,10 +38,10 @@ PERF_ANALYZER := build/perf_analyzer/perf_analyzer
 
 export MODEL TP HTTP_PORT GRPC_PORT METRICS_PORT SETTINGS
 
-.PHONY: setup model serve test bench bench-latency bench-triton perf-analyzer perf-analyzer-260 genai-perf clean help
+.PHONY: setup model serve test bench bench-latency bench-triton bench-openai perf-analyzer perf-analyzer-260 genai-perf clean help
 
 help:
-	@sed -n '1,14p' Makefile
+	@sed -n '1,15p' Makefile
 
 setup: $(SETUP_STAMP) $(TRITON_STAMP)
 
@@ -94,6 +95,9 @@ bench: setup
 bench-latency: setup
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory model; fi
 	$(PY) benchmarks/triton_latency.py $(if $(MODEL),--model $(MODEL))
+
+bench-openai: setup
+	$(PY) benchmarks/openai_frontend.py
 
 bench-triton: setup perf-analyzer
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory model; fi

@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[minisgl-openai] %(levelname)s %(message)s")
-    # grpc.aio runs on asyncio's own loop (uvloop is not a dependency)
+    # grpc.aio runs on asyncio's own loop (uvloop is not a dependency). Idle keep-alive
+    # connections live longer than clients keep them (httpx: 5 s), so a client never reuses a
+    # connection the server is closing at that moment (a ReadError on the next request).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="asyncio",
-                log_level="warning", timeout_graceful_shutdown=5)
+                log_level="warning", timeout_keep_alive=30, timeout_graceful_shutdown=5)
 
 
 if __name__ == "__main__":
