@@ -279,16 +279,19 @@ BAD_CHAT = {
     "logit_bias": ({"logit_bias": {"5": 10}}, "logit_bias"),
     "response_format json": ({"response_format": {"type": "json_object"}}, "response_format"),
     "stop_token_ids outside int32 (engine)": ({"extra_body": {"stop_token_ids": [-3]}}, "stop_token_ids"),
+    "empty stop string (engine)": ({"stop": [""]}, "stop"),
+    "conversation longer than the context (engine)": ({"messages": [{"role": "user", "content": "a b " * 3000}]},
+                                                      "context"),
 }
 
-BAD_COMPLETIONS = {
-    "top logprobs": ({"logprobs": 2}, "logprobs"),
-    "token id outside the vocabulary (engine)": ({"prompt": [1, 2, 10**6]}, "vocabulary"),
-    "prompt longer than the context (engine)": ({"prompt": [5] * 9000}, "context"),
-    "two prompts": ({"prompt": ["a", "b"]}, "prompt"),
-    "empty prompt": ({"prompt": ""}, "prompt"),
-    "echo": ({"echo": True}, "echo"),
-    "best_of": ({"best_of": 3}, "best_of"),
+BAD_COMPLETIONS = {  # (fields, a word of the message, the error's param)
+    "top logprobs": ({"logprobs": 2}, "logprobs", "logprobs"),
+    "token id outside the vocabulary (engine)": ({"prompt": [1, 2, 10**6]}, "vocabulary", "prompt"),
+    "prompt longer than the context (engine)": ({"prompt": [5] * 9000}, "context", "prompt"),
+    "two prompts": ({"prompt": ["a", "b"]}, "prompt", "prompt"),
+    "empty prompt": ({"prompt": ""}, "prompt", "prompt"),
+    "echo": ({"echo": True}, "echo", "echo"),
+    "best_of": ({"best_of": 3}, "best_of", "best_of"),
 }
 
 
@@ -299,16 +302,20 @@ def test_chat_bad_input_is_400(client, case):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(**request)
     _check_400(info.value, needle)
+    if case.endswith("(engine)"):  # the engine's message, with the field it names as param
+        error = info.value.response.json()["error"]
+        assert error["param"] == ("messages" if "context" in case else needle), error
     assert client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=2).choices
 
 
 @pytest.mark.parametrize("case", sorted(BAD_COMPLETIONS))
 def test_completions_bad_input_is_400(client, case):
-    kwargs, needle = BAD_COMPLETIONS[case]
+    kwargs, needle, param = BAD_COMPLETIONS[case]
     request = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4, **kwargs}
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(**request)
     _check_400(info.value, needle)
+    assert info.value.response.json()["error"]["param"] == param
 
 
 def _check_400(err: openai.BadRequestError, needle: str) -> None:

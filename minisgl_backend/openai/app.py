@@ -35,6 +35,7 @@ _UNAVAILABLE = re.compile(r"overloaded|engine failure|engine is not running|bein
                           r"not ready|not found|unavailable", re.IGNORECASE)
 _INTERNAL = re.compile(r"^(\[request id: [^\]]*\] )?\w+(Error|Exception): ")
 _NAMED_FIELD = re.compile(r"(?:sampling )?parameter '(\w+)'")
+_PROMPT_WORDS = re.compile(r"input_ids|text_input|prompt|token id", re.IGNORECASE)
 
 T = TypeVar("T")
 
@@ -74,7 +75,7 @@ def create_app(settings: ServerSettings, client: TritonGenerateClient | None = N
             raise OpenAIError(404, f"the model '{name}' does not exist; this server serves '{settings.model}'",
                               "invalid_request_error", "model", "model_not_found")
 
-    async def failure(exc: Exception) -> OpenAIError:
+    async def failure(exc: Exception, prompt_param: str) -> OpenAIError:
         """What a request that failed before its first token tells the client."""
         if isinstance(exc, TritonUnreachable) or not await client.model_ready():
             return not_ready(f"the model '{settings.model}' is not ready: {exc}")
@@ -84,10 +85,13 @@ def create_app(settings: ServerSettings, client: TritonGenerateClient | None = N
         if _UNAVAILABLE.search(message):
             return OpenAIError(503, message, "service_unavailable", None, None)
         named = _NAMED_FIELD.search(message)  # the engine's INVALID_ARG message names the field
-        return invalid(message, named.group(1) if named else None)
+        if named:
+            return invalid(message, named.group(1))
+        return invalid(message, prompt_param if _PROMPT_WORDS.search(message) else None)
 
     async def run(request: Request, body: Any, shape: ChatShape | CompletionShape, gen: GenerateRequest,
                   choice: ChoiceBuilder) -> Response:
+        gen.request_id = shape.id  # the OpenAI id in Triton's logs and traces
         pieces = client.generate(gen)
         try:
             if not body.stream:
@@ -98,7 +102,7 @@ def create_app(settings: ServerSettings, client: TritonGenerateClient | None = N
                 raise TritonUnreachable("tritonserver ended the stream without a response")
         except (TritonRequestError, TritonUnreachable) as exc:
             await pieces.aclose()
-            raise await failure(exc) from None
+            raise await failure(exc, "messages" if isinstance(body, ChatCompletionRequest) else "prompt") from None
         except ClientGone:
             await pieces.aclose()
             return Response(status_code=499)
