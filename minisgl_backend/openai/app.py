@@ -9,7 +9,7 @@ import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import AsyncIterator, Awaitable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,7 +59,7 @@ def create_app(settings: ServerSettings, client: TritonGenerateClient | None = N
                tokenizers: TokenizerSource | None = None) -> FastAPI:
     client = client or TritonGenerateClient(settings.triton_url, settings.model)
     tokenizers = tokenizers or TokenizerSource(client, settings.tokenizer, settings.chat_template)
-    started = int(time.time())
+    routes = Routes(settings, client, tokenizers)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -69,30 +69,77 @@ def create_app(settings: ServerSettings, client: TritonGenerateClient | None = N
 
     app = FastAPI(title="minisgl OpenAI-compatible API", lifespan=lifespan)
     _install_error_handlers(app)
+    app.post("/v1/chat/completions")(routes.chat_completions)
+    app.post("/v1/completions")(routes.completions)
+    app.get("/v1/models")(routes.list_models)
+    app.get("/v1/models/{name:path}")(routes.get_model)
+    app.get("/health")(routes.health)
+    return app
 
-    def check_model(name: str) -> None:
-        if name != settings.model:
-            raise OpenAIError(404, f"the model '{name}' does not exist; this server serves '{settings.model}'",
+
+class Routes:
+    def __init__(self, settings: ServerSettings, client: TritonGenerateClient, tokenizers: TokenizerSource) -> None:
+        self.settings = settings
+        self.client = client
+        self.tokenizers = tokenizers
+        self.started = int(time.time())
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._check(body)
+        renderer = await self.tokenizers.renderer()
+        prompt = renderer.render(body.messages)
+        gen = GenerateRequest(prompt, body.sampling_parameters(self._max_tokens(body)),
+                              stream=body.stream or body.logprobs, logprobs=body.logprobs)
+        choice = ChoiceBuilder(renderer.token_strings, body.logprobs)
+        return await self._run(request, body, ChatShape(self.settings.model), gen, choice, "messages")
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._check(body)
+        want_logprobs = body.logprobs is not None
+        token_strings = (await self.tokenizers.renderer()).token_strings if want_logprobs else _no_token_strings
+        gen = GenerateRequest(body.single_prompt(), body.sampling_parameters(self._max_tokens(body)),
+                              stream=body.stream or want_logprobs, logprobs=want_logprobs)
+        choice = ChoiceBuilder(token_strings, want_logprobs)
+        return await self._run(request, body, CompletionShape(self.settings.model), gen, choice, "prompt")
+
+    async def list_models(self) -> dict:
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def get_model(self, name: str) -> dict:
+        self._check_model(name)
+        return self._model_card()
+
+    async def health(self) -> Response:
+        if await self.client.model_ready():
+            return JSONResponse({"status": "ok", "model": self.settings.model})
+        raise not_ready(f"the Triton model '{self.settings.model}' at {self.settings.triton_url} is not ready")
+
+    # ------------------------------------------------------------ internals
+
+    def _model_card(self) -> dict:
+        return {"id": self.settings.model, "object": "model", "created": self.started, "owned_by": "minisgl"}
+
+    def _check_model(self, name: str) -> None:
+        if name != self.settings.model:
+            raise OpenAIError(404, f"the model '{name}' does not exist; this server serves '{self.settings.model}'",
                               "invalid_request_error", "model", "model_not_found")
 
-    async def failure(exc: Exception, prompt_param: str) -> OpenAIError:
-        """What a request that failed before its first token tells the client."""
-        if isinstance(exc, TritonUnreachable) or not await client.model_ready():
-            return not_ready(f"the model '{settings.model}' is not ready: {exc}")
-        message = str(exc)
-        if _INTERNAL.search(message):
-            return server_error(message)
-        if _UNAVAILABLE.search(message):
-            return OpenAIError(503, message, "service_unavailable", None, None)
-        named = _NAMED_FIELD.search(message)  # the engine's INVALID_ARG message names the field
-        if named:
-            return invalid(message, named.group(1))
-        return invalid(message, prompt_param if _PROMPT_WORDS.search(message) else None)
+    def _check(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        self._check_model(body.model)
+        if (error := body.unsupported()) is not None:
+            raise error
 
-    async def run(request: Request, body: Any, shape: ChatShape | CompletionShape, gen: GenerateRequest,
-                  choice: ChoiceBuilder) -> Response:
+    def _max_tokens(self, body: ChatCompletionRequest | CompletionRequest) -> int:
+        requested = body.requested_max_tokens()
+        if requested is not None:
+            return requested
+        return self.settings.default_max_tokens or UNTIL_CONTEXT_ENDS
+
+    async def _run(self, request: Request, body: ChatCompletionRequest | CompletionRequest,
+                   shape: ChatShape | CompletionShape, gen: GenerateRequest, choice: ChoiceBuilder,
+                   prompt_param: str) -> Response:
         gen.request_id = shape.id  # the OpenAI id in Triton's logs and traces
-        pieces = client.generate(gen)
+        pieces = self.client.generate(gen)
         try:
             if not body.stream:
                 await _until_disconnect(request, _collect(pieces, choice))
@@ -102,62 +149,26 @@ def create_app(settings: ServerSettings, client: TritonGenerateClient | None = N
                 raise TritonUnreachable("tritonserver ended the stream without a response")
         except (TritonRequestError, TritonUnreachable) as exc:
             await pieces.aclose()
-            raise await failure(exc, "messages" if isinstance(body, ChatCompletionRequest) else "prompt") from None
+            raise await self._failure(exc, prompt_param) from None
         except ClientGone:
             await pieces.aclose()
             return Response(status_code=499)
         return StreamingResponse(_events(shape, choice, first, pieces, body.include_usage_in_stream),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def max_tokens(body: ChatCompletionRequest | CompletionRequest) -> int:
-        requested = body.requested_max_tokens()
-        if requested is not None:
-            return requested
-        return settings.default_max_tokens or UNTIL_CONTEXT_ENDS
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        check_model(body.model)
-        if (error := body.unsupported()) is not None:
-            raise error
-        renderer = await tokenizers.renderer()
-        prompt = renderer.render(body.messages)
-        gen = GenerateRequest(prompt, body.sampling_parameters(max_tokens(body)),
-                              stream=body.stream or body.logprobs, logprobs=body.logprobs)
-        choice = ChoiceBuilder(renderer.token_strings, body.logprobs)
-        return await run(request, body, ChatShape(settings.model), gen, choice)
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        check_model(body.model)
-        if (error := body.unsupported()) is not None:
-            raise error
-        want_logprobs = body.logprobs is not None
-        token_strings = (await tokenizers.renderer()).token_strings if want_logprobs else _no_token_strings
-        gen = GenerateRequest(body.single_prompt(), body.sampling_parameters(max_tokens(body)),
-                              stream=body.stream or want_logprobs, logprobs=want_logprobs)
-        choice = ChoiceBuilder(token_strings, want_logprobs)
-        return await run(request, body, CompletionShape(settings.model), gen, choice)
-
-    def model_card() -> dict:
-        return {"id": settings.model, "object": "model", "created": started, "owned_by": "minisgl"}
-
-    @app.get("/v1/models")
-    async def list_models() -> dict:
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{name:path}")
-    async def get_model(name: str) -> dict:
-        check_model(name)
-        return model_card()
-
-    @app.get("/health")
-    async def health() -> Response:
-        if await client.model_ready():
-            return JSONResponse({"status": "ok", "model": settings.model})
-        raise not_ready(f"the Triton model '{settings.model}' at {settings.triton_url} is not ready")
-
-    return app
+    async def _failure(self, exc: Exception, prompt_param: str) -> OpenAIError:
+        """What a request that failed before its first token tells the client."""
+        if isinstance(exc, TritonUnreachable) or not await self.client.model_ready():
+            return not_ready(f"the model '{self.settings.model}' is not ready: {exc}")
+        message = str(exc)
+        if _INTERNAL.search(message):
+            return server_error(message)
+        if _UNAVAILABLE.search(message):
+            return OpenAIError(503, message, "service_unavailable", None, None)
+        named = _NAMED_FIELD.search(message)  # the engine's INVALID_ARG message names the field
+        if named:
+            return invalid(message, named.group(1))
+        return invalid(message, prompt_param if _PROMPT_WORDS.search(message) else None)
 
 
 # ---------------------------------------------------------------- helpers
