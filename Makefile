@@ -8,6 +8,7 @@
 #   make bench-latency [MODEL=...]  TTFT / inter-token latency through tritonserver at 1, 16, 64 streams
 #   make bench-triton [MODEL=...]   perf_analyzer streaming profile against a real tritonserver
 #   make bench-serving              serving-layer cost: in-process vs tritonserver + perf_analyzer, 1..256 streams
+#   make bench-openai               the OpenAI frontend vs direct gRPC streaming (TTFT, ITL, tokens/s)
 #   make genai-perf                 genai-perf + perf_analyzer 2.60 (then client_examples/genai_perf.sh)
 
 PYTHON ?= python3
@@ -38,10 +39,10 @@ PERF_ANALYZER := build/perf_analyzer/perf_analyzer
 
 export MODEL TP HTTP_PORT GRPC_PORT METRICS_PORT SETTINGS
 
-.PHONY: setup model serve test bench bench-latency bench-triton bench-serving perf-analyzer perf-analyzer-260 genai-perf clean help
+.PHONY: setup model serve test bench bench-latency bench-triton bench-serving perf-analyzer perf-analyzer-260 genai-perf clean help bench-openai
 
 help:
-	@sed -n '1,15p' Makefile
+	@sed -n '1,16p' Makefile
 
 setup: $(SETUP_STAMP) $(TRITON_STAMP)
 
@@ -98,6 +99,9 @@ bench-latency: setup
 
 bench-serving: setup perf-analyzer
 	$(PY) benchmarks/serving_overhead.py
+
+bench-openai: setup
+	$(PY) benchmarks/openai_frontend.py
 
 bench-triton: setup perf-analyzer
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory model; fi

@@ -3,6 +3,10 @@
 
     python client_examples/grpc_stream.py "What is the capital of France?" --max-tokens 64
     python client_examples/grpc_stream.py --url localhost:8001 --temperature 0.7 --chat "Tell me a joke"
+    python client_examples/grpc_stream.py --chat --tokenizer /path/to/hf/model "Hi"
+
+text_input is a raw prompt; --chat renders it as a user turn with the model's own chat template
+(`apply_chat_template` of the tokenizer in --tokenizer, default build/models/smollm2).
 
 Prints each piece of text as it arrives, then the finish reason and token counts.
 Ctrl-C cancels the request on the server (stop_stream(cancel_requests=True)).
@@ -15,9 +19,21 @@ import json
 import queue
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+
+
+DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "build" / "models" / "smollm2"
+
+
+def chat_prompt(tokenizer_dir: str, user_text: str) -> str:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def main() -> int:
@@ -30,12 +46,12 @@ def main() -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true",
-                   help="wrap the prompt in a SmolLM2 / ChatML style chat turn")
+                   help="render the prompt as a user turn with the model's chat template")
+    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
+                   help="tokenizer folder whose chat template --chat uses (default: %(default)s)")
     args = p.parse_args()
 
-    prompt = args.prompt
-    if args.chat:
-        prompt = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    prompt = chat_prompt(args.tokenizer, args.prompt) if args.chat else args.prompt
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if args.seed is not None:
         sampling["seed"] = args.seed

@@ -1,0 +1,230 @@
+"""The OpenAI frontend's cost: TTFT, inter-token latency and output tokens/s through
+`python -m minisgl_backend.openai` (HTTP + SSE) against direct gRPC streaming to the same
+tritonserver, at several concurrencies, on the same prompts (the chat template rendered once
+here and sent as text_input on the direct path; messages on the frontend path).
+
+Starts tritonserver and the frontend (its own process, as `make serve` runs it) on free ports,
+serving a micro random Llama (hidden 64, 2 layers) so that the engine is cheap and the serving
+layers dominate. Both load generators are asyncio clients in this process (grpc.aio for direct,
+plain asyncio HTTP/1.1 for SSE, both well under a millisecond of CPU per request); each
+concurrency runs direct and frontend alternately for `--rounds` rounds.
+Prints JSON; `ratio_tok_per_s` = frontend / direct (1.0: the frontend costs nothing), and the
+frontend process's CPU time per output token (utime + stime from /proc), which other load on
+the machine disturbs far less than wall-clock rates.
+
+    python benchmarks/openai_frontend.py                          # 1, 16, 64 streams, 64 tokens each
+    python benchmarks/openai_frontend.py --concurrency 64 --output-len 128 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QUESTIONS = ["Write a short poem about the sea.", "What is the capital of France?",
+             "Explain what a KV cache is in one paragraph.", "List three prime numbers.",
+             "Tell me a story about a robot who learns to paint.", "How do airplanes fly?"]
+SETTINGS = {"max_total_tokens": 65536, "page_size": 16, "max_running_requests": 256}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF folder (default: a micro random Llama made here)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--requests-per-stream", type=int, default=2)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    return p.parse_args()
+
+
+@dataclass
+class Record:
+    start: float
+    event_times: list[float] = field(default_factory=list)  # responses / SSE chunks that carried text
+    tokens: int = 0
+    error: str | None = None
+
+
+# ---------------------------------------------------------------- direct gRPC
+
+
+async def direct_request(client: Any, prompt: str, output_len: int) -> Record:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    def tensor(name: str, value: Any, dtype: str) -> Any:
+        t = grpcclient.InferInput(name, [1], dtype)
+        t.set_data_from_numpy(np.array([value], dtype=object if dtype == "BYTES" else np.bool_))
+        return t
+
+    sampling = json.dumps({"max_tokens": output_len, "temperature": 0.0, "ignore_eos": True})
+    inputs = [tensor("text_input", prompt.encode(), "BYTES"), tensor("stream", True, "BOOL"),
+              tensor("sampling_parameters", sampling.encode(), "BYTES"),
+              tensor("return_num_output_tokens", True, "BOOL")]
+
+    async def requests():
+        yield {"model_name": "minisgl", "inputs": inputs}
+
+    record = Record(time.perf_counter())
+    async for result, error in client.stream_infer(requests()):
+        if error is not None:
+            record.error = str(error)
+            break
+        response = result.get_response()
+        if response.outputs:
+            if result.as_numpy("text_output")[0]:
+                record.event_times.append(time.perf_counter())
+            record.tokens += int(result.as_numpy("num_output_tokens")[0])
+        if response.parameters["triton_final_response"].bool_param:
+            break
+    return record
+
+
+# ---------------------------------------------------------------- through the frontend
+
+
+async def frontend_request(base_url: str, messages: list[dict], output_len: int) -> Record:
+    """One streamed chat completion over a plain asyncio connection: an HTTP client library
+    (httpx) costs ~6 ms of CPU per request here, more than the frontend itself, and the load
+    generator shares the machine with what it measures."""
+    host, port = base_url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "minisgl", "messages": messages, "max_tokens": output_len, "temperature": 0.0,
+                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    record = Record(time.perf_counter())
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head + body)
+        status = await reader.readline()
+        if b" 200 " not in status:
+            record.error = status.decode(errors="replace") + (await reader.read()).decode(errors="replace")
+            return record
+        # chunked transfer encoding: each SSE event is one chunk, so events are whole lines
+        async for line in reader:  # string tests, not JSON: the load generator stays cheap
+            if line.startswith(b'data: {"id"') and b'"usage": {' in line:
+                record.tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+            elif b'"content": "' in line and b'"content": ""' not in line:
+                record.event_times.append(time.perf_counter())
+    finally:
+        writer.close()
+    return record
+
+
+# ---------------------------------------------------------------- driver
+
+
+async def run_streams(make_request, concurrency: int, per_stream: int) -> tuple[list[Record], float]:
+    async def stream(k: int) -> list[Record]:
+        return [await make_request((k + i) % len(QUESTIONS)) for i in range(per_stream)]
+
+    start = time.perf_counter()
+    groups = await asyncio.gather(*(stream(k) for k in range(concurrency)))
+    return [r for g in groups for r in g], time.perf_counter() - start
+
+
+def summarise(records: list[Record], elapsed: float) -> dict[str, Any]:
+    ok = [r for r in records if r.error is None and r.event_times]
+    ttft = [r.event_times[0] - r.start for r in ok]
+    itl = [b - a for r in ok for a, b in zip(r.event_times, r.event_times[1:])]
+    tpot = [(r.event_times[-1] - r.event_times[0]) / (r.tokens - 1) for r in ok if r.tokens > 1]
+    ms = lambda xs, q: round(1000 * statistics.quantiles(xs, n=100)[q - 1], 2) if len(xs) > 1 else (  # noqa: E731
+        round(1000 * xs[0], 2) if xs else None)
+    tokens = sum(r.tokens for r in ok)
+    return {"requests": len(records), "errors": [r.error for r in records if r.error][:3],
+            "ttft_ms": {"p50": ms(ttft, 50), "p90": ms(ttft, 90)},
+            "itl_ms": {"p50": ms(itl, 50), "p90": ms(itl, 90)},
+            "tpot_ms_mean": round(1000 * statistics.mean(tpot), 2) if tpot else None,
+            "output_tokens": tokens, "seconds": round(elapsed, 3),
+            "output_tok_per_s": round(tokens / elapsed, 1)}
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds (Linux /proc)."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(grpc_url: str, base_url: str, frontend_pid: int, prompts: list[str],
+                  args: argparse.Namespace) -> list[dict]:
+    import tritonclient.grpc.aio as aio
+
+    grpc_client = aio.InferenceServerClient(grpc_url)
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    paths = {"direct": lambda i: direct_request(grpc_client, prompts[i], args.output_len),
+             "frontend": lambda i: frontend_request(base_url, conversations[i], args.output_len)}
+    try:
+        for path in paths.values():  # warm-up: connections, first prefill
+            await run_streams(path, 2, 1)
+        rows = []
+        for concurrency in args.concurrency:
+            rounds: dict[str, list[dict]] = {"direct": [], "frontend": []}
+            for _ in range(args.rounds):
+                for name, path in paths.items():
+                    frontend_cpu, client_cpu = process_cpu_s(frontend_pid), time.process_time()
+                    records, elapsed = await run_streams(path, concurrency, args.requests_per_stream)
+                    row = summarise(records, elapsed)
+                    tokens = max(row["output_tokens"], 1)
+                    row["client_cpu_ms_per_token"] = round(1000 * (time.process_time() - client_cpu) / tokens, 3)
+                    if name == "frontend":
+                        row["frontend_cpu_ms_per_token"] = round(
+                            1000 * (process_cpu_s(frontend_pid) - frontend_cpu) / tokens, 3)
+                    rounds[name].append(row)
+            direct = statistics.median(r["output_tok_per_s"] for r in rounds["direct"])
+            frontend = statistics.median(r["output_tok_per_s"] for r in rounds["frontend"])
+            rows.append({"concurrency": concurrency, "direct": rounds["direct"], "frontend": rounds["frontend"],
+                         "direct_tok_per_s_median": direct, "frontend_tok_per_s_median": frontend,
+                         "ratio_tok_per_s": round(frontend / direct, 3),
+                         "frontend_cpu_ms_per_token_median": statistics.median(
+                             r["frontend_cpu_ms_per_token"] for r in rounds["frontend"])})
+        return rows
+    finally:
+        await grpc_client.close()
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    from minisgl_backend.openai.launcher import OpenAIFrontend
+    from minisgl_backend.tools.make_tiny_model import make_tiny_model
+    from minisgl_backend.triton.repository import make_model_repository
+    from minisgl_backend.triton.server import TritonServer, triton_available
+
+    args = parse_args()
+    if triton_available():
+        raise SystemExit(triton_available())
+    work = Path(tempfile.mkdtemp(prefix="minisgl-openai-bench-"))
+    model = args.model or make_tiny_model(str(work / "micro"), hidden_size=64, num_layers=2)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                             add_generation_prompt=True) for q in QUESTIONS]
+    repo = make_model_repository(work / "repo", {"model_path": model, **SETTINGS})
+    triton = TritonServer(repo, work / "triton.log").start()
+    frontend = OpenAIFrontend(triton.grpc_url, work / "frontend.log")
+    try:
+        frontend.start()
+        rows = asyncio.run(measure(triton.grpc_url, frontend.base_url, frontend.proc.pid, prompts, args))
+    finally:
+        frontend.stop()
+        triton.stop()
+    print(json.dumps({"model": "micro llama (hidden 64, 2 layers)" if args.model is None else args.model,
+                      "output_len": args.output_len, "requests_per_stream": args.requests_per_stream,
+                      "rounds": args.rounds, "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

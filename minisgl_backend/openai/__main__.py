@@ -1,0 +1,50 @@
+"""python -m minisgl_backend.openai: an OpenAI-compatible HTTP server in front of tritonserver.
+
+    python -m minisgl_backend.openai --triton-url 127.0.0.1:8001 --model minisgl --port 9000
+    curl localhost:9000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "minisgl", "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from minisgl_backend.openai.app import ServerSettings, create_app
+
+
+def parse_args(argv: list[str] | None = None) -> ServerSettings:
+    p = argparse.ArgumentParser(prog="python -m minisgl_backend.openai", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--triton-url", default="127.0.0.1:8001", help="tritonserver's gRPC address (host:port)")
+    p.add_argument("--model", default="minisgl", help="the Triton model to serve; also the name /v1/models lists")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer folder holding the chat template (default: the served model's folder, "
+                        "from the Triton model's model_path parameter)")
+    p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template overriding the "
+                                                                          "tokenizer's")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--default-max-tokens", type=int, default=None, metavar="N",
+                   help="max_tokens of requests that set none (default: until the context ends, as OpenAI; "
+                        "a Triton vLLM-backend model needs a number here)")
+    args = p.parse_args(argv)
+    return ServerSettings(triton_url=args.triton_url, model=args.model, tokenizer=args.tokenizer,
+                          chat_template=args.chat_template, host=args.host, port=args.port,
+                          default_max_tokens=args.default_max_tokens)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    settings = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[minisgl-openai] %(levelname)s %(message)s")
+    # grpc.aio runs on asyncio's own loop (uvloop is not a dependency). Idle keep-alive
+    # connections live longer than clients keep them (httpx: 5 s), so a client never reuses a
+    # connection the server is closing at that moment (a ReadError on the next request).
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="asyncio",
+                log_level="warning", timeout_keep_alive=30, timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()

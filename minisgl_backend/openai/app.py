@@ -1,0 +1,278 @@
+"""The FastAPI application: routes, server-sent events, errors, cancellation on disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minisgl_backend.openai.errors import OpenAIError, invalid, not_ready, server_error
+from minisgl_backend.openai.protocol import ChatCompletionRequest, CompletionRequest
+from minisgl_backend.openai.responses import ChatShape, ChoiceBuilder, CompletionShape
+from minisgl_backend.openai.tokenizer_source import TokenizerSource
+from minisgl_backend.openai.triton_client import (GenerateRequest, Piece, TritonGenerateClient, TritonRequestError,
+                                                  TritonUnreachable)
+
+logger = logging.getLogger("minisgl.openai")
+
+# The engine caps max_tokens at the end of the context (finish_reason "length"), so "until the
+# context ends" (OpenAI's default) is the largest value the contract's INT32 takes.
+UNTIL_CONTEXT_ENDS = 2**31 - 1
+
+# Triton's gRPC stream errors carry a message but no status code: messages of failures that
+# are the server's, not the request's (the rest of what fails before any token is a 400).
+_UNAVAILABLE = re.compile(r"overloaded|engine failure|engine is not running|being unloaded|unknown model|"
+                          r"not ready|not found|unavailable", re.IGNORECASE)
+_INTERNAL = re.compile(r"^(\[request id: [^\]]*\] )?\w+(Error|Exception): ")
+_NAMED_FIELD = re.compile(r"(?:sampling )?parameter '(\w+)'")
+_PROMPT_WORDS = re.compile(r"input_ids|text_input|prompt|token id", re.IGNORECASE)
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServerSettings:
+    triton_url: str = "127.0.0.1:8001"
+    model: str = "minisgl"  # the Triton model name, also the name /v1/models lists
+    tokenizer: str | None = None  # folder; None: the served model's folder (model_path)
+    chat_template: str | None = None  # a Jinja file overriding the tokenizer's template
+    host: str = "0.0.0.0"
+    port: int = 9000
+    default_max_tokens: int | None = None  # None: until the context ends
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the answer was ready."""
+
+
+def create_app(settings: ServerSettings, client: TritonGenerateClient | None = None,
+               tokenizers: TokenizerSource | None = None) -> FastAPI:
+    client = client or TritonGenerateClient(settings.triton_url, settings.model)
+    tokenizers = tokenizers or TokenizerSource(client, settings.tokenizer, settings.chat_template)
+    routes = Routes(settings, client, tokenizers)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await tokenizers.try_load()  # a Triton that is not up yet is fine: loaded on first use
+        yield
+        await client.close()
+
+    app = FastAPI(title="minisgl OpenAI-compatible API", lifespan=lifespan)
+    _install_error_handlers(app)
+    app.post("/v1/chat/completions")(routes.chat_completions)
+    app.post("/v1/completions")(routes.completions)
+    app.get("/v1/models")(routes.list_models)
+    app.get("/v1/models/{name:path}")(routes.get_model)
+    app.get("/health")(routes.health)
+    return app
+
+
+class Routes:
+    def __init__(self, settings: ServerSettings, client: TritonGenerateClient, tokenizers: TokenizerSource) -> None:
+        self.settings = settings
+        self.client = client
+        self.tokenizers = tokenizers
+        self.started = int(time.time())
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._check(body)
+        renderer = await self.tokenizers.renderer()
+        prompt = renderer.render(body.messages)
+        gen = GenerateRequest(prompt, body.sampling_parameters(self._max_tokens(body)),
+                              stream=body.stream or body.logprobs, logprobs=body.logprobs)
+        choice = ChoiceBuilder(renderer.token_strings, body.logprobs)
+        return await self._run(request, body, ChatShape(self.settings.model), gen, choice, "messages")
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._check(body)
+        want_logprobs = body.logprobs is not None
+        token_strings = (await self.tokenizers.renderer()).token_strings if want_logprobs else _no_token_strings
+        gen = GenerateRequest(body.single_prompt(), body.sampling_parameters(self._max_tokens(body)),
+                              stream=body.stream or want_logprobs, logprobs=want_logprobs)
+        choice = ChoiceBuilder(token_strings, want_logprobs)
+        return await self._run(request, body, CompletionShape(self.settings.model), gen, choice, "prompt")
+
+    async def list_models(self) -> dict:
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def get_model(self, name: str) -> dict:
+        self._check_model(name)
+        return self._model_card()
+
+    async def health(self) -> Response:
+        if await self.client.model_ready():
+            return JSONResponse({"status": "ok", "model": self.settings.model})
+        raise not_ready(f"the Triton model '{self.settings.model}' at {self.settings.triton_url} is not ready")
+
+    # ------------------------------------------------------------ internals
+
+    def _model_card(self) -> dict:
+        return {"id": self.settings.model, "object": "model", "created": self.started, "owned_by": "minisgl"}
+
+    def _check_model(self, name: str) -> None:
+        if name != self.settings.model:
+            raise OpenAIError(404, f"the model '{name}' does not exist; this server serves '{self.settings.model}'",
+                              "invalid_request_error", "model", "model_not_found")
+
+    def _check(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        self._check_model(body.model)
+        if (error := body.unsupported()) is not None:
+            raise error
+
+    def _max_tokens(self, body: ChatCompletionRequest | CompletionRequest) -> int:
+        requested = body.requested_max_tokens()
+        if requested is not None:
+            return requested
+        return self.settings.default_max_tokens or UNTIL_CONTEXT_ENDS
+
+    async def _run(self, request: Request, body: ChatCompletionRequest | CompletionRequest,
+                   shape: ChatShape | CompletionShape, gen: GenerateRequest, choice: ChoiceBuilder,
+                   prompt_param: str) -> Response:
+        gen.request_id = shape.id  # the OpenAI id in Triton's logs and traces
+        pieces = self.client.generate(gen)
+        try:
+            if not body.stream:
+                await _until_disconnect(request, _collect(pieces, choice))
+                return JSONResponse(shape.response(choice))
+            first = await _until_disconnect(request, anext(pieces, None))
+            if first is None:
+                raise TritonUnreachable("tritonserver ended the stream without a response")
+        except (TritonRequestError, TritonUnreachable) as exc:
+            await pieces.aclose()
+            raise await self._failure(exc, prompt_param) from None
+        except ClientGone:
+            await pieces.aclose()
+            return Response(status_code=499)
+        return StreamingResponse(_events(shape, choice, first, pieces, body.include_usage_in_stream),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _failure(self, exc: Exception, prompt_param: str) -> OpenAIError:
+        """What a request that failed before its first token tells the client."""
+        if isinstance(exc, TritonUnreachable) or not await self.client.model_ready():
+            return not_ready(f"the model '{self.settings.model}' is not ready: {exc}")
+        message = str(exc)
+        if _INTERNAL.search(message):
+            return server_error(message)
+        if _UNAVAILABLE.search(message):
+            return OpenAIError(503, message, "service_unavailable", None, None)
+        named = _NAMED_FIELD.search(message)  # the engine's INVALID_ARG message names the field
+        if named:
+            return invalid(message, named.group(1))
+        return invalid(message, prompt_param if _PROMPT_WORDS.search(message) else None)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _no_token_strings(text: str, count: int) -> list[str]:
+    raise AssertionError("token strings are only needed for logprobs")
+
+
+async def _collect(pieces: AsyncIterator[Piece], choice: ChoiceBuilder) -> None:
+    async for piece in pieces:
+        choice.add(piece)
+        if piece.final:
+            break
+
+
+async def _until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`, cancelling it (and so its Triton request) if the client goes away."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    try:
+        await work
+    except (asyncio.CancelledError, Exception):
+        pass
+    raise ClientGone()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _events(shape: ChatShape | CompletionShape, choice: ChoiceBuilder, first: Piece,
+                  pieces: AsyncIterator[Piece], include_usage: bool) -> AsyncIterator[str]:
+    """The SSE body. A client that disconnects cancels this generator (Starlette), whose
+    `pieces.aclose()` cancels the gRPC call: Triton aborts the request and the engine frees its pages."""
+    try:
+        opening = shape.first_chunk(include_usage)
+        if opening is not None:
+            yield _event(opening)
+        piece: Piece | None = first
+        offset = 0
+        while piece is not None:
+            lp = choice.add(piece)
+            if piece.text or (lp is not None and lp.tokens):
+                yield _event(shape.text_chunk(piece.text, lp, offset, include_usage))
+                offset += len(piece.text)
+            if piece.final:
+                break
+            piece = await anext(pieces, None)
+        yield _event(shape.finish_chunk(choice.finish_reason or "stop", include_usage))
+        if include_usage:
+            yield _event(shape.usage_chunk(choice.usage))
+    except (TritonRequestError, TritonUnreachable) as exc:  # after the first token: the status is sent
+        yield _event(server_error(f"the request failed while streaming: {exc}").body())
+    finally:
+        await pieces.aclose()
+    yield "data: [DONE]\n\n"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(_validation_to_openai(exc.errors()).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(OpenAIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
+
+def _validation_to_openai(errors: list[dict]) -> OpenAIError:
+    """The first pydantic error, with the field it is about (`messages.0.content`)."""
+    if not errors:
+        return invalid("invalid request body")
+    first = max(errors, key=lambda e: len(e.get("loc", ())))  # a union's most specific complaint
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(p for p in loc if not _is_union_tag(p)) or None
+    if first.get("type") == "json_invalid":
+        return invalid(f"the request body is not valid JSON: {first.get('msg')}")
+    if first.get("type") == "extra_forbidden":
+        message = f"unsupported field '{param}': this server does not implement it"
+    elif first.get("type") == "missing":
+        message = f"missing required field '{param}'"
+    else:
+        message = f"invalid value for '{param}': {first.get('msg')}"
+    return invalid(message, param)
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic puts the union member tried into `loc` (`str`, `list[TextPart]`, `function-after[...]`)."""
+    return part in ("str", "int", "float", "bool", "dict") or "[" in part

