@@ -2,7 +2,8 @@
 #
 #   make setup [GPU=1]              venv + packages (+ flashinfer) + a runnable tritonserver in build/triton
 #   make serve [MODEL=/path] [TP=2] [HTTP_PORT=8000] [GRPC_PORT=8001] [METRICS_PORT=8002]
-#              [SETTINGS="page_size=32 max_total_tokens=65536"]
+#              [OPENAI_PORT=9000] [SETTINGS="page_size=32 max_total_tokens=65536"]
+#   make soak [SOAK_SECONDS=600] [MODEL=...]  2,000+ mixed requests through tritonserver (benchmarks/soak.py)
 #   make test                       the whole pytest suite (CPU; GPU tests skip without CUDA)
 #   make bench                      offline throughput + decode step vs bandwidth floor (benchmarks/)
 #   make bench-latency [MODEL=...]  TTFT / inter-token latency through tritonserver at 1, 16, 64 streams
@@ -27,6 +28,8 @@ TP ?= 1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+OPENAI_PORT ?= 9000
+SOAK_SECONDS ?= 600
 SETTINGS ?=
 DEFAULT_MODEL_DIR := build/models/smollm2
 PYTEST_ARGS ?=
@@ -35,12 +38,12 @@ SETUP_STAMP := $(VENV)/.minisgl-setup
 TRITON_STAMP := build/triton/env.sh
 PERF_ANALYZER := build/perf_analyzer/perf_analyzer
 
-export MODEL TP HTTP_PORT GRPC_PORT METRICS_PORT SETTINGS
+export MODEL TP HTTP_PORT GRPC_PORT METRICS_PORT OPENAI_PORT SETTINGS
 
-.PHONY: setup model serve test bench bench-latency bench-triton perf-analyzer perf-analyzer-260 genai-perf clean help
+.PHONY: setup model serve soak test bench bench-latency bench-triton perf-analyzer perf-analyzer-260 genai-perf clean help
 
 help:
-	@sed -n '1,14p' Makefile
+	@sed -n '1,15p' Makefile
 
 setup: $(SETUP_STAMP) $(TRITON_STAMP)
 
