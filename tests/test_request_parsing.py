@@ -218,7 +218,7 @@ def test_abort_and_error_replies():
 
 
 @pytest.mark.parametrize("kind,code", [("invalid_request", "INVALID_ARG"), ("overloaded", "UNAVAILABLE"),
-                                       ("engine_failure", "INTERNAL")])
+                                       ("engine_failure", "INTERNAL"), ("request_failure", "INTERNAL")])
 def test_engine_error_kinds_map_to_triton_codes(kind, code):
     out = _out("", [], finished=True, reason="error")
     out.error, out.error_kind = "why", ErrorKind(kind)

@@ -69,7 +69,7 @@ class Serve:
 
     def generate(self) -> dict:
         req = urllib.request.Request(f"http://127.0.0.1:{self.ports['HTTP_PORT']}/v2/models/minisgl/generate",
-                                     data=b'{"text_input": "Hi", "parameters": {"max_tokens": 4}}', method="POST")
+                                     data=b'{"text_input": "Hi", "parameters": {"max_tokens": 4, "temperature": 0}}', method="POST")
         with urllib.request.urlopen(req, timeout=60) as resp:
             import json
 
@@ -184,3 +184,50 @@ def test_make_serve_stops_everything(tiny_llama, tmp_path, how):
         assert "stopping tritonserver and the engine" in serve.text()
     else:
         assert "tritonserver exited" in serve.text() and serve.make.returncode != 0
+
+
+def test_stub_death_under_make_serve_fails_streams_and_serves_again(tiny_llama, tmp_path):
+    """SIGKILL to the Python-backend stub while streams run: the scheduler processes follow within
+    5 s, every stream gets an error, and the supervisor restarts tritonserver, so the model is
+    READY again and serves the same greedy output (Triton alone would keep the model READY and
+    leave the streams unanswered: see test_triton_reliability)."""
+    require_triton()
+    from tests.triton_server import GrpcStream, grpc_inputs
+
+    serve = Serve(tiny_llama, tmp_path / "serve.log")
+    clients = []
+    try:
+        serve.wait_ready()
+        before = serve.generate()["text_output"]
+        stub = next(pid for pid, _, cmd in serve.tree if "triton_python_backend_stub" in cmd)
+        schedulers = [p for p in serve.tree if "minisgl_backend.launch" in p[2]]
+        clients = [GrpcStream(f"127.0.0.1:{serve.ports['GRPC_PORT']}") for _ in range(3)]
+        for i, client in enumerate(clients):
+            client.send(f"s{i}", grpc_inputs(f"stream {i}", stream=True), parameters={"max_tokens": 3000,
+                                                                                   "ignore_eos": True})
+        time.sleep(2)
+        os.kill(stub, signal.SIGKILL)
+        killed = time.monotonic()
+        while any(is_alive(*p[:2]) for p in schedulers):
+            assert time.monotonic() - killed < 5, "scheduler processes outlived the stub by 5 s"
+            time.sleep(0.05)
+        for i, client in enumerate(clients):
+            got = client.collect([f"s{i}"], timeout=120)[f"s{i}"]
+            assert got["error"] is not None and not got["final"], f"stream {i} got no error: {got}"
+        deadline = time.monotonic() + 300
+        while serve.text().count("serve: READY") < 2:
+            assert serve.make.poll() is None and time.monotonic() < deadline, serve.text()[-3000:]
+            time.sleep(0.5)
+        assert "restarting tritonserver (1/3)" in serve.text()
+        assert serve.generate()["text_output"] == before, "the restarted model serves the same greedy output"
+        serve.tree = descendants(serve.make.pid)
+        started = time.monotonic()
+        serve.make.send_signal(signal.SIGTERM)
+        serve.assert_all_gone(started)
+    finally:
+        for client in clients:
+            try:
+                client.close(cancel=True)
+            except Exception:
+                pass
+        serve.cleanup()

@@ -14,6 +14,9 @@ signal can die before it stops the server. Here:
   tied to our parent (make), so `kill -9 <make>` still stops everything.
 * we are a child subreaper: the stub and the scheduler processes, orphaned if tritonserver dies
   first, become our children, so the final sweep finds and kills them.
+* if the Python-backend stub dies while serving (or the engine fails and the model unloads),
+  tritonserver is restarted (up to --max-restarts times): Triton itself would keep the model
+  READY and leave the streams in flight unanswered.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Supervisor:
         self.stop_signal: int | None = None
         self.server: subprocess.Popen | None = None
         self.openai: subprocess.Popen | None = None
+        self.restarts = 0
 
     # ------------------------------------------------------------ signals
 
@@ -78,6 +82,19 @@ class Supervisor:
     # ------------------------------------------------------------ run
 
     def run(self) -> int:
+        try:
+            code = self._start_all()
+            while code is None:  # None: serving stopped without an exit code, start again
+                code = self._serve()
+                if code is None:
+                    self._kill_all()
+                    code = self._start_all()
+        finally:
+            self._stop()
+        return code
+
+    def _start_all(self) -> int | None:
+        """tritonserver, then (once the model is READY) the OpenAI frontend; None when serving."""
         a = self.args
         say(f"tritonserver --model-repository {a.model_repository} (http {a.http_port}, grpc {a.grpc_port}, "
             f"metrics {a.metrics_port})")
@@ -86,14 +103,18 @@ class Supervisor:
                                    "--metrics-port", str(a.metrics_port), "--exit-timeout-secs", str(a.exit_timeout),
                                    # an engine that dies unloads the model, and readiness says so
                                    "--model-control-mode=explicit", f"--load-model={MODEL}", *a.triton_args])
-        try:
-            code = self._wait_ready()
-            if code is None:
-                self._start_openai()
-                code = self._serve()
-        finally:
-            self._stop()
+        code = self._wait_ready()
+        if code is None:
+            self._start_openai()
         return code
+
+    def _kill_all(self) -> None:
+        for proc in (self.openai, self.server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.openai = None
+        _kill_adopted()
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
         return subprocess.Popen(cmd, cwd=str(ROOT), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
@@ -125,14 +146,32 @@ class Supervisor:
         say(f"READY  curl -X POST localhost:{self.args.http_port}/v2/models/{MODEL}/generate "
             "-d '{\"text_input\":\"Hi\",\"parameters\":{\"max_tokens\":16}}'")
 
-    def _serve(self) -> int:
+    def _serve(self) -> int | None:
+        """Until a stop signal (its exit code) or a child's death (1); None: restart everything."""
+        next_stub_check = time.monotonic() + 1.0
         while self.stop_signal is None:
             for name, proc in (("tritonserver", self.server), ("the OpenAI frontend", self.openai)):
                 if proc is not None and proc.poll() is not None:
                     say(f"{name} exited ({proc.returncode}): stopping everything")
                     return 1
+            if time.monotonic() > next_stub_check:
+                next_stub_check = time.monotonic() + 1.0
+                if not _has_stub(self.server.pid):
+                    return self._after_stub_death()
             time.sleep(0.2)
         return 128 + self.stop_signal
+
+    def _after_stub_death(self) -> int | None:
+        """Triton (2.51) neither restarts a decoupled model's stub nor answers its streams in flight,
+        and keeps the model READY: restarting the server is the only way to fail those streams
+        (their connections drop) and serve again."""
+        if self.restarts >= self.args.max_restarts:
+            say(f"the Python-backend stub is gone and {self.restarts} restarts were used up: stopping")
+            return 1
+        self.restarts += 1
+        say(f"the Python-backend stub is gone (it died, or the engine failed and the model unloaded): "
+            f"restarting tritonserver ({self.restarts}/{self.args.max_restarts})")
+        return None
 
     # ------------------------------------------------------------ stop
 
@@ -160,6 +199,17 @@ def _is_ready(url: str) -> bool:
             return resp.status == 200
     except OSError:
         return False
+
+
+def _has_stub(server_pid: int) -> bool:
+    for pid in _children(server_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"triton_python_backend_stub" in f.read():
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _children(pid: int) -> list[int]:
@@ -210,6 +260,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--openai-port", type=int, default=9000)
     parser.add_argument("--exit-timeout", type=int, default=15, help="seconds tritonserver may take to stop")
     parser.add_argument("--ready-timeout", type=float, default=900.0)
+    parser.add_argument("--max-restarts", type=int, default=3,
+                        help="times tritonserver is restarted after its Python-backend stub died")
     parser.add_argument("triton_args", nargs="*", help="more tritonserver flags (after --)")
     return parser.parse_args(argv)
 
