@@ -85,6 +85,10 @@ serve: setup
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory model; fi
 	scripts/serve.sh
 
+# 2,000+ mixed requests (streaming, cancelled, hostile...) on a tiny model and KV pool; JSON report
+soak: setup
+	$(PY) benchmarks/soak.py --seconds $(SOAK_SECONDS) --min-requests 2000 $(if $(MODEL),--model $(MODEL))
+
 test: setup
 	@# perf_analyzer: if its install fails, its test fails (MINISGL_ALLOW_NO_TRITON=1 makes it a skip)
 	-@$(MAKE) --no-print-directory perf-analyzer
