@@ -108,4 +108,5 @@ def test_device_failures_are_not_isolated():
 
     assert is_device_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert is_device_failure(MemoryError())
+    assert is_device_failure(RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"))
     assert not is_device_failure(ValueError("top_k must be positive"))

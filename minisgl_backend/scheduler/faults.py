@@ -11,8 +11,9 @@ from __future__ import annotations
 from minisgl_backend.batch import Batch
 from minisgl_backend.config import FaultConfig
 
+# device errors, and collective errors (a peer rank died): re-running a request cannot help
 _DEVICE_MARKERS = ("CUDA error", "CUDA out of memory", "device-side assert", "NCCL", "cuDNN", "CUBLAS_STATUS",
-                   "illegal memory access")
+                   "illegal memory access", "gloo", "Connection closed by peer", "Connection reset by peer")
 
 
 class InjectedFault(RuntimeError):
