@@ -2,7 +2,8 @@
 #
 #   make setup [GPU=1]              venv + packages (+ flashinfer) + a runnable tritonserver in build/triton
 #   make serve [MODEL=/path] [TP=2] [HTTP_PORT=8000] [GRPC_PORT=8001] [METRICS_PORT=8002]
-#              [SETTINGS="page_size=32 max_total_tokens=65536"]
+#              [OPENAI_PORT=9000] [SETTINGS="page_size=32 max_total_tokens=65536"]
+#   make soak [SOAK_SECONDS=600] [MODEL=...]  2,000+ mixed requests through tritonserver (benchmarks/soak.py)
 #   make test                       the whole pytest suite (CPU; GPU tests skip without CUDA)
 #   make bench                      offline throughput + decode step vs bandwidth floor (benchmarks/)
 #   make bench-latency [MODEL=...]  TTFT / inter-token latency through tritonserver at 1, 16, 64 streams
@@ -29,6 +30,8 @@ TP ?= 1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+OPENAI_PORT ?= 9000
+SOAK_SECONDS ?= 600
 SETTINGS ?=
 DEFAULT_MODEL_DIR := build/models/smollm2
 PYTEST_ARGS ?=
@@ -37,12 +40,12 @@ SETUP_STAMP := $(VENV)/.minisgl-setup
 TRITON_STAMP := build/triton/env.sh
 PERF_ANALYZER := build/perf_analyzer/perf_analyzer
 
-export MODEL TP HTTP_PORT GRPC_PORT METRICS_PORT SETTINGS
+export MODEL TP HTTP_PORT GRPC_PORT METRICS_PORT OPENAI_PORT SETTINGS
 
-.PHONY: setup model serve test bench bench-latency bench-triton bench-serving perf-analyzer perf-analyzer-260 genai-perf clean help bench-openai
+.PHONY: setup model serve soak test bench bench-latency bench-triton bench-serving bench-openai perf-analyzer perf-analyzer-260 genai-perf clean help
 
 help:
-	@sed -n '1,16p' Makefile
+	@sed -n '1,/^$$/p' Makefile
 
 setup: $(SETUP_STAMP) $(TRITON_STAMP)
 
@@ -83,6 +86,10 @@ $(DEFAULT_MODEL_DIR)/config.json: | $(SETUP_STAMP)
 serve: setup
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory model; fi
 	scripts/serve.sh
+
+# 2,000+ mixed requests (streaming, cancelled, hostile...) on a tiny model and KV pool; JSON report
+soak: setup
+	$(PY) benchmarks/soak.py --seconds $(SOAK_SECONDS) --min-requests 2000 $(if $(MODEL),--model $(MODEL))
 
 test: setup
 	@# perf_analyzer: if its install fails, its test fails (MINISGL_ALLOW_NO_TRITON=1 makes it a skip)

@@ -97,6 +97,21 @@ class FrontendConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Fault injection for reliability tests (-1: off). A request whose sampling seed equals
+    `inject_sampling_fault_seed` makes the forward of every batch holding it raise, from its
+    `inject_sampling_fault_step`-th output token on; one whose seed equals
+    `inject_detokenize_fault_seed` makes its detokenization raise in the frontend."""
+
+    inject_sampling_fault_seed: int = -1
+    inject_sampling_fault_step: int = 0
+    inject_detokenize_fault_seed: int = -1
+
+    def validate(self) -> None:
+        _require(self.inject_sampling_fault_step >= 0, "inject_sampling_fault_step must be >= 0")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -104,11 +119,13 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     seed: int = 0
     attention_backend: str = "auto"  # auto | torch | flashinfer
 
     def validate(self) -> "EngineConfig":
-        for section in (self.model, self.cache, self.scheduler, self.parallel, self.graph, self.frontend):
+        for section in (self.model, self.cache, self.scheduler, self.parallel, self.graph, self.frontend,
+                        self.fault):
             section.validate()
         if self.attention_backend not in ("auto", "torch", "flashinfer"):
             raise ConfigError("attention_backend must be auto, torch or flashinfer")

@@ -31,7 +31,7 @@ class Frontend:
         self.info: SchedulerInfo = self._procs.start()
         self.context_len = self.info.context_len
         self.router = RequestRouter(self.tokenizer, self.context_len, self._procs.send, deliver,
-                                    config.frontend.stream_interval)
+                                    config.frontend.stream_interval, config.fault.inject_detokenize_fault_seed)
         self._stats: StatsEvent | None = None
         self._healthy = True
         self._closed = False

@@ -62,8 +62,8 @@ class LLM:
 
             self.io = LocalIO(listener=lambda events: self.router.dispatch(events))
             self.scheduler = build_scheduler(self.config, 0, io_factory=lambda: self.io)
-            self.router = RequestRouter(load_tokenizer(self.config.model.model_path),
-                                        self.scheduler.context_len, self.io.put)
+            self.router = RequestRouter(load_tokenizer(self.config.model.model_path), self.scheduler.context_len,
+                                        self.io.put, detokenize_fault_seed=self.config.fault.inject_detokenize_fault_seed)
         self.tokenizer = self.router.tokenizer
         self.context_len = self.router.context_len
 

@@ -24,6 +24,7 @@ class ErrorKind(str, Enum):
     INVALID = "invalid_request"  # the client must change the request
     OVERLOADED = "overloaded"  # retry later
     ENGINE = "engine_failure"  # the engine broke
+    REQUEST = "request_failure"  # this request's own work failed in the engine; the others go on
 
 
 class UserMsg(msgspec.Struct, tag=True):

@@ -105,7 +105,7 @@ class RequestStream:
             self.finished = True
             return StreamOutput(self.rid, "", ids, True, FinishReason.ERROR,
                                 f"detokenization failed: {type(exc).__name__}: {exc}", self.num_input_tokens,
-                                self.num_output_tokens, None, self.cached_tokens, self.queue_time, ErrorKind.ENGINE)
+                                self.num_output_tokens, None, self.cached_tokens, self.queue_time, ErrorKind.REQUEST)
         if reason is FinishReason.STOP and end is None:
             self.stop_hit = self.finished = True
         self.num_output_tokens += len(ids)

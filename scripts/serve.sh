@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Start tritonserver on the minisgl model repository and wait until the model is READY, then
-# keep serving in the foreground (Ctrl-C stops the server and every engine process).
+# Start tritonserver on the minisgl model repository, wait until the model is READY, start the
+# OpenAI-compatible frontend (minisgl_backend.openai, when present) on OPENAI_PORT, then keep
+# serving in the foreground. SIGINT (Ctrl-C), SIGTERM or SIGHUP stop the server, every engine
+# process and the frontend within EXIT_TIMEOUT (+5 s, then SIGKILL); see
+# minisgl_backend/triton/supervise.py, which this script becomes (exec).
 #
 # Environment (the Makefile passes its variables): MODEL (HF folder; empty: build/models/smollm2),
-# TP, HTTP_PORT, GRPC_PORT, METRICS_PORT, SETTINGS ("key=value ..." config.pbtxt parameters),
-# TRITON_ARGS (more tritonserver flags), READY_TIMEOUT (seconds, default 900).
+# TP, HTTP_PORT, GRPC_PORT, METRICS_PORT, OPENAI_PORT (default 9000), SETTINGS ("key=value ..."
+# config.pbtxt parameters), TRITON_ARGS (more tritonserver flags), READY_TIMEOUT (seconds,
+# default 900), EXIT_TIMEOUT (seconds tritonserver may take to stop, default 15).
 #
 # With no MODEL/TP/SETTINGS the checked-in model_repository/ is served as is (its empty
 # model_path falls back to build/models/smollm2). Otherwise a copy with those parameters
@@ -15,7 +19,7 @@ cd "$ROOT"
 PY="$ROOT/.venv/bin/python"
 MODEL="${MODEL:-}"; TP="${TP:-1}"; SETTINGS="${SETTINGS:-}"
 HTTP_PORT="${HTTP_PORT:-8000}"; GRPC_PORT="${GRPC_PORT:-8001}"; METRICS_PORT="${METRICS_PORT:-8002}"
-READY_TIMEOUT="${READY_TIMEOUT:-900}"
+OPENAI_PORT="${OPENAI_PORT:-9000}"; READY_TIMEOUT="${READY_TIMEOUT:-900}"; EXIT_TIMEOUT="${EXIT_TIMEOUT:-15}"
 
 if [ -z "$MODEL" ] && [ ! -f build/models/smollm2/config.json ]; then
   echo "serve: no MODEL given and build/models/smollm2 is missing: run 'make model' first" >&2
@@ -35,34 +39,9 @@ if [ -n "$MODEL" ] || [ "$TP" != "1" ] || [ -n "$SETTINGS" ]; then
   REPO="$("$PY" -m minisgl_backend.triton.repository "$ROOT/build/serve/model_repository" "${args[@]}")"
 fi
 
-echo "serve: tritonserver --model-repository $REPO (http $HTTP_PORT, grpc $GRPC_PORT, metrics $METRICS_PORT)"
-# own process group: the stub and the scheduler processes go down with the server
-# explicit model control: if an engine process dies, the model unloads itself and readiness says so
-setsid "$ROOT/scripts/tritonserver" --model-repository "$REPO" --http-port "$HTTP_PORT" \
-  --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" \
-  --model-control-mode=explicit --load-model=minisgl ${TRITON_ARGS:-} &
-SERVER=$!
-stop() {
-  trap - INT TERM EXIT
-  if kill -0 "$SERVER" 2>/dev/null; then
-    kill -TERM "$SERVER" 2>/dev/null || true
-    for _ in $(seq 60); do kill -0 "$SERVER" 2>/dev/null || break; sleep 0.5; done
-  fi
-  kill -KILL -- "-$SERVER" 2>/dev/null || true
-}
-trap stop INT TERM EXIT
-
-deadline=$((SECONDS + READY_TIMEOUT))
-until curl -sf "http://127.0.0.1:$HTTP_PORT/v2/models/minisgl/ready" >/dev/null 2>&1; do
-  if ! kill -0 "$SERVER" 2>/dev/null; then
-    echo "serve: tritonserver exited before the model was ready" >&2
-    exit 1
-  fi
-  if [ "$SECONDS" -ge "$deadline" ]; then
-    echo "serve: model not ready after ${READY_TIMEOUT}s" >&2
-    exit 1
-  fi
-  sleep 1
-done
-echo "serve: READY  curl -X POST localhost:$HTTP_PORT/v2/models/minisgl/generate -d '{\"text_input\":\"Hi\",\"parameters\":{\"max_tokens\":16}}'"
-wait "$SERVER"
+# The supervisor stops tritonserver, its stub, the scheduler processes and the OpenAI frontend
+# on SIGINT/SIGTERM/SIGHUP (and, through death signals, when it is SIGKILLed itself).
+# shellcheck disable=SC2086
+exec "$PY" -m minisgl_backend.triton.supervise --model-repository "$REPO" --http-port "$HTTP_PORT" \
+  --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" --openai-port "$OPENAI_PORT" \
+  --exit-timeout "$EXIT_TIMEOUT" --ready-timeout "$READY_TIMEOUT" -- ${TRITON_ARGS:-}

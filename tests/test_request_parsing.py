@@ -118,14 +118,31 @@ BAD = {
     "non-UTF-8 text": ({"text_input": text(b"\xff\xfeabc")}, None, "UTF-8"),
     "empty text": ({"text_input": text("")}, None, "empty"),
     "no prompt": ({"text_input": None}, None, "text_input"),
-    "empty input_ids": ({"input_ids": np.array([], np.int32)}, None, "empty"),
-    "negative input_ids": ({"input_ids": np.array([1, -2], np.int32)}, None, "negative"),
-    "input_ids outside vocab": ({"input_ids": np.array([1, 5000], np.int32)}, None, "vocabulary"),
-    "float input_ids": ({"input_ids": np.array([1.0], np.float32)}, None, "integer"),
+    "empty input_ids": ({"text_input": None, "input_ids": np.array([], np.int32)}, None, "empty"),
+    "negative input_ids": ({"text_input": None, "input_ids": np.array([1, -2], np.int32)}, None, "negative"),
+    "input_ids outside vocab": ({"text_input": None, "input_ids": np.array([1, 5000], np.int32)}, None, "vocabulary"),
+    "float input_ids": ({"text_input": None, "input_ids": np.array([1.0], np.float32)}, None, "integer"),
     "unsupported vLLM key value": ({"sampling_parameters": text('{"n": 2}')}, None, "'n'"),
     "min_tokens above max_tokens": ({}, {"max_tokens": 2, "min_tokens": 3}, "min_tokens"),
     "stop of wrong type": ({"sampling_parameters": text('{"stop": 5}')}, None, "stop"),
     "request parameters not JSON": ({}, "{nope", "JSON"),
+    "100k-deep sampling_parameters": ({"sampling_parameters": text("[" * 100_000 + "]" * 100_000)}, None,
+                                      "sampling_parameters is nested too deeply"),
+    "100k-deep value inside sampling_parameters": (
+        {"sampling_parameters": text('{"stop": ' + "[" * 100_000 + "]" * 100_000 + "}")}, None,
+        "sampling_parameters is nested too deeply"),
+    "100k-deep request parameters": ({}, '{"stop": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                                     "request parameters is nested too deeply"),
+    "lone surrogate in sampling_parameters": ({"sampling_parameters": text(r'{"stop": ["ok", "\ud800"]}')}, None,
+                                              "sampling_parameters['stop'][1] holds a lone UTF-16 surrogate"),
+    "lone surrogate in a sampling key": ({"sampling_parameters": text(r'{"\udc00": 1}')}, None,
+                                         "a key of sampling_parameters holds a lone UTF-16 surrogate"),
+    "lone surrogate in request parameters": ({}, r'{"stop": "a\udfffb"}',
+                                             "request parameters['stop'] holds a lone UTF-16 surrogate"),
+    "lone surrogate in a str text_input": ({"text_input": np.array(["a\ud800"], dtype=np.object_)}, None,
+                                           "text_input holds a lone UTF-16 surrogate"),
+    "text_input and input_ids together": ({"input_ids": np.array([1, 2], np.int32)}, None,
+                                          "both text_input and input_ids: send one of them"),
 }
 
 
@@ -135,6 +152,17 @@ def test_bad_requests_raise_actionable_errors(case):
     with pytest.raises(RequestError) as info:
         parse(tensors, parameters)
     assert needle in str(info.value)
+    assert len(str(info.value)) < 2000, "the message must not echo a huge hostile value"
+
+
+def test_request_parameters_mapping_with_lone_surrogate():
+    with pytest.raises(RequestError, match="request parameters\\['stop'\\] holds a lone UTF-16 surrogate"):
+        parse_request({"text_input": text("hi")}.get, {"stop": "\ud800"}, 1000)
+
+
+def test_paired_surrogate_escape_is_accepted():
+    req = parse({"sampling_parameters": text(r'{"stop": "\ud83d\ude00"}')})
+    assert req.params.stop == ["\U0001f600"]
 
 
 # ---------------------------------------------------------------- responses
@@ -190,7 +218,7 @@ def test_abort_and_error_replies():
 
 
 @pytest.mark.parametrize("kind,code", [("invalid_request", "INVALID_ARG"), ("overloaded", "UNAVAILABLE"),
-                                       ("engine_failure", "INTERNAL")])
+                                       ("engine_failure", "INTERNAL"), ("request_failure", "INTERNAL")])
 def test_engine_error_kinds_map_to_triton_codes(kind, code):
     out = _out("", [], finished=True, reason="error")
     out.error, out.error_kind = "why", ErrorKind(kind)

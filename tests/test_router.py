@@ -130,7 +130,7 @@ def test_a_detokenization_fault_fails_only_its_request(tok):
         h.take_all()
     outs = {rid: [o for o in h.outs if o.rid == rid] for rid in (bad, good)}
     (failed,) = outs[bad]
-    assert failed.finished and failed.finish_reason is FinishReason.ERROR and failed.error_kind is ErrorKind.ENGINE
+    assert failed.finished and failed.finish_reason is FinishReason.ERROR and failed.error_kind is ErrorKind.REQUEST
     assert "detokenization failed" in failed.error
     assert AbortMsg(bad) in h.sent, "the scheduler stops working for a request that already failed"
     assert "".join(o.text for o in outs[good]) == tok.decode(ids) and outs[good][-1].finished

@@ -283,6 +283,11 @@ BAD_HTTP = {
     "too long prompt": ({"input_ids": [5] * 3000}, "context"),
     "min_tokens above max_tokens": ({"text_input": "hi", "sampling_parameters":
                                      '{"max_tokens": 2, "min_tokens": 5}'}, "min_tokens"),
+    "100k-deep sampling_parameters": ({"text_input": "hi", "sampling_parameters": "[" * 100_000 + "]" * 100_000},
+                                      "sampling_parameters is nested too deeply"),
+    "lone surrogate in sampling_parameters": ({"text_input": "hi", "sampling_parameters": r'{"stop": "\ud800"}'},
+                                              "sampling_parameters['stop'] holds a lone UTF-16 surrogate"),
+    "text_input and input_ids together": ({"text_input": "hi", "input_ids": [1, 2]}, "send one of them"),
 }
 
 

@@ -11,13 +11,14 @@ import random
 import time
 
 from minisgl_backend.config import EngineConfig
-from minisgl_backend.batch import Batch, Req
+from minisgl_backend.batch import Batch, Req, ScheduledReq
 from minisgl_backend.messages import (AbortMsg, ErrorKind, FinishReason, FlushCacheMsg, SchedulerInput, ShutdownMsg,
                                       StatsEvent, TokenEvent, UserMsg)
 from minisgl_backend.engine.engine import Engine, ForwardResult
 from minisgl_backend.scheduler.cache import CacheManager
 from minisgl_backend.scheduler.decode import DecodeManager
 from minisgl_backend.scheduler.events import StepEvents
+from minisgl_backend.scheduler.faults import NoResult, check_injected_fault, is_device_failure
 from minisgl_backend.scheduler.io import SchedulerIO
 from minisgl_backend.scheduler.prefill import PrefillManager
 from minisgl_backend.scheduler.table import TableManager
@@ -201,7 +202,60 @@ class Scheduler:
             if not item.req.first_scheduled_time:
                 item.req.first_scheduled_time = now
         self.num_steps += 1
-        return self.engine.forward(batch)
+        try:
+            return self._forward(batch)
+        except Exception as exc:
+            if is_device_failure(exc):
+                raise
+            return self._isolate_faults(batch, exc)
+
+    def _forward(self, batch: Batch) -> ForwardResult:
+        result = self.engine.forward(batch)
+        check_injected_fault(batch, self.config.fault)  # after the model ran, as a sampling error would
+        return result
+
+    # ------------------------------------------------------------ per-request fault isolation
+
+    def _isolate_faults(self, batch: Batch, exc: Exception) -> ForwardResult | NoResult:
+        """Fail the requests whose work raises on its own; run the rest of the batch again.
+
+        Re-running is safe: a forward over the same positions writes the same K/V and the same
+        seeded samples. Every TP rank takes the same decision, because the exception comes from
+        the requests' own (identical) inputs. If no request fails alone, or every one does, the
+        engine itself is broken and the exception propagates (the model goes out of service).
+        """
+        items = batch.items
+        failed = {0: exc} if len(items) == 1 else self._failing_alone(batch)
+        if not failed or (len(items) > 1 and len(failed) == len(items)):
+            raise exc
+        for i, error in failed.items():
+            self._fail_request(items[i], error)
+        batch.items = [item for i, item in enumerate(items) if i not in failed]
+        return self._forward(batch) if batch.items else NoResult()
+
+    def _failing_alone(self, batch: Batch) -> dict[int, Exception]:
+        failed: dict[int, Exception] = {}
+        for i, item in enumerate(batch.items):
+            try:
+                self._forward(Batch([item], batch.is_decode))
+            except Exception as exc:
+                if is_device_failure(exc):
+                    raise
+                failed[i] = exc
+        return failed
+
+    def _fail_request(self, item: ScheduledReq, exc: Exception) -> None:
+        """End one request with an INTERNAL error and free its KV like an abort."""
+        req = item.req
+        req.inflight -= 1
+        req.cached_len = min(req.cached_len, item.start)  # this step's K/V is suspect: never cache it
+        logger.error("request %d failed in the engine, the others go on: %s: %s", req.rid, type(exc).__name__, exc)
+        self.prefill.remove(req)
+        self._finish(req)
+        self._events.append(TokenEvent(req.rid, [], FinishReason.ERROR, error_kind=ErrorKind.REQUEST,
+                                       error=f"this request failed in the engine: {type(exc).__name__}: {exc}",
+                                       num_input_tokens=len(req.input_ids)))
+        self._release_if_done(req)
 
     # ------------------------------------------------------------ results
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -102,6 +103,9 @@ def _prompt(get_input: InputGetter, vocab_size: int | None) -> tuple[str | list[
     ids = get_input("input_ids")
     text = get_input("text_input")
     prompt_text = _single_string(text, "text_input") if text is not None else None
+    if ids is not None and text is not None:
+        raise RequestError("the request has both text_input and input_ids: send one of them "
+                           "(text_input for text, input_ids for token ids)")
     if ids is not None:
         return _input_ids(ids, vocab_size), prompt_text
     if prompt_text is None:
@@ -144,6 +148,7 @@ def _single_string(array: Any, name: str) -> str:
             raise RequestError(f"{name} is not valid UTF-8 (bad byte at offset {exc.start}); "
                                "encode the text as UTF-8") from None
     if isinstance(value, str):
+        _require_encodable(value, name)
         return value
     raise RequestError(f"{name} must hold a string, got {type(value).__name__}")
 
@@ -191,14 +196,49 @@ def _dtype_name(array: np.ndarray) -> str:
 # ---------------------------------------------------------------- JSON
 
 
-def _sampling_parameters_json(text: str) -> dict[str, Any]:
-    if not text.strip():
-        return {}
+def _load_json(text: str, where: str, hint: str) -> Any:
+    """json.loads whose every failure is the client's: invalid, too deeply nested, lone surrogates."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RequestError(f"sampling_parameters is not valid JSON ({exc.msg} at line {exc.lineno} "
-                           f"column {exc.colno}); send an object like {{\"max_tokens\": 16}}") from None
+        raise RequestError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno} "
+                           f"column {exc.colno}); {hint}") from None
+    except RecursionError:
+        raise RequestError(f"{where} is nested too deeply (JSON arrays/objects more than "
+                           f"{sys.getrecursionlimit()} levels deep); {hint}") from None
+    _check_unicode(value, where)
+    return value
+
+
+def _check_unicode(value: Any, where: str) -> None:
+    """Refuse strings that cannot be encoded as UTF-8 (a JSON "\\ud800" escape decodes to a lone
+    surrogate, which every later encode would trip over)."""
+    todo: list[tuple[Any, str]] = [(value, where)]
+    while todo:
+        item, path = todo.pop()
+        if isinstance(item, str):
+            _require_encodable(item, path)
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                _require_encodable(key, f"a key of {path}")
+                todo.append((sub, f"{path}[{key!r}]"))
+        elif isinstance(item, list):
+            todo.extend((sub, f"{path}[{i}]") for i, sub in enumerate(item))
+
+
+def _require_encodable(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise RequestError(f"{path} holds a lone UTF-16 surrogate ({ascii(bad)} at character {exc.start}), "
+                           "which is not valid Unicode text; send valid UTF-8 / paired surrogates") from None
+
+
+def _sampling_parameters_json(text: str) -> dict[str, Any]:
+    if not text.strip():
+        return {}
+    value = _load_json(text, "sampling_parameters", 'send an object like {"max_tokens": 16}')
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -215,13 +255,11 @@ def _request_parameters(parameters_json: str | bytes | None) -> dict[str, Any]:
         parameters_json = parameters_json.decode("utf-8", errors="replace")
     if isinstance(parameters_json, Mapping):
         raw = dict(parameters_json)
+        _check_unicode(raw, "request parameters")
     else:
         if not parameters_json.strip():
             return {}
-        try:
-            raw = json.loads(parameters_json)
-        except json.JSONDecodeError as exc:
-            raise RequestError(f"request parameters are not valid JSON: {exc.msg}") from None
+        raw = _load_json(parameters_json, "request parameters", 'send an object like {"max_tokens": 16}')
     if not isinstance(raw, dict):
         raise RequestError("request parameters must be a JSON object")
     # Triton's own bookkeeping keys are not ours to judge

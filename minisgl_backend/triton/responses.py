@@ -34,7 +34,8 @@ class Reply:
 
 
 # the engine's error kinds -> Triton error codes
-_ERROR_CODES = {ErrorKind.INVALID: "INVALID_ARG", ErrorKind.OVERLOADED: "UNAVAILABLE", ErrorKind.ENGINE: "INTERNAL"}
+_ERROR_CODES = {ErrorKind.INVALID: "INVALID_ARG", ErrorKind.OVERLOADED: "UNAVAILABLE", ErrorKind.ENGINE: "INTERNAL",
+                ErrorKind.REQUEST: "INTERNAL"}
 
 
 def error_reply(code: str, message: str) -> Reply:

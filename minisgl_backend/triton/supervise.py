@@ -1,0 +1,276 @@
+"""The foreground process of `make serve`: runs tritonserver (and the OpenAI frontend) and makes
+sure that however it is stopped, nothing it started outlives it.
+
+    python -m minisgl_backend.triton.supervise --model-repository R --http-port 8000 ... [-- TRITON_ARGS]
+
+Why a Python supervisor rather than a shell trap: a bash trap that is interrupted by a second
+signal can die before it stops the server. Here:
+
+* SIGINT, SIGTERM and SIGHUP only set a flag; the stop sequence runs in the main loop, once,
+  and a later signal cannot cut it short (SIGTERM, wait `exit_timeout`, SIGKILL, reap).
+* tritonserver stays in our process group (no setsid), so a terminal's Ctrl-C reaches it too,
+  and its death signal (PR_SET_PDEATHSIG) is tied to us: if we are SIGKILLed it gets SIGTERM
+  and shuts down on its own; the same holds for the OpenAI frontend. Our own death signal is
+  tied to our parent (make), so `kill -9 <make>` still stops everything.
+* we are a child subreaper: the stub and the scheduler processes, orphaned if tritonserver dies
+  first, become our children, so the final sweep finds and kills them.
+* if the Python-backend stub dies while serving (or the engine fails and the model unloads),
+  tritonserver is restarted (up to --max-restarts times): Triton itself would keep the model
+  READY and leave the streams in flight unanswered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WRAPPER = ROOT / "scripts" / "tritonserver"
+OPENAI_MAIN = ROOT / "minisgl_backend" / "openai" / "__main__.py"
+MODEL = "minisgl"
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _prctl(option: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
+
+
+def _die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """preexec_fn of our children: `sig` when we die (survives exec of a non-setuid binary)."""
+    _prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def say(message: str) -> None:
+    print(f"serve: {message}", flush=True)
+
+
+class Supervisor:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.stop_signal: int | None = None
+        self.server: subprocess.Popen | None = None
+        self.openai: subprocess.Popen | None = None
+        self.restarts = 0
+
+    # ------------------------------------------------------------ signals
+
+    def install(self) -> None:
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        parent = os.getppid()
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the death signal was armed
+            self.stop_signal = signal.SIGTERM
+
+    def _on_signal(self, sig: int, _frame: object) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = sig  # only a flag: the stop sequence runs once, in the main loop
+
+    # ------------------------------------------------------------ run
+
+    def run(self) -> int:
+        try:
+            code = self._start_all()
+            while code is None:  # None: serving stopped without an exit code, start again
+                code = self._serve()
+                if code is None:
+                    self._kill_all()
+                    code = self._start_all()
+        finally:
+            self._stop()
+        return code
+
+    def _start_all(self) -> int | None:
+        """tritonserver, then (once the model is READY) the OpenAI frontend; None when serving."""
+        a = self.args
+        say(f"tritonserver --model-repository {a.model_repository} (http {a.http_port}, grpc {a.grpc_port}, "
+            f"metrics {a.metrics_port})")
+        self.server = self._spawn([str(WRAPPER), "--model-repository", a.model_repository,
+                                   "--http-port", str(a.http_port), "--grpc-port", str(a.grpc_port),
+                                   "--metrics-port", str(a.metrics_port), "--exit-timeout-secs", str(a.exit_timeout),
+                                   # an engine that dies unloads the model, and readiness says so
+                                   "--model-control-mode=explicit", f"--load-model={MODEL}", *a.triton_args])
+        code = self._wait_ready()
+        if code is None:
+            self._start_openai()
+        return code
+
+    def _kill_all(self) -> None:
+        for proc in (self.openai, self.server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.openai = None
+        _kill_adopted()
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(cmd, cwd=str(ROOT), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+
+    def _wait_ready(self) -> int | None:
+        """None once the model is READY; an exit code if we must stop before."""
+        url = f"http://127.0.0.1:{self.args.http_port}/v2/models/{MODEL}/ready"
+        deadline = time.monotonic() + self.args.ready_timeout
+        while self.stop_signal is None:
+            if self.server.poll() is not None:
+                say(f"tritonserver exited ({self.server.returncode}) before the model was ready")
+                return 1
+            if _is_ready(url):
+                return None
+            if time.monotonic() > deadline:
+                say(f"model not ready after {self.args.ready_timeout:.0f} s")
+                return 1
+            time.sleep(0.5)
+        return 128 + self.stop_signal
+
+    def _start_openai(self) -> None:
+        if not OPENAI_MAIN.is_file():
+            say("OpenAI frontend skipped: minisgl_backend/openai is not in this checkout")
+        else:
+            self.openai = self._spawn([sys.executable, "-m", "minisgl_backend.openai", "--triton-url",
+                                       f"127.0.0.1:{self.args.grpc_port}", "--model", MODEL,
+                                       "--port", str(self.args.openai_port)])
+            say(f"OpenAI frontend on port {self.args.openai_port}")
+        say(f"READY  curl -X POST localhost:{self.args.http_port}/v2/models/{MODEL}/generate "
+            "-d '{\"text_input\":\"Hi\",\"parameters\":{\"max_tokens\":16}}'")
+
+    def _serve(self) -> int | None:
+        """Until a stop signal (its exit code) or a child's death (1); None: restart everything."""
+        next_stub_check = time.monotonic() + 1.0
+        while self.stop_signal is None:
+            for name, proc in (("tritonserver", self.server), ("the OpenAI frontend", self.openai)):
+                if proc is not None and proc.poll() is not None:
+                    say(f"{name} exited ({proc.returncode}): stopping everything")
+                    return 1
+            if time.monotonic() > next_stub_check:
+                next_stub_check = time.monotonic() + 1.0
+                if not _has_stub(self.server.pid):
+                    return self._after_stub_death()
+            time.sleep(0.2)
+        return 128 + self.stop_signal
+
+    def _after_stub_death(self) -> int | None:
+        """Triton (2.51) neither restarts a decoupled model's stub nor answers its streams in flight,
+        and keeps the model READY: restarting the server is the only way to fail those streams
+        (their connections drop) and serve again."""
+        if self.restarts >= self.args.max_restarts:
+            say(f"the Python-backend stub is gone and {self.restarts} restarts were used up: stopping")
+            return 1
+        self.restarts += 1
+        say(f"the Python-backend stub is gone (it died, or the engine failed and the model unloaded): "
+            f"restarting tritonserver ({self.restarts}/{self.args.max_restarts})")
+        return None
+
+    # ------------------------------------------------------------ stop
+
+    def _stop(self) -> None:
+        """SIGTERM, wait up to the exit timeout, SIGKILL what is left, and every orphan we adopted."""
+        if self.stop_signal is not None:
+            say(f"signal {signal.Signals(self.stop_signal).name}: stopping tritonserver and the engine")
+        live = [p for p in (self.openai, self.server) if p is not None and p.poll() is None]
+        for proc in live:
+            proc.terminate()
+        deadline = time.monotonic() + self.args.exit_timeout + 5
+        while any(p.poll() is None for p in live) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for proc in live:
+            if proc.poll() is None:
+                say(f"pid {proc.pid} did not exit within {self.args.exit_timeout + 5} s: SIGKILL")
+                proc.kill()
+                proc.wait()
+        _kill_adopted()
+
+
+def _is_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _has_stub(server_pid: int) -> bool:
+    for pid in _children(server_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"triton_python_backend_stub" in f.read():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _kill_adopted() -> None:
+    """SIGKILL and reap everything below us (stubs, scheduler processes orphaned by the server)."""
+    me = os.getpid()
+    for _ in range(50):
+        below, todo = [], _children(me)
+        while todo:
+            pid = todo.pop()
+            below.append(pid)
+            todo.extend(_children(pid))
+        for pid in below:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                break
+        time.sleep(0.1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", required=True)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--openai-port", type=int, default=9000)
+    parser.add_argument("--exit-timeout", type=int, default=15, help="seconds tritonserver may take to stop")
+    parser.add_argument("--ready-timeout", type=float, default=900.0)
+    parser.add_argument("--max-restarts", type=int, default=3,
+                        help="times tritonserver is restarted after its Python-backend stub died")
+    parser.add_argument("triton_args", nargs="*", help="more tritonserver flags (after --)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    supervisor = Supervisor(parse_args(argv))
+    supervisor.install()
+    return supervisor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
