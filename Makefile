@@ -7,6 +7,8 @@
 #   make test                       the whole pytest suite (CPU; GPU tests skip without CUDA)
 #   make bench                      offline throughput + decode step vs bandwidth floor (benchmarks/)
 #   make bench-latency [MODEL=...]  TTFT / inter-token latency through tritonserver at 1, 16, 64 streams
+#   make bench-online [ONLINE_ARGS=...]  Poisson arrivals of long prompts beside 8 decoding streams,
+#                                   mixed steps vs prefill-first, through tritonserver (JSON)
 #   make bench-triton [MODEL=...]   perf_analyzer streaming profile against a real tritonserver
 #   make bench-serving              serving-layer cost: in-process vs tritonserver + perf_analyzer, 1..256 streams
 #   make bench-openai               the OpenAI frontend vs direct gRPC streaming (TTFT, ITL, tokens/s)
@@ -42,7 +44,7 @@ PERF_ANALYZER := build/perf_analyzer/perf_analyzer
 
 export MODEL TP HTTP_PORT GRPC_PORT METRICS_PORT OPENAI_PORT SETTINGS
 
-.PHONY: setup model serve soak test bench bench-latency bench-triton bench-serving bench-openai perf-analyzer perf-analyzer-260 genai-perf clean help
+.PHONY: setup model serve soak test bench bench-latency bench-online bench-triton bench-serving bench-openai perf-analyzer perf-analyzer-260 genai-perf clean help
 
 help:
 	@sed -n '1,/^$$/p' Makefile
@@ -109,6 +111,14 @@ bench-serving: setup perf-analyzer
 
 bench-openai: setup
 	$(PY) benchmarks/openai_frontend.py
+
+# CPU-sized default: a random 4-layer model (built once in build/bench), 16 arrivals of 1,000-1,200
+# tokens at 1 request/s while 8 streams decode; ONLINE_ARGS="--mode inprocess" skips the server.
+ONLINE_ARGS ?=
+bench-online: setup
+	$(PY) benchmarks/online_serving.py --num-requests 16 --request-rate 1 --input-len 1000 1200 \
+	  --output-len 8 16 --decode-streams 8 --decode-output-len 600 --settings dtype=float32 \
+	  --variant mixed:enable_mixed_batches=true --variant prefill_first:enable_mixed_batches=false $(ONLINE_ARGS)
 
 bench-triton: setup perf-analyzer
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory model; fi

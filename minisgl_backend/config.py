@@ -16,6 +16,7 @@ from minisgl_backend.coerce import COERCERS, to_bool
 
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
 _DEVICES = ("cpu", "cuda", "auto")
+_POLICIES = ("fcfs", "lpm")
 
 
 class ConfigError(ValueError):
@@ -61,12 +62,28 @@ class SchedulerConfig:
     chunk_size: int = 2048  # longest piece of one prompt in one batch
     enable_overlap: bool = True
     max_pending_requests: int = 4096
+    # Online scheduling (scheduler/policy.py). Mixed steps: while requests decode, a step carries
+    # their decode tokens plus prefill chunks up to `step_token_budget` tokens in all.
+    enable_mixed_batches: bool = True
+    step_token_budget: int = 512
+    max_prefill_steps_in_a_row: int = 4  # mixed steps off: decode runs at least this often
+    schedule_policy: str = "fcfs"  # fcfs | lpm (longest cached prefix first)
+    lpm_min_queue: int = 8  # lpm orders the queue only from this length on (FCFS below)
+    lpm_window: int = 128  # lpm looks at the oldest this many waiting requests
+    max_wait_steps: int = 256  # a request waiting this many steps goes first (aging)
 
     def validate(self) -> None:
         _require(self.max_running_requests >= 1, "max_running_requests must be >= 1")
         _require(self.prefill_budget >= 1, "prefill_budget must be >= 1")
         _require(self.chunk_size >= 1, "chunk_size must be >= 1")
         _require(self.max_pending_requests >= 1, "max_pending_requests must be >= 1")
+        _require(self.step_token_budget >= 1, "step_token_budget must be >= 1")
+        _require(self.max_prefill_steps_in_a_row >= 1, "max_prefill_steps_in_a_row must be >= 1")
+        _require(self.schedule_policy in _POLICIES,
+                 f"schedule_policy must be one of {_POLICIES}, got {self.schedule_policy!r}")
+        _require(self.lpm_min_queue >= 1, "lpm_min_queue must be >= 1")
+        _require(self.lpm_window >= 1, "lpm_window must be >= 1")
+        _require(self.max_wait_steps >= 1, "max_wait_steps must be >= 1")
 
 
 @dataclass

@@ -32,9 +32,10 @@ def _token_ids(outs):
     return [o["token_ids"] for o in outs]
 
 
-def test_300_requests_tiny_pool_match_alone_and_leak_nothing(model, workload_300, alone_outputs):
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "prefill_first"])
+def test_300_requests_tiny_pool_match_alone_and_leak_nothing(model, workload_300, alone_outputs, mixed):
     llm = LLM(model, **CPU, page_size=4, max_total_tokens=1600, max_running_requests=64,
-              prefill_budget=512, chunk_size=128)
+              prefill_budget=512, chunk_size=128, enable_mixed_batches=mixed)
     outs = llm.generate(workload_300.prompts, workload_300.params)
     assert all(o["finish_reason"] in ("stop", "length") for o in outs)
     assert _token_ids(outs) == alone_outputs
@@ -55,6 +56,10 @@ def test_300_requests_tiny_pool_match_alone_and_leak_nothing(model, workload_300
     dict(enable_prefix_cache=False),
     dict(page_size=1),
     dict(page_size=16, max_total_tokens=4096),
+    dict(enable_mixed_batches=False, enable_overlap=False),
+    dict(enable_mixed_batches=False, enable_overlap=True, max_prefill_steps_in_a_row=1),
+    dict(enable_mixed_batches=True, step_token_budget=40, chunk_size=16, enable_overlap=True),
+    dict(schedule_policy="lpm", lpm_min_queue=2, max_wait_steps=8),
 ])
 def test_variants_equal_alone(model, workload_300, alone_outputs, variant):
     n = 60

@@ -1,27 +1,33 @@
-"""PrefillManager: the pending queue, admission, and chunked prefill of long prompts."""
+"""PrefillManager: the pending queue, admission in the policy's order, and chunked prefill of long prompts."""
 
 from __future__ import annotations
 
 from collections import deque
+from typing import Iterator
 
 from minisgl_backend.batch import Req, ScheduledReq
 from minisgl_backend.scheduler.cache import CacheManager
+from minisgl_backend.scheduler.policy import SchedulePolicy
 from minisgl_backend.scheduler.table import TableManager
 
 
 class PrefillManager:
-    def __init__(self, cache: CacheManager, table: TableManager, chunk_size: int) -> None:
+    def __init__(self, cache: CacheManager, table: TableManager, chunk_size: int,
+                 policy: SchedulePolicy | None = None) -> None:
         self.cache = cache
         self.table = table
         self.chunk_size = chunk_size
-        self.pending: deque[Req] = deque()
+        self.policy = policy if policy is not None else SchedulePolicy("fcfs", cache)
+        self.pending: deque[Req] = deque()  # arrival order (retracted requests at the front)
         self.chunked: Req | None = None  # admitted, prompt only partly computed
 
     def add(self, req: Req, front: bool = False) -> None:
+        """`front`: a retracted request, which resumes before anything new."""
         if front:
             self.pending.appendleft(req)
         else:
             self.pending.append(req)
+        self.policy.enqueued(req, aged=front)
 
     def remove(self, req: Req) -> bool:
         if self.chunked is req:
@@ -29,32 +35,42 @@ class PrefillManager:
             return True
         try:
             self.pending.remove(req)
-            return True
         except ValueError:
             return False
+        self.policy.dequeued(req)
+        return True
 
     @property
     def has_work(self) -> bool:
         return bool(self.pending) or self.chunked is not None
 
     def schedule(self, budget: int, decode_reserve: int) -> list[ScheduledReq]:
-        """Pick prefill work for one batch: the chunked request first, then pending in FIFO order.
+        """Pick prefill work of at most `budget` tokens: the chunked request first, then pending
+        requests in the policy's order (see policy.py).
 
         Admission needs a free table row (one per running request) and pages for the whole
         prompt while `decode_reserve` pages stay available for the running requests to grow.
+        The first candidate that cannot be admitted stops admission: nobody overtakes it.
         """
         items: list[ScheduledReq] = []
-        if self.chunked is not None:
+        if self.chunked is not None and budget > 0:
             req, self.chunked = self.chunked, None
             items.append(self._next_chunk(req, budget))
             budget -= items[-1].end - items[-1].start
-        while budget > 0 and self.pending and self.chunked is None:
-            if not self._admit(self.pending[0], decode_reserve):
+        for req in self._candidates():
+            if budget <= 0 or self.chunked is not None or not self._admit(req, decode_reserve):
                 break
-            req = self.pending.popleft()
+            self.pending.remove(req)
+            self.policy.dequeued(req)
             items.append(self._next_chunk(req, budget))
             budget -= items[-1].end - items[-1].start
         return items
+
+    def _candidates(self) -> Iterator[Req]:
+        """The policy's picks from the head of the queue, then the rest in arrival order."""
+        yield from self.policy.order(self.pending)
+        while self.pending:
+            yield self.pending[0]
 
     def _admit(self, req: Req, decode_reserve: int) -> bool:
         """Take a table row, lock the cached prefix and reserve pages for the whole prompt."""

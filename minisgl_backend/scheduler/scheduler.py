@@ -20,6 +20,7 @@ from minisgl_backend.scheduler.decode import DecodeManager
 from minisgl_backend.scheduler.events import StepEvents
 from minisgl_backend.scheduler.faults import NoResult, check_injected_fault, is_device_failure
 from minisgl_backend.scheduler.io import SchedulerIO
+from minisgl_backend.scheduler.policy import SchedulePolicy
 from minisgl_backend.scheduler.prefill import PrefillManager
 from minisgl_backend.scheduler.table import TableManager
 
@@ -39,8 +40,12 @@ class Scheduler:
         self.cache = CacheManager(pages, engine.kv_cache.page_size, engine.page_table.slots,
                                   config.cache.enable_prefix_cache)
         self.table = TableManager(engine.page_table)
-        self.prefill = PrefillManager(self.cache, self.table, config.scheduler.chunk_size)
+        sc = config.scheduler
+        self.policy = SchedulePolicy(sc.schedule_policy, self.cache, min_queue=sc.lpm_min_queue,
+                                     window=sc.lpm_window, max_wait_steps=sc.max_wait_steps)
+        self.prefill = PrefillManager(self.cache, self.table, sc.chunk_size, self.policy)
         self.decode = DecodeManager(self.cache)
+        self._prefill_streak = 0  # prefill-only steps in a row while requests wait to decode
         self.context_len = min(engine.max_seq_len, pages * self.cache.page_size)
         self.eos_ids = engine.eos_ids
         self.vocab_size = engine.vocab_size
@@ -170,18 +175,53 @@ class Scheduler:
     # ------------------------------------------------------------ scheduling
 
     def _schedule_next_batch(self) -> Batch | None:
-        """Prefill first (bounded by the prefill budget), otherwise decode every running request."""
-        reserve = len(self.decode.decodable())
-        items = self.prefill.schedule(self.config.scheduler.prefill_budget, reserve)
-        if items:
-            for item in items:
-                if item.samples:
-                    self.decode.add(item.req)
-            return Batch(items, is_decode=False)
-        if self.decode.needs_retraction():
-            self._retract(self.decode.pick_victims())
+        self.policy.tick()
+        if self.config.scheduler.enable_mixed_batches:
+            return self._schedule_mixed()
+        return self._schedule_prefill_first()
+
+    def _schedule_mixed(self) -> Batch | None:
+        """One decode token for every running request plus prefill chunks up to the step budget
+        (chunked-prefill piggybacking). A step with any prefill is not a decode batch, so CUDA
+        graphs serve only the pure-decode steps."""
+        cfg = self.config.scheduler
+        retracted = self._retract_if_needed()
+        decode_items = self.decode.schedule()
+        budget = cfg.prefill_budget
+        if decode_items:
+            budget = min(budget, cfg.step_token_budget - len(decode_items))
+        prefill_items = []
+        if budget > 0 and not retracted:  # a retracted request must not be readmitted at once
+            prefill_items = self.prefill.schedule(budget, len(self.decode.decodable()))
+            self._start_decoding(prefill_items)
+        items = decode_items + prefill_items
+        return Batch(items, is_decode=not prefill_items) if items else None
+
+    def _schedule_prefill_first(self) -> Batch | None:
+        """Prefill while requests wait (bounded by the prefill budget), otherwise decode every
+        running request; decode still runs at least every `max_prefill_steps_in_a_row` steps."""
+        decodable = self.decode.decodable()
+        if not decodable or self._prefill_streak < self.config.scheduler.max_prefill_steps_in_a_row:
+            items = self.prefill.schedule(self.config.scheduler.prefill_budget, len(decodable))
+            if items:
+                self._prefill_streak = self._prefill_streak + 1 if decodable else 0
+                self._start_decoding(items)
+                return Batch(items, is_decode=False)
+        self._prefill_streak = 0
+        self._retract_if_needed()
         items = self.decode.schedule()
         return Batch(items, is_decode=True) if items else None
+
+    def _start_decoding(self, items: list[ScheduledReq]) -> None:
+        for item in items:
+            if item.samples:
+                self.decode.add(item.req)
+
+    def _retract_if_needed(self) -> bool:
+        if not self.decode.needs_retraction():
+            return False
+        self._retract(self.decode.pick_victims())
+        return True
 
     def _retract(self, victims: list[Req]) -> None:
         """Preempt the newest requests: their KV goes to the prefix cache, they wait in pending."""
