@@ -63,9 +63,9 @@ class GrammarCompiler:
         kind = constraint.kind
         try:
             if kind == "json":
-                grammar = compiler.compile_json_schema(constraint.json, any_whitespace=False)
+                grammar = compiler.compile_grammar(json_schema_ebnf(constraint.json))
             elif kind == "json_object":
-                grammar = compiler.compile_builtin_json_grammar()
+                grammar = compiler.compile_grammar(json_schema_ebnf(_ANY_OBJECT))
             elif kind == "regex":
                 grammar = compiler.compile_regex(constraint.regex)
             elif kind == "choice":
@@ -87,6 +87,24 @@ class GrammarCompiler:
                                                            stop_token_ids=self.stop_token_ids)
             self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         return self._compiler
+
+
+# xgrammar 0.2.8 writes the characters of a string with minLength / maxLength as [^"\\\r\n]:
+# raw control characters (a tab) pass, which is not JSON, and escapes do not. One JSON character:
+_LENGTH_STRING_CHAR = '([^\\"\\\\\\r\\n])'
+_JSON_STRING_CHAR = ('([^\\0-\\x1f\\"\\\\] | "\\\\" ([\\"\\\\/bfnrt] | '
+                     '"u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9]))')
+
+
+_ANY_OBJECT = '{"type":"object","additionalProperties":true}'  # json_object: an object, not any value
+
+
+def json_schema_ebnf(schema: str) -> str:
+    """The EBNF of a JSON schema (compact separators, no free whitespace), with valid JSON strings."""
+    import xgrammar
+
+    ebnf = str(xgrammar.Grammar.from_json_schema(schema, any_whitespace=False))
+    return ebnf.replace(_LENGTH_STRING_CHAR, _JSON_STRING_CHAR)
 
 
 def choice_ebnf(choices: Sequence[str]) -> str:
