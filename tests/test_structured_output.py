@@ -86,20 +86,17 @@ def test_triton_request_parsing_accepts_every_place():
         parse_request(_getter(text_input="hi", sampling_parameters=json.dumps({"guided_choice": []})))
 
 
-def test_apply_mask_equals_xgrammar_and_leaves_free_rows_alone():
-    import xgrammar
-
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_mask_forbids_exactly_the_zero_bits_and_leaves_free_rows_alone(dtype):
     torch.manual_seed(0)
     vocab = 200  # not a multiple of 32: the last word is partly padding
-    logits = torch.randn(5, vocab)
-    bitmask = torch.randint(-2**31, 2**31 - 1, (2, (vocab + 31) // 32), dtype=torch.int32)
-    rows = torch.tensor([1, 3])
-    ours = apply_mask(logits.clone(), GrammarMask(rows, bitmask))
-    ref = logits.clone()
-    full = torch.full((5, bitmask.shape[1]), -1, dtype=torch.int32)
-    full[rows] = bitmask
-    xgrammar.apply_token_bitmask_inplace(ref, full, vocab_size=vocab)
-    assert torch.equal(ours, ref)
+    logits = torch.randn(5, vocab).to(dtype)
+    words = torch.randint(-2**31, 2**31 - 1, (5, (vocab + 31) // 32), dtype=torch.int32)
+    words[[0, 2, 4]] = -1  # free rows
+    ours = apply_mask(logits.clone(), GrammarMask(words, 2))
+    bits = [[(int(words[b, v // 32]) >> (v % 32)) & 1 for v in range(vocab)] for b in range(5)]
+    expected = torch.where(torch.tensor(bits, dtype=torch.bool), logits, torch.tensor(float("-inf"), dtype=dtype))
+    assert torch.equal(ours, expected)
     assert torch.equal(ours[[0, 2, 4]], logits[[0, 2, 4]])
     assert (ours[1] == float("-inf")).any() and (ours[1] != float("-inf")).any()
 

@@ -1,13 +1,12 @@
 """Token bitmasks: built per batch on the scheduler side, applied to the logits by the engine.
 
 A bitmask is int32 [B, ceil(V / 32)]; bit j of word w in row b allows token 32 * w + j (the
-xgrammar layout). `GrammarMask` carries only the rows that have a constraint, so every other
-row of the batch is left exactly as it was.
+xgrammar layout). Rows without a constraint are all ones, which leaves their logits exactly as
+they were.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,8 +17,8 @@ from minisgl_backend.grammar.matcher import GrammarState
 
 @dataclass
 class GrammarMask:
-    rows: torch.Tensor  # [R] int64: the batch rows with a constraint
-    bitmask: torch.Tensor  # [R, ceil(V / 32)] int32: their allowed tokens
+    bitmask: torch.Tensor  # [B, ceil(V / 32)] int32, host memory
+    num_constrained: int
 
 
 def build_mask(states: Sequence[GrammarState | None], vocab_size: int) -> GrammarMask | None:
@@ -27,25 +26,19 @@ def build_mask(states: Sequence[GrammarState | None], vocab_size: int) -> Gramma
     rows = [i for i, s in enumerate(states) if s is not None]
     if not rows:
         return None
-    bitmask = torch.empty((len(rows), (vocab_size + 31) // 32), dtype=torch.int32)
-    for k, i in enumerate(rows):
-        states[i].fill_mask(bitmask, k)
-    return GrammarMask(torch.tensor(rows, dtype=torch.int64), bitmask)
-
-
-@functools.lru_cache(maxsize=8)
-def _bits(device: torch.device) -> torch.Tensor:
-    """[32] int32 with only bit j set in element j (bit 31 is the sign bit)."""
-    return torch.tensor([1 << j if j < 31 else -(1 << 31) for j in range(32)], dtype=torch.int32, device=device)
+    bitmask = torch.full((len(states), (vocab_size + 31) // 32), -1, dtype=torch.int32)
+    for i in rows:
+        states[i].fill_mask(bitmask, i)
+    return GrammarMask(bitmask, len(rows))
 
 
 def apply_mask(logits: torch.Tensor, mask: GrammarMask) -> torch.Tensor:
-    """Set the forbidden tokens of the constrained rows to -inf, in place (any device)."""
-    rows = mask.rows.to(logits.device, non_blocking=True)
-    words = mask.bitmask.to(logits.device, non_blocking=True)
-    vocab = logits.shape[-1]
-    allowed = (words.unsqueeze(-1) & _bits(logits.device)).ne(0).flatten(1)[:, :vocab]
-    sub = logits.index_select(0, rows)
-    sub.masked_fill_(~allowed, float("-inf"))
-    logits.index_copy_(0, rows, sub)
+    """Set forbidden tokens to -inf, in place: xgrammar's CPU kernel, or its plain-torch one on
+    other devices (its default CUDA kernel needs triton, which this project does not install)."""
+    import xgrammar
+
+    bitmask = mask.bitmask.to(logits.device, non_blocking=True)
+    vocab = min(logits.shape[-1], bitmask.shape[-1] * 32)
+    backend = "cpu" if logits.device.type == "cpu" else "torch_native"
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, backend=backend)
     return logits
