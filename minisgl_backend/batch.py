@@ -33,6 +33,7 @@ class Req:
     finished: bool = False
     finish_sent: bool = False
     first_scheduled_time: float = 0.0
+    grammar: Any = None  # GrammarState of a constrained request, set once its grammar compiled
 
     @property
     def num_pages(self) -> int:
@@ -64,6 +65,7 @@ class ScheduledReq:
 class Batch:
     items: list[ScheduledReq]
     is_decode: bool
+    grammar_mask: Any = None  # GrammarMask: allowed tokens of the constrained rows (scheduler-built)
 
     @property
     def size(self) -> int:

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import msgspec
 
 from minisgl_backend.coerce import COERCERS, to_int
+from minisgl_backend.grammar.constraint import LEGACY_KEYS, StructuredOutputs, from_legacy_keys, parse_structured_outputs
 
 
 _INT32_MAX = 2**31 - 1  # bounds every integer that becomes an engine tensor
@@ -28,8 +29,11 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: bool = False
+    structured_outputs: StructuredOutputs | None = None  # given as an object / JSON text, kept normalised
 
     def __post_init__(self) -> None:
+        if self.structured_outputs is not None:
+            self.structured_outputs = _structured(self.structured_outputs)
         self.validate()
 
     @property
@@ -61,7 +65,12 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         """Parse user-supplied values (numbers may be strings); unknown keys raise ValueError."""
         known = set(cls.__struct_fields__)
         kwargs: dict[str, Any] = {}
+        legacy = _legacy_constraint(values)
+        if legacy is not None:
+            kwargs["structured_outputs"] = legacy
         for key, raw in values.items():
+            if key in LEGACY_KEYS:
+                continue
             if key not in known:
                 raise ValueError(f"unknown sampling parameter {key!r}; known: {', '.join(sorted(known))}")
             kwargs[key] = _coerce(key, raw, _FIELD_KINDS[key])
@@ -72,11 +81,33 @@ _FIELD_KINDS = {
     "max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
     "seed": "optional_int", "stop": "str_list", "stop_token_ids": "int_list", "ignore_eos": bool,
     "min_tokens": int, "repetition_penalty": float, "presence_penalty": float,
-    "frequency_penalty": float, "logprobs": bool,
+    "frequency_penalty": float, "logprobs": bool, "structured_outputs": "structured",
 }
 
 
+def _structured(raw: Any) -> StructuredOutputs:
+    try:
+        return parse_structured_outputs(raw)
+    except ValueError as exc:
+        raise ValueError(f"sampling parameter {exc}") from None
+
+
+def _legacy_constraint(values: Mapping[str, Any]) -> StructuredOutputs | None:
+    """The `guided_*` keys; together with `structured_outputs` they would be two constraints."""
+    try:
+        legacy = from_legacy_keys(values)
+    except ValueError as exc:
+        raise ValueError(f"sampling parameter {exc}") from None
+    if legacy is not None and values.get("structured_outputs") is not None:
+        key = next(k for k in values if k in LEGACY_KEYS)
+        raise ValueError(f"sampling parameters 'structured_outputs' and {key!r} were both given: "
+                         "a request takes one constraint")
+    return legacy
+
+
 def _coerce(key: str, raw: Any, kind: Any) -> Any:
+    if kind == "structured":
+        return None if raw is None else _structured(raw)
     try:
         if kind == "optional_int":
             return None if raw is None or raw == "" else to_int(raw)

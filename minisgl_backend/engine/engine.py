@@ -16,6 +16,7 @@ from minisgl_backend.distributed.group import destroy_distributed
 from minisgl_backend.engine.graph import build_graph_runner
 from minisgl_backend.engine.sampling import PenaltyInputs, Sampler, SamplingTensors
 from minisgl_backend.engine.transfer import to_device
+from minisgl_backend.grammar.bitmask import apply_mask
 from minisgl_backend.kvcache import KVCache, PageTable
 from minisgl_backend.models import load_model
 
@@ -155,6 +156,8 @@ class Engine:
         self.page_table.tokens[rows[keep], ends[keep]] = next_ids[keep]
 
     def _sample(self, batch: Batch, logits: torch.Tensor):
+        if batch.grammar_mask is not None:  # structured output: forbidden tokens -> -inf before any sampling step
+            logits = apply_mask(logits, batch.grammar_mask)
         reqs = [it.req for it in batch.items]
         params = [r.params for r in reqs]
         steps = [it.end - len(r.input_ids) for it, r in zip(batch.items, reqs)]

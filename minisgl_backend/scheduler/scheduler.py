@@ -10,11 +10,13 @@ import logging
 import random
 import time
 
+from minisgl_backend.tokenizer import load_tokenizer
 from minisgl_backend.config import EngineConfig
 from minisgl_backend.batch import Batch, Req, ScheduledReq
 from minisgl_backend.messages import (AbortMsg, ErrorKind, FinishReason, FlushCacheMsg, SchedulerInput, ShutdownMsg,
                                       StatsEvent, TokenEvent, UserMsg)
 from minisgl_backend.engine.engine import Engine, ForwardResult
+from minisgl_backend.grammar.manager import GrammarManager
 from minisgl_backend.scheduler.cache import CacheManager
 from minisgl_backend.scheduler.decode import DecodeManager
 from minisgl_backend.scheduler.events import StepEvents
@@ -50,6 +52,8 @@ class Scheduler:
         self.eos_ids = engine.eos_ids
         self.vocab_size = engine.vocab_size
         self.reqs: dict[int, Req] = {}
+        self.grammar = GrammarManager(lambda: load_tokenizer(config.model.model_path), engine.vocab_size,
+                                      engine.eos_ids, config.device)
         self._rng = random.Random(config.seed)
         self._events = StepEvents()
         self._last_stats = 0.0
@@ -86,7 +90,7 @@ class Scheduler:
             self._receive(block=self.is_idle and last is None and not until_idle)
             if until_idle and self.is_idle and last is None:
                 break
-            if last is not None and self.decode.needs_retraction():
+            if last is not None and (self.decode.needs_retraction() or self.grammar.needs_previous_tokens(last[0])):
                 self._process(*last)
                 last = None
             batch = self._schedule_next_batch()
@@ -110,17 +114,19 @@ class Scheduler:
     def shutdown(self) -> None:
         """Close the IO and free the engine's memory, graphs and process group."""
         self.io.close()
+        self.grammar.close()
         self.engine.shutdown()
 
     @property
     def is_idle(self) -> bool:
-        return not self.prefill.has_work and not self.decode.running
+        return not self.prefill.has_work and not self.decode.running and not self.grammar.waiting
 
     # ------------------------------------------------------------ messages
 
     def _receive(self, block: bool) -> None:
         for msg in self.io.recv(block):
             self.handle(msg)
+        self._admit_grammars()
 
     def handle(self, msg: SchedulerInput) -> None:
         if isinstance(msg, UserMsg):
@@ -144,7 +150,10 @@ class Scheduler:
         max_out = min(msg.params.max_tokens, self.context_len - len(msg.input_ids))
         req = Req(msg.rid, list(msg.input_ids), msg.params, seed, max_out, arrival_time=msg.arrival_time)
         self.reqs[msg.rid] = req
-        self.prefill.add(req)
+        if msg.params.structured_outputs is not None:
+            self.grammar.add(req)  # waits off the queue until its grammar has compiled
+        else:
+            self.prefill.add(req)
 
     def _validate(self, msg: UserMsg) -> tuple[ErrorKind, str] | None:
         n = len(msg.input_ids)
@@ -168,6 +177,7 @@ class Scheduler:
         if req is None or req.finished:
             return
         self.prefill.remove(req)
+        self.grammar.remove(req)
         self._finish(req)
         self._events.append(TokenEvent(rid, [], FinishReason.ABORT))
         self._release_if_done(req)
@@ -230,6 +240,8 @@ class Scheduler:
             self.decode.remove(req)
             self._release_kv(req)
             req.cached_len = req.device_len = 0
+            if req.grammar is not None:
+                req.grammar.sync(req.output_ids)  # the matcher follows exactly the kept output ids
             self.prefill.add(req, front=True)
         self.num_retracted += len(victims)
         if victims:
@@ -250,6 +262,7 @@ class Scheduler:
             return self._isolate_faults(batch, exc)
 
     def _forward(self, batch: Batch) -> ForwardResult:
+        batch.grammar_mask = self.grammar.mask_for(batch)
         result = self.engine.forward(batch)
         check_injected_fault(batch, self.config.fault)  # after the model ran, as a sampling error would
         return result
@@ -310,8 +323,13 @@ class Scheduler:
         self._emit_stats()
 
     def _append_token(self, req: Req, token: int, logprob: float | None) -> None:
+        if req.grammar is not None and not req.grammar.accept(token):
+            self._end_rejected(req)
+            return
         req.output_ids.append(token)
         reason = self._finish_reason(req, token)
+        if reason is None and req.grammar is not None and req.grammar.is_terminated:
+            reason = FinishReason.STOP
         self._events.token(req.rid, token, logprob if req.params.logprobs else None)
         if len(req.output_ids) == 1:  # the request's start: what its metrics need
             queue_time = max(req.first_scheduled_time - req.arrival_time, 0.0) if req.arrival_time else 0.0
@@ -320,6 +338,30 @@ class Scheduler:
         if reason is not None:
             self._events.append(TokenEvent(req.rid, [], reason))
             self._finish(req)
+
+    def _end_rejected(self, req: Req) -> None:
+        """The grammar refused the sampled token: only when min_tokens hid the stop token that a
+        complete grammar allows alone. A complete output ends there (stop); the token is dropped."""
+        first = not req.output_ids
+        ok = req.grammar.can_end()
+        self._events.append(TokenEvent(
+            req.rid, [], FinishReason.STOP if ok else FinishReason.ERROR,
+            error=None if ok else "structured output: the sampler chose a token the grammar forbids",
+            error_kind=None if ok else ErrorKind.REQUEST, num_input_tokens=len(req.input_ids) if first else 0))
+        self._finish(req)
+
+    def _admit_grammars(self) -> None:
+        """Requests whose grammar compiled (on every rank) join the queue; bad constraints are answered."""
+        idle = not self.prefill.has_work and not self.decode.running
+        ready, failed = self.grammar.poll(idle)
+        for req in ready:
+            self.prefill.add(req)
+        for f in failed:
+            kind = ErrorKind.INVALID if f.client_error else ErrorKind.ENGINE
+            self._events.append(TokenEvent(f.req.rid, [], FinishReason.ERROR, error=f.message, error_kind=kind,
+                                           num_input_tokens=len(f.req.input_ids)))
+            self._finish(f.req)
+            self._release_if_done(f.req)
 
     def _finish_reason(self, req: Req, token: int) -> FinishReason | None:
         p = req.params

@@ -22,10 +22,19 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from minisgl_backend.coerce import to_bool, to_int
+from minisgl_backend.grammar.constraint import LEGACY_KEYS
 from minisgl_backend.sampling_params import SamplingParams
 from minisgl_backend.triton.contract import BOOL_INPUTS, FLAT_SAMPLING_INPUTS
 
-SAMPLING_KEYS = frozenset(SamplingParams.__struct_fields__)
+
+
+def _structured_output_keys() -> frozenset[str]:
+    """Structured-output keys besides the `structured_outputs` field: vLLM's older `guided_*` ones
+    (in request parameters, where values are strings, they arrive as JSON text)."""
+    return frozenset(LEGACY_KEYS)
+
+
+SAMPLING_KEYS = frozenset(SamplingParams.__struct_fields__) | _structured_output_keys()
 
 # vLLM sampling keys that clients (genai-perf, OpenAI frontends) send with their default values:
 # accepted when they ask for nothing we do not do, refused otherwise.
