@@ -277,7 +277,9 @@ BAD_CHAT = {
     "no messages": ({"messages": []}, "messages"),
     "stream_options without stream": ({"stream_options": {"include_usage": True}}, "stream_options"),
     "logit_bias": ({"logit_bias": {"5": 10}}, "logit_bias"),
-    "response_format json": ({"response_format": {"type": "json_object"}}, "response_format"),
+    "response_format of an unknown type": ({"response_format": {"type": "xml"}}, "response_format"),
+    "response_format json_schema without a schema object": (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": "x"}}}, "response_format"),
     "stop_token_ids outside int32 (engine)": ({"extra_body": {"stop_token_ids": [-3]}}, "stop_token_ids"),
     "empty stop string (engine)": ({"stop": [""]}, "stop"),
     "conversation longer than the context (engine)": ({"messages": [{"role": "user", "content": "a b " * 3000}]},
@@ -324,6 +326,38 @@ def _check_400(err: openai.BadRequestError, needle: str) -> None:
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error"
     assert needle in error["message"] or needle == error["param"], error
+
+
+def test_response_format_constrains_the_answer(client):
+    """json_object and json_schema reach the engine's structured output: whatever the random
+    weights pick, a finished answer parses (and validates against the schema); one cut by
+    max_tokens is the start of an object."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+                                               "ok": {"type": "boolean"}}, "required": ["city", "ok"],
+              "additionalProperties": False}
+    formats = [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}]
+    for response_format in formats:
+        for seed in range(3):
+            resp = client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=64,
+                                                  temperature=0.8, seed=seed, response_format=response_format)
+            choice = resp.choices[0]
+            if choice.finish_reason == "length":
+                assert choice.message.content.lstrip().startswith("{"), choice
+                continue
+            assert choice.finish_reason == "stop", choice
+            value = json.loads(choice.message.content)
+            assert isinstance(value, dict)
+            if response_format["type"] == "json_schema":
+                jsonschema.validate(value, schema)
+    with pytest.raises(openai.BadRequestError) as info:  # the compiler's message, as a 400
+        client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=4,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"schema": {"type": "nonsense"}}})
+    assert info.value.status_code == 400
 
 
 def test_invalid_json_is_400(frontend):

@@ -65,6 +65,7 @@ class _Sampling(_Strict):
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
+    structured_outputs: dict[str, Any] | str | None = None  # vLLM's: json / json_object / regex / choice / grammar
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -81,7 +82,14 @@ class _Sampling(_Strict):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if stop:
             out["stop"] = stop
+        constraint = self.constraint()
+        if constraint is not None:
+            out["structured_outputs"] = constraint
         return out
+
+    def constraint(self) -> dict[str, Any] | str | None:
+        """The `structured_outputs` the engine gets (the engine validates and compiles it)."""
+        return self.structured_outputs
 
     def _common_unsupported(self) -> OpenAIError | None:
         if self.n is not None and self.n != 1:
@@ -108,6 +116,16 @@ class ChatCompletionRequest(_Sampling):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def constraint(self) -> dict[str, Any] | str | None:
+        """`response_format` as the engine's `structured_outputs` (json_object / json_schema)."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_object":
+            return {"json_object": True}
+        if kind == "json_schema":
+            spec = self.response_format.get("json_schema") or {}
+            return {"json": spec.get("schema", {"type": "object"})}
+        return self.structured_outputs
+
     def unsupported(self) -> OpenAIError | None:
         if (common := self._common_unsupported()) is not None:
             return common
@@ -120,8 +138,22 @@ class ChatCompletionRequest(_Sampling):
         if self.top_logprobs:
             return invalid("top_logprobs > 0 is not supported: only the sampled tokens' logprobs are available "
                            "(logprobs=true, top_logprobs=0)", "top_logprobs")
-        if self.response_format and self.response_format.get("type") != "text":
-            return invalid("response_format other than {\"type\": \"text\"} is not supported", "response_format")
+        return self._response_format_error()
+
+    def _response_format_error(self) -> OpenAIError | None:
+        if self.response_format is None:
+            return None
+        kind = self.response_format.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            return invalid(f"response_format type {kind!r} is not supported; use text, json_object or json_schema",
+                           "response_format")
+        if kind == "json_schema":
+            spec = self.response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                return invalid("response_format json_schema must be an object with a 'schema' object",
+                               "response_format")
+        if kind != "text" and self.structured_outputs is not None:
+            return invalid("send either response_format or structured_outputs, not both", "response_format")
         return None
 
 
