@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from minisgl_backend.procinfo import children, cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF_ANALYZER = ROOT / "build" / "perf_analyzer" / "perf_analyzer"
@@ -112,32 +113,15 @@ def run_in_process(llm, prompt: list[int], output_len: int, concurrency: int, to
 # ---------------------------------------------------------------- through tritonserver
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        return 0.0
-
-
 def server_processes(server_pid: int) -> dict[str, list[int]]:
     """tritonserver, its Python-backend stub(s) and the scheduler processes under them."""
-    stubs = _children(server_pid)
-    schedulers = [c for s in stubs for c in _children(s)]
+    stubs = children(server_pid)
+    schedulers = [c for s in stubs for c in children(s)]
     return {"tritonserver": [server_pid], "stub": stubs, "scheduler": schedulers}
 
 
 def cpu_snapshot(procs: dict[str, list[int]]) -> dict[str, float]:
-    return {name: sum(_cpu_seconds(p) for p in pids) for name, pids in procs.items()}
+    return {name: sum(cpu_seconds(p) for p in pids) for name, pids in procs.items()}
 
 
 def perf_analyzer_run(url: str, data_file: Path, concurrency: int, count: int, export: Path) -> None:
@@ -193,9 +177,6 @@ def run_triton(model: str, settings: dict[str, str], prompt: list[int], output_l
 
 
 def main() -> None:
-    import sys
-
-    sys.path.insert(0, str(ROOT))
     args = parse_args()
     model = args.model or build_micro_model()
     settings = dict(kv.split("=", 1) for kv in args.settings)

@@ -16,9 +16,11 @@ from tests.triton_server import GrpcStream, TritonServer, grpc_inputs, parse_met
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
 FAULT_SEED = 777
+DETOK_FAULT_SEED = 778
 MAX_TOKENS = 12
 SETTINGS = {"max_total_tokens": 4096, "page_size": 16, "max_running_requests": 64,
-            "inject_sampling_fault_seed": FAULT_SEED, "inject_sampling_fault_step": 3}
+            "inject_sampling_fault_seed": FAULT_SEED, "inject_sampling_fault_step": 3,
+            "inject_detokenize_fault_seed": DETOK_FAULT_SEED}
 PROMPTS = ["Hello, my name is", "The capital of France is", "a b c d e f g", "Once upon a time there was",
            "1 2 3 4 5", "The quick brown fox jumps over the lazy dog"]
 
@@ -94,6 +96,22 @@ def test_injected_fault_fails_only_its_request(server):
     assert status == 200
     with urllib.request.urlopen(f"http://{server.http_url}/v2/models/minisgl/ready", timeout=5) as resp:
         assert resp.status == 200, "one request's fault does not take the model out of service"
+
+
+def test_injected_detokenization_fault_fails_only_its_request(server):
+    """The frontend cannot make one request's text: that request alone ends with an error (and
+    is aborted in the scheduler), its batch-mates stream on unchanged, nothing leaks."""
+    requests = [(prompt, 200 + i) for i, prompt in enumerate(PROMPTS)]
+    solo = [run_each_on_its_own_stream(server, [request])[0] for request in requests]
+    bad = 1
+    mixed = [(prompt, DETOK_FAULT_SEED if i == bad else seed) for i, (prompt, seed) in enumerate(requests)]
+    together = run_each_on_its_own_stream(server, mixed)
+    assert "detokenization failed" in str(together[bad]["error"]), together[bad]
+    for i, (got, want) in enumerate(zip(together, solo)):
+        if i != bad:
+            assert got["error"] is None and got["final"], got["error"]
+            assert "".join(got["texts"]) == "".join(want["texts"]), "a request changed by its faulty batch-mate"
+    wait_idle(server)
 
 
 # ---------------------------------------------------------------- stub death
