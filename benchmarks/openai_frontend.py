@@ -8,9 +8,11 @@ serving a micro random Llama (hidden 64, 2 layers) so that the engine is cheap a
 layers dominate. Both load generators are asyncio clients in this process (grpc.aio for direct,
 plain asyncio HTTP/1.1 for SSE, both well under a millisecond of CPU per request); each
 concurrency runs direct and frontend alternately for `--rounds` rounds.
-Prints JSON; `ratio_tok_per_s` = frontend / direct (1.0: the frontend costs nothing), and the
-frontend process's CPU time per output token (utime + stime from /proc), which other load on
-the machine disturbs far less than wall-clock rates.
+Prints JSON; `ratio_tok_per_s` = frontend / direct (1.0: the frontend costs nothing), and CPU
+time per output token (utime + stime from /proc) of the frontend process and of Triton's
+process group, which other load on the machine disturbs far less than wall-clock rates:
+`cpu_bound_ratio_estimate` = triton / (triton + frontend) is the tokens/s ratio to expect when
+the serving processes saturate the CPUs.
 
     python benchmarks/openai_frontend.py                          # 1, 16, 64 streams, 64 tokens each
     python benchmarks/openai_frontend.py --concurrency 64 --output-len 128 --rounds 3
@@ -70,8 +72,10 @@ async def direct_request(client: Any, prompt: str, output_len: int) -> Record:
 
     sampling = json.dumps({"max_tokens": output_len, "temperature": 0.0, "ignore_eos": True})
     inputs = [tensor("text_input", prompt.encode(), "BYTES"), tensor("stream", True, "BOOL"),
-              tensor("sampling_parameters", sampling.encode(), "BYTES"),
-              tensor("return_num_output_tokens", True, "BOOL")]
+              tensor("sampling_parameters", sampling.encode(), "BYTES")]
+    # the same switches as the frontend sends: the same work for Triton on both paths
+    inputs += [tensor(name, True, "BOOL") for name in ("exclude_input_in_output", "return_finish_reason",
+                                                       "return_num_input_tokens", "return_num_output_tokens")]
 
     async def requests():
         yield {"model_name": "minisgl", "inputs": inputs}
@@ -150,6 +154,15 @@ def summarise(records: list[Record], elapsed: float) -> dict[str, Any]:
             "output_tok_per_s": round(tokens / elapsed, 1)}
 
 
+def cpu_summary(rounds: dict[str, list[dict]]) -> dict[str, float]:
+    """CPU per output token: Triton (server + stub + engine) on each path and the frontend; the
+    frontend's share of the serving CPU predicts the tokens/s ratio on a saturated machine."""
+    med = lambda name, key: statistics.median(r[key] for r in rounds[name])  # noqa: E731
+    triton, frontend = med("direct", "triton_cpu_ms_per_token"), med("frontend", "frontend_cpu_ms_per_token")
+    return {"triton_cpu_ms_per_token_median": triton, "frontend_cpu_ms_per_token_median": frontend,
+            "cpu_bound_ratio_estimate": round(triton / (triton + frontend), 3)}
+
+
 def process_cpu_s(pid: int) -> float:
     """utime + stime of a process, in seconds (Linux /proc)."""
     import os
@@ -159,7 +172,25 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(grpc_url: str, base_url: str, frontend_pid: int, prompts: list[str],
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds of the live processes of a process group (tritonserver, its stub, the engine)."""
+    import os
+
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def measure(grpc_url: str, base_url: str, frontend_pid: int, triton_pgid: int, prompts: list[str],
                   args: argparse.Namespace) -> list[dict]:
     import tritonclient.grpc.aio as aio
 
@@ -176,10 +207,12 @@ async def measure(grpc_url: str, base_url: str, frontend_pid: int, prompts: list
             for _ in range(args.rounds):
                 for name, path in paths.items():
                     frontend_cpu, client_cpu = process_cpu_s(frontend_pid), time.process_time()
+                    triton_cpu = group_cpu_s(triton_pgid)
                     records, elapsed = await run_streams(path, concurrency, args.requests_per_stream)
                     row = summarise(records, elapsed)
                     tokens = max(row["output_tokens"], 1)
                     row["client_cpu_ms_per_token"] = round(1000 * (time.process_time() - client_cpu) / tokens, 3)
+                    row["triton_cpu_ms_per_token"] = round(1000 * (group_cpu_s(triton_pgid) - triton_cpu) / tokens, 3)
                     if name == "frontend":
                         row["frontend_cpu_ms_per_token"] = round(
                             1000 * (process_cpu_s(frontend_pid) - frontend_cpu) / tokens, 3)
@@ -189,8 +222,7 @@ async def measure(grpc_url: str, base_url: str, frontend_pid: int, prompts: list
             rows.append({"concurrency": concurrency, "direct": rounds["direct"], "frontend": rounds["frontend"],
                          "direct_tok_per_s_median": direct, "frontend_tok_per_s_median": frontend,
                          "ratio_tok_per_s": round(frontend / direct, 3),
-                         "frontend_cpu_ms_per_token_median": statistics.median(
-                             r["frontend_cpu_ms_per_token"] for r in rounds["frontend"])})
+                         **cpu_summary(rounds)})
         return rows
     finally:
         await grpc_client.close()
@@ -217,7 +249,8 @@ def main() -> None:
     frontend = OpenAIFrontend(triton.grpc_url, work / "frontend.log")
     try:
         frontend.start()
-        rows = asyncio.run(measure(triton.grpc_url, frontend.base_url, frontend.proc.pid, prompts, args))
+        rows = asyncio.run(measure(triton.grpc_url, frontend.base_url, frontend.proc.pid, triton.proc.pid, prompts,
+                                   args))
     finally:
         frontend.stop()
         triton.stop()

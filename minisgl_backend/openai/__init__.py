@@ -6,8 +6,10 @@ model and a Triton vLLM-backend model alike. Modules, bottom first:
 * `errors`: `OpenAIError` and the `{"error": {...}}` body.
 * `protocol`: the request models (pydantic); unsupported fields are refused by name.
 * `chat`: the tokenizer's chat template and the logprob token strings.
+* `tokenizer_source`: `--tokenizer`, else the served model's folder (its `model_path`).
 * `triton_client`: one OpenAI request -> one gRPC stream (`tritonclient.grpc.aio`).
 * `responses`: OpenAI response bodies and stream chunks.
 * `app`: the FastAPI routes, server-sent events, cancellation on disconnect.
-* `__main__`: command line, tokenizer discovery, uvicorn.
+* `__main__`: command line, uvicorn.
+* `launcher`: the frontend as a subprocess or on a thread, for tests and benchmarks.
 """
