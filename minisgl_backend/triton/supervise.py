@@ -156,7 +156,7 @@ class Supervisor:
                     return 1
             if time.monotonic() > next_stub_check:
                 next_stub_check = time.monotonic() + 1.0
-                if not _has_stub(self.server.pid):
+                if not _has_stub(self.server.pid) and self.server.poll() is None:  # a dead server: see above
                     return self._after_stub_death()
             time.sleep(0.2)
         return 128 + self.stop_signal
