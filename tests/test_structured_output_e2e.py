@@ -112,6 +112,10 @@ def test_min_tokens_and_ignore_eos_end_at_a_complete_grammar(llm):
         SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, structured_outputs={"choice": ["ab"]}),
     ])
     assert [(o["text"], o["finish_reason"]) for o in outs] == [("ab", "stop"), ("ab", "stop")]
+    a = llm.tokenizer.convert_tokens_to_ids("a")
+    stuck = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0.0, min_tokens=3, stop_token_ids=[a],
+                                                    structured_outputs={"regex": "a"}))[0]
+    assert stuck["finish_reason"] == "error" and "min_tokens suppresses every token" in stuck["error"]
 
 
 def test_unconstrained_batch_mates_equal_their_solo_runs(llm):
