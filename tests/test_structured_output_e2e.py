@@ -160,6 +160,7 @@ def test_abort_while_waiting_for_the_grammar(llm):
     assert sched.leaks() == []
 
 
+@pytest.mark.slow
 def test_retraction_under_a_tiny_pool_keeps_outputs_valid(model):
     n, regex = 24, "[a-z]{30}"
     prompts = [f"{PROMPTS[i % 4]} number {i} " * 3 for i in range(n)]
@@ -181,6 +182,7 @@ def _mixed_workload(n: int = 10):
             [_params(kinds[i % len(kinds)], i, max_tokens=48) for i in range(n)])
 
 
+@pytest.mark.slow
 def test_overlap_equals_normal_loop(model):
     prompts, params = _mixed_workload()
     results = {}
