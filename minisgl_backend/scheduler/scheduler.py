@@ -10,7 +10,6 @@ import logging
 import random
 import time
 
-from minisgl_backend.tokenizer import load_tokenizer
 from minisgl_backend.config import EngineConfig
 from minisgl_backend.batch import Batch, Req, ScheduledReq
 from minisgl_backend.messages import (AbortMsg, ErrorKind, FinishReason, FlushCacheMsg, SchedulerInput, ShutdownMsg,
@@ -25,6 +24,7 @@ from minisgl_backend.scheduler.io import SchedulerIO
 from minisgl_backend.scheduler.policy import SchedulePolicy
 from minisgl_backend.scheduler.prefill import PrefillManager
 from minisgl_backend.scheduler.table import TableManager
+from minisgl_backend.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -340,14 +340,15 @@ class Scheduler:
             self._finish(req)
 
     def _end_rejected(self, req: Req) -> None:
-        """The grammar refused the sampled token: only when min_tokens hid the stop token that a
-        complete grammar allows alone. A complete output ends there (stop); the token is dropped."""
+        """The grammar refused the sampled token: min_tokens suppressed every token it allows. When
+        that was EOS of a complete output, the output ends there (stop); the token is dropped."""
         first = not req.output_ids
         ok = req.grammar.can_end()
         self._events.append(TokenEvent(
             req.rid, [], FinishReason.STOP if ok else FinishReason.ERROR,
-            error=None if ok else "structured output: the sampler chose a token the grammar forbids",
-            error_kind=None if ok else ErrorKind.REQUEST, num_input_tokens=len(req.input_ids) if first else 0))
+            error=None if ok else ("structured output: min_tokens suppresses every token the grammar allows "
+                                   "next (stop_token_ids it needs); lower min_tokens"),
+            error_kind=None if ok else ErrorKind.INVALID, num_input_tokens=len(req.input_ids) if first else 0))
         self._finish(req)
 
     def _admit_grammars(self) -> None:
