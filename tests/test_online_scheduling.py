@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from minisgl_backend import LLM, SamplingParams
 from minisgl_backend.batch import Req
 from minisgl_backend.config import ConfigError, EngineConfig
-from minisgl_backend.messages import TokenEvent
+from minisgl_backend.messages import TokenBatch
 from minisgl_backend.scheduler.cache import CacheManager
 from minisgl_backend.scheduler.policy import SchedulePolicy, cached_prefix_len
 from minisgl_backend.scheduler.radix import RadixTree
@@ -62,7 +62,7 @@ def serve_with_arrivals(llm: LLM, first: list[list[int]], first_params: Sampling
 
     def inject(events):
         deliver(events)
-        seen[0] += sum(len(e.token_ids) for e in events if isinstance(e, TokenEvent))
+        seen[0] += sum(len(e.tokens) for e in events if isinstance(e, TokenBatch))
         if seen[0] >= after_tokens and not later_rids:
             later_rids.extend(llm.router.submit(p, later_params, collect) for p in later)
 
