@@ -4,7 +4,9 @@
 #   make serve [MODEL=/path] [TP=2] [HTTP_PORT=8000] [GRPC_PORT=8001] [METRICS_PORT=8002]
 #              [SETTINGS="page_size=32 max_total_tokens=65536"]
 #   make test                       the whole pytest suite (CPU; GPU tests skip without CUDA)
-#   make bench                      offline throughput + decode step vs bandwidth floor (benchmarks/)
+#   make bench                      offline throughput, uniform batch vs transformers, decode step (benchmarks/)
+#   make gpu-bundle                 build/gpu-bundle (<= 60 MB) for a CUDA host without a package index;
+#                                   there: bash gpu-check.sh (gpu tests + GPU benchmarks, <= 8 min)
 #   make bench-latency [MODEL=...]  TTFT / inter-token latency through tritonserver at 1, 16, 64 streams
 #   make bench-triton [MODEL=...]   perf_analyzer streaming profile against a real tritonserver
 #   make genai-perf                 genai-perf + perf_analyzer 2.60 (then client_examples/genai_perf.sh)
@@ -37,10 +39,10 @@ PERF_ANALYZER := build/perf_analyzer/perf_analyzer
 
 export MODEL TP HTTP_PORT GRPC_PORT METRICS_PORT SETTINGS
 
-.PHONY: setup model serve test bench bench-latency bench-triton perf-analyzer perf-analyzer-260 genai-perf clean help
+.PHONY: setup model serve test bench gpu-bundle bench-latency bench-triton perf-analyzer perf-analyzer-260 genai-perf clean help
 
 help:
-	@sed -n '1,14p' Makefile
+	@sed -n '1,16p' Makefile
 
 setup: $(SETUP_STAMP) $(TRITON_STAMP)
 
@@ -89,7 +91,12 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/offline_throughput.py
+	$(PY) benchmarks/uniform_batch.py
 	$(PY) benchmarks/decode_step.py
+
+# the committed tree (git archive HEAD) + wheels + trimmed flashinfer + compressed tritonserver
+gpu-bundle: setup
+	scripts/gpu_bundle.sh build/gpu-bundle $(PY)
 
 bench-latency: setup
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory model; fi

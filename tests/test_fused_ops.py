@@ -34,7 +34,7 @@ def fake_flashinfer(monkeypatch):
     calls = []
     pkg = types.ModuleType("flashinfer")
     norm, rope, act = (types.ModuleType(f"flashinfer.{n}") for n in ("norm", "rope", "activation"))
-    norm.rmsnorm = lambda x, w, eps: calls.append(("rmsnorm", tuple(x.shape))) or x
+    norm.rmsnorm = lambda x, w, eps, out=None: calls.append(("rmsnorm", tuple(x.shape), out is x)) or x
     norm.fused_add_rmsnorm = lambda x, r, w, eps: calls.append(("fused_add_rmsnorm", tuple(x.shape)))
     rope.apply_rope_with_cos_sin_cache_inplace = (
         lambda pos, q, k, head, cache, is_neox: calls.append(("rope", tuple(q.shape), tuple(k.shape), head, is_neox)))
@@ -65,9 +65,11 @@ def test_flashinfer_ops_call_one_kernel_each_on_strided_views(fake_flashinfer):
     out, new_res = ops.add_rms_norm(x, res, w, 1e-6)
     assert out is x and new_res is res  # the kernel writes both in place
     ops.rms_norm(q, torch.ones(8), 1e-6)
+    assert ops.rms_norm_over(k, torch.ones(8), 1e-6) is k
     assert ops.silu_and_mul(torch.randn(3, 16)).shape == (3, 8)
     assert fake_flashinfer == [("rope", (3, 32), (3, 16), 8, True), ("fused_add_rmsnorm", (3, 8)),
-                               ("rmsnorm", (3, 4, 8)), ("silu_and_mul", (3, 16))]
+                               ("rmsnorm", (3, 4, 8), False), ("rmsnorm", (3, 2, 8), True),
+                               ("silu_and_mul", (3, 16))]
 
 
 def test_model_built_for_cuda_bf16_wires_the_fused_ops_into_every_layer(fake_flashinfer, tmp_path):
@@ -102,7 +104,16 @@ def test_torch_silu_and_mul_and_rope_reference():
     rotary = types.SimpleNamespace(inv_freq=torch.tensor([1.0, 0.1]), dtype=torch.float32)
     q, k = torch.randn(2, 3, 4), torch.randn(2, 1, 4)
     rq, rk = ops.apply_rope(q, k, ops.rope_inputs(rotary, torch.tensor([0, 7])))
+    qkv = torch.cat((q, k, torch.randn(2, 1, 4)), dim=1).flatten(1)  # q, k adjacent: rotated jointly
+    jq, jk = ops.apply_rope(qkv[:, :12].view(2, 3, 4), qkv[:, 12:16].view(2, 1, 4),
+                            ops.rope_inputs(rotary, torch.tensor([0, 7])))
+    assert torch.equal(jq, rq) and torch.equal(jk, rk)
     assert torch.equal(rq[0], q[0]) and torch.equal(rk[0], k[0])  # position 0 is the identity
+    # bit for bit the HF formula x * cos + rotate_half(x) * sin
+    freqs = torch.tensor([0.0, 7.0])[:, None] * rotary.inv_freq
+    cos, sin = torch.cat((freqs, freqs), -1).cos()[:, None], torch.cat((freqs, freqs), -1).sin()[:, None]
+    half = lambda x: torch.cat((-x[..., 2:], x[..., :2]), -1)  # noqa: E731
+    assert torch.equal(rq, q * cos + half(q) * sin) and torch.equal(rk, k * cos + half(k) * sin)
     angle = 7 * rotary.inv_freq
     x1, x2 = q[1, :, :2], q[1, :, 2:]
     expected = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()), -1)

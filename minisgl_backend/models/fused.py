@@ -27,6 +27,9 @@ class LayerOps(Protocol):
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm over the last dim of x ([T, D], or [T, H, D] for per-head q/k norm)."""
 
+    def rms_norm_over(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """`rms_norm`, written over x where the kernel can (keeps K next to V in the qkv output)."""
+
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(x + residual), x + residual); may reuse the storage of x and residual."""
@@ -53,6 +56,9 @@ class TorchOps:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         return weight * x.to(dtype)
 
+    def rms_norm_over(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.rms_norm(x, weight, eps)
+
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         residual = residual + x
@@ -63,19 +69,36 @@ class TorchOps:
         return F.silu(gate) * up
 
     def rope_inputs(self, rotary: Any, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D] in the model's dtype (HF computes them in float32, then casts)."""
-        freqs = positions.float().unsqueeze(-1) * rotary.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
-        return emb.cos().to(rotary.dtype), emb.sin().to(rotary.dtype)
+        """cos [T, 1, D] and the signed sin [-sin, sin] [T, 1, D], in the model's dtype.
+
+        HF multiplies rotate_half(x) = [-x2, x1] by sin = [s, s]; [x2, x1] * [-s, s] is the same
+        product bit for bit (negation is exact), and [x2, x1] is one roll of x.
+        """
+        freqs = (positions.float().unsqueeze(-1) * rotary.inv_freq).unsqueeze(1)
+        c, s = freqs.cos(), freqs.sin()
+        return torch.cat((c, c), dim=-1).to(rotary.dtype), torch.cat((-s, s), dim=-1).to(rotary.dtype)
 
     def apply_rope(self, q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-        cos, sin = rope
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        cos, signed_sin = rope
+        qk = _joint_heads(q, k)
+        if qk is not None:  # q and k side by side in the qkv output: rotate them in one pass
+            out = _rotate(qk, cos, signed_sin)
+            return out[:, : q.shape[1]], out[:, q.shape[1]:]
+        return _rotate(q, cos, signed_sin), _rotate(k, cos, signed_sin)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def _joint_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """A [T, Hq + Hkv, D] view over q and k when k's heads directly follow q's in memory."""
+    head_dim = q.shape[-1]
+    if (q.dim() != 3 or q.stride() != k.stride() or q.stride(1) != head_dim or q.stride(2) != 1
+            or q.dtype != k.dtype or q.shape[0] != k.shape[0]
+            or k.data_ptr() != q.data_ptr() + q.shape[1] * head_dim * q.element_size()):
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], head_dim), q.stride())
 
 
 class FlashInferOps:
@@ -93,6 +116,10 @@ class FlashInferOps:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self._norm.rmsnorm(x, weight, eps)
+
+    def rms_norm_over(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # each warp reads a whole head row before it writes it back: safe in place
+        return self._norm.rmsnorm(x, weight, eps, out=x)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:

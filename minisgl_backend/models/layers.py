@@ -25,6 +25,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
 
+    def forward_over(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm, written over x where the ops can."""
+        return self.ops.rms_norm_over(x, self.weight, self.eps)
+
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add fused into the norm where the ops can."""
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)

@@ -52,7 +52,9 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:  # per-head RMSNorm: the same op over [T, H, D]
-            q, k = self.q_norm(q), self.k_norm(k)
+            # q gets its own (contiguous) tensor; k is normed in place, so it stays beside v and
+            # the K/V store is one write
+            q, k = self.q_norm(q), self.k_norm.forward_over(k)
         q, k = self.rotary[0].apply(q, k, rope)
         return self.o_proj(fwd.attn.forward(q, k, v, self.layer_id))
 
