@@ -5,7 +5,9 @@
 #              [OPENAI_PORT=9000] [SETTINGS="page_size=32 max_total_tokens=65536"]
 #   make soak [SOAK_SECONDS=600] [MODEL=...]  2,000+ mixed requests through tritonserver (benchmarks/soak.py)
 #   make test                       the whole pytest suite (CPU; GPU tests skip without CUDA)
-#   make bench                      offline throughput + decode step vs bandwidth floor (benchmarks/)
+#   make bench                      offline throughput, uniform batch vs transformers, decode step (benchmarks/)
+#   make gpu-bundle                 build/gpu-bundle (<= 60 MB) for a CUDA host without a package index;
+#                                   there: bash gpu-check.sh (gpu tests + GPU benchmarks, <= 8 min)
 #   make bench-latency [MODEL=...]  TTFT / inter-token latency through tritonserver at 1, 16, 64 streams
 #   make bench-online [ONLINE_ARGS=...]  Poisson arrivals of long prompts beside 8 decoding streams,
 #                                   mixed steps vs prefill-first, through tritonserver (JSON)
@@ -44,7 +46,7 @@ PERF_ANALYZER := build/perf_analyzer/perf_analyzer
 
 export MODEL TP HTTP_PORT GRPC_PORT METRICS_PORT OPENAI_PORT SETTINGS
 
-.PHONY: setup model serve soak test bench bench-latency bench-online bench-triton bench-serving bench-openai perf-analyzer perf-analyzer-260 genai-perf clean help
+.PHONY: setup model serve soak test bench gpu-bundle bench-latency bench-online bench-triton bench-serving bench-openai perf-analyzer perf-analyzer-260 genai-perf clean help
 
 help:
 	@sed -n '1,/^$$/p' Makefile
@@ -102,7 +104,12 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/offline_throughput.py
+	$(PY) benchmarks/uniform_batch.py
 	$(PY) benchmarks/decode_step.py
+
+# the committed tree (git archive HEAD) + wheels + trimmed flashinfer + compressed tritonserver
+gpu-bundle: setup
+	scripts/gpu_bundle.sh build/gpu-bundle $(PY)
 
 bench-latency: setup
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory model; fi

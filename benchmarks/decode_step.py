@@ -1,8 +1,15 @@
-"""Decode step time against the memory-bandwidth floor.
+"""Decode step time against the memory-bandwidth floor, host time per step, kernels per layer.
 
 A decode step must read every weight once and the K/V of every request in the batch. The floor
 is (weight bytes + KV bytes read) / measured copy bandwidth of the device; the report gives each
 batch size's step time and the floor as a fraction of it (1.0 = at the bandwidth limit).
+
+Next to it: `host_ms`, the CPU time of `Engine.forward` until it returns (metadata, planning,
+graph launch, sampling launches; on CUDA the GPU is still running then), and `kernels_per_layer`
+/ `kernels_per_step` from a torch profile of one decode step. On CUDA these count CUDA kernels
+(per layer from an eager step, whose launches are those a graph captures; per step from a
+graph replay); on the CPU they count the aten ops that do work (leaf ops, views and allocations
+left out), the proxy for kernels.
 
     python benchmarks/decode_step.py                                  # CPU, small random model
     python benchmarks/decode_step.py --device cuda --dtype bfloat16 --shape qwen3-0.6b
@@ -12,13 +19,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.offline_throughput import build_model
-from minisgl_backend import LLM, SamplingParams
-from minisgl_backend.kvcache import KVCache
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.offline_throughput import build_model  # noqa: E402
+from minisgl_backend import LLM, SamplingParams  # noqa: E402
+from minisgl_backend.kvcache import KVCache  # noqa: E402
+
+# aten ops that launch no kernel even when they are leaves of the profile
+_NO_KERNEL = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::_unsafe_view", "aten::resize_",
+              "aten::detach", "aten::lift_fresh", "aten::alias", "aten::result_type", "aten::zeros_like"}
 
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 28, repeats: int = 10) -> float:
@@ -39,31 +57,131 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(llm: LLM, batch_size: int, context: int, steps: int) -> dict:
-    engine = llm.scheduler.engine
-    decode_times: list[float] = []
-    real_forward = engine.forward
+def _does_work(name: str) -> bool:
+    if not name.startswith("aten::") or name in _NO_KERNEL:
+        return False
+    packet = getattr(torch.ops.aten, name[len("aten::"):], None)
+    if packet is None:
+        return True
+    return not any(getattr(packet, o).is_view for o in packet.overloads())
 
-    def timed(batch, eos):
+
+def _cpu_kernels(evt) -> int:
+    """Leaf aten ops under `evt` that do work (the CPU stand-in for kernels)."""
+    aten_children = [c for c in evt.cpu_children if c.name.startswith("aten::")]
+    if evt.name.startswith("aten::") and not aten_children:
+        return int(_does_work(evt.name))
+    return sum(_cpu_kernels(c) for c in evt.cpu_children)
+
+
+def _cuda_kernels(evt) -> int:
+    """CUDA kernels launched from `evt` or anything under it (memcpy / memset left out)."""
+    own = sum(1 for k in evt.kernels if not k.name.lower().startswith(("memcpy", "memset")))
+    return own + sum(_cuda_kernels(c) for c in evt.cpu_children)
+
+
+def _layer_ranges(model) -> list:
+    """Profiler ranges around every decoder layer (forward hooks); returns the hook handles."""
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        def enter(mod, args, name=f"decoder_layer_{i}"):
+            mod._range = record_function(name)
+            mod._range.__enter__()
+
+        def leave(mod, args, out):
+            mod._range.__exit__(None, None, None)
+
+        handles += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
+    return handles
+
+
+class DecodeProbe:
+    """Wraps `engine.forward`: times decode steps of one batch size and profiles one of them."""
+
+    def __init__(self, engine, batch_size: int, cuda: bool) -> None:
+        self.engine, self.batch_size, self.cuda = engine, batch_size, cuda
+        self.real_forward = engine.forward
+        self.step_s: list[float] = []
+        self.host_s: list[float] = []
+        self.model_s: list[float] = []
+        self.seen = 0
+        self.layer_profile = None
+        self.step_profile = None
+
+    def __call__(self, batch):
+        if not (batch.is_decode and batch.size == self.batch_size):
+            return self.real_forward(batch)
+        self.seen += 1
+        if self.seen == 4:
+            return self._profiled(batch)
         start = time.perf_counter()
-        result = real_forward(batch, eos)
+        result = self.real_forward(batch)
+        launched = time.perf_counter()
         result.wait()
-        if batch.is_decode and batch.size == batch_size:
-            decode_times.append(time.perf_counter() - start)
+        self.host_s.append(launched - start)
+        self.step_s.append(time.perf_counter() - start)
         return result
 
-    engine.forward = timed
-    prompts = [[3 + (i * 7 + j) % 200 for j in range(context)] for i in range(batch_size)]
-    llm.generate(prompts, SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True))
-    engine.forward = real_forward
-    decode_times = sorted(decode_times[2:])  # the first steps warm up allocator and caches
-    step = decode_times[len(decode_times) // 2]
+    def _profiled(self, batch):
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        runner = self.engine.graph_runner
+        self.engine.graph_runner = None  # eager: the per-layer launches, as a graph captures them
+        handles = _layer_ranges(self.engine.model)
+        try:
+            with profile(activities=acts) as prof:
+                result = self.real_forward(batch)
+                result.wait()
+        finally:
+            for h in handles:
+                h.remove()
+            self.engine.graph_runner = runner
+        self.layer_profile = prof
+        if runner is not None:  # and the whole step as it really runs (graph replay)
+            with profile(activities=acts) as prof:
+                result.wait()
+                result = self.real_forward(batch)
+                result.wait()
+            self.step_profile = prof
+        else:
+            self.step_profile = self.layer_profile
+        return result
+
+    def kernels(self) -> dict:
+        count = _cuda_kernels if self.cuda else _cpu_kernels
+        roots = [e for e in self.layer_profile.events() if e.cpu_parent is None]
+        layers = [e for e in self.layer_profile.events() if e.name.startswith("decoder_layer_")]
+        per_layer = [count(e) for e in layers]
+        if self.cuda:
+            step = sum(1 for e in self.step_profile.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA
+                       and not e.name.lower().startswith(("memcpy", "memset")))
+        else:
+            step = sum(count(e) for e in roots)
+        return {"kernels_per_layer": statistics.median(per_layer) if per_layer else 0,
+                "kernels_per_layer_max": max(per_layer, default=0), "kernels_per_step": step,
+                "kernel_unit": "cuda kernels" if self.cuda else "aten ops doing work (CPU proxy)"}
+
+
+def measure(llm: LLM, batch_size: int, context: int, steps: int, cuda: bool) -> dict:
+    engine = llm.scheduler.engine
+    probe = DecodeProbe(engine, batch_size, cuda)
+    engine.forward = probe
+    try:
+        prompts = [[3 + (i * 7 + j) % 200 for j in range(context)] for i in range(batch_size)]
+        llm.generate(prompts, SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True))
+    finally:
+        engine.forward = probe.real_forward
+    # the first steps warm up allocator and caches
+    step = statistics.median(probe.step_s[2:] or probe.step_s)
+    host = statistics.median(probe.host_s[2:] or probe.host_s)
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     kv_per_token = KVCache.bytes_per_token(engine.model.num_layers, engine.model.num_kv_heads_per_rank,
                                            engine.model.head_dim, engine.dtype)
     kv_bytes = batch_size * (context + steps // 2) * kv_per_token
-    return {"batch_size": batch_size, "context": context, "step_ms": 1000 * step,
-            "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}
+    row = {"batch_size": batch_size, "context": context, "step_ms": 1000 * step, "host_ms": 1000 * host,
+           "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}
+    row.update(probe.kernels())
+    return row
 
 
 def main() -> None:
@@ -78,17 +196,21 @@ def main() -> None:
     args = p.parse_args()
     model = args.model or build_model(args.shape)
     max_bs = max(args.batch_sizes)
+    cuda = args.device.startswith("cuda")
     llm = LLM(model, device=args.device, dtype=args.dtype, max_running_requests=max_bs,
               max_total_tokens=max_bs * (args.context + args.steps + 16), enable_prefix_cache=False)
     bandwidth = copy_bandwidth(args.device)
     rows = []
     for bs in args.batch_sizes:
-        row = measure(llm, bs, args.context, args.steps)
+        row = measure(llm, bs, args.context, args.steps, cuda)
         floor_s = (row["weight_bytes"] + row["kv_bytes"]) / bandwidth
         row.update(floor_ms=1000 * floor_s, fraction_of_floor=floor_s / (row["step_ms"] / 1000),
                    tokens_per_s=bs / (row["step_ms"] / 1000))
         rows.append(row)
+    engine = llm.scheduler.engine
     print(json.dumps({"model": args.model or f"random:{args.shape}", "device": args.device, "dtype": args.dtype,
+                      "layer_ops": engine.model.ops.name, "attention": type(engine.attn).__name__,
+                      "cuda_graph": engine.graph_runner is not None, "num_layers": engine.model.num_layers,
                       "copy_bandwidth_gb_s": bandwidth / 1e9, "results": rows}, indent=2))
 
 

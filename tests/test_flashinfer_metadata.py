@@ -457,7 +457,8 @@ def _clone_cache(cache):
     import copy
 
     twin = copy.copy(cache)
-    twin.k, twin.v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]
+    twin.kv = [t.clone() for t in cache.kv]
+    twin.k, twin.v = [t[0] for t in twin.kv], [t[1] for t in twin.kv]
     return twin
 
 

@@ -58,7 +58,8 @@ def _setup(seq_lens, extend, page_size, hq, hkv, dim, seed=0):
 
 def _clone(cache):
     twin = copy.copy(cache)
-    twin.k, twin.v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]
+    twin.kv = [t.clone() for t in cache.kv]
+    twin.k, twin.v = [t[0] for t in twin.kv], [t[1] for t in twin.kv]
     return twin
 
 
@@ -155,3 +156,149 @@ def test_overlap_loop_equals_normal_loop_on_gpu(gpu_model):
     normal = _generate(gpu_model, enable_cuda_graph=True, enable_overlap=False)
     overlap = _generate(gpu_model, enable_cuda_graph=True, enable_overlap=True)
     assert overlap == normal
+
+
+# ---------------------------------------------------------------------------- fused decoder ops
+
+
+def _close(got, ref):
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_fused_norms_match_the_torch_reference():
+    from minisgl_backend.models.fused import FlashInferOps, TorchOps
+
+    fused, ref = FlashInferOps(), TorchOps()
+    torch.manual_seed(0)
+    x = torch.randn(37, 1024, device="cuda", dtype=DTYPE)
+    w = torch.rand(1024, device="cuda", dtype=DTYPE) + 0.5
+    _close(fused.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+    res = torch.randn_like(x)
+    want_out, want_res = ref.add_rms_norm(x, res, w, 1e-6)
+    got_out, got_res = fused.add_rms_norm(x.clone(), res.clone(), w, 1e-6)
+    _close(got_res, want_res)
+    _close(got_out, want_out)
+    # per-head (Qwen3 q/k norm) on a strided view of a fused qkv output
+    qkv = torch.randn(37, (16 + 2 * 8) * 128, device="cuda", dtype=DTYPE)
+    q = qkv[:, :16 * 128].view(37, 16, 128)
+    hw = torch.rand(128, device="cuda", dtype=DTYPE) + 0.5
+    _close(fused.rms_norm(q, hw, 1e-6), ref.rms_norm(q, hw, 1e-6))
+    k = qkv[:, 16 * 128:24 * 128].view(37, 8, 128)  # k normed in place inside the qkv output
+    want = ref.rms_norm(k, hw, 1e-6)
+    v_before = qkv[:, 24 * 128:].clone()
+    got = fused.rms_norm_over(k, hw, 1e-6)
+    assert got.data_ptr() == k.data_ptr()
+    _close(got, want)
+    assert torch.equal(qkv[:, 24 * 128:], v_before), "v untouched"
+
+
+def test_fused_silu_and_mul_matches_the_torch_reference():
+    from minisgl_backend.models.fused import FlashInferOps, TorchOps
+
+    x = torch.randn(37, 2 * 3072, device="cuda", dtype=DTYPE)
+    _close(FlashInferOps().silu_and_mul(x), TorchOps().silu_and_mul(x))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["views_of_qkv", "contiguous"])
+def test_fused_rope_in_place_matches_the_torch_reference(qk_norm):
+    from minisgl_backend.models.fused import FlashInferOps, TorchOps
+    from minisgl_backend.models.layers import RotaryEmbedding
+
+    hq, hkv, dim, tokens = 16, 8, 128, 37
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * dim, device="cuda", dtype=DTYPE)
+    q, k = qkv[:, :hq * dim].view(tokens, hq, dim), qkv[:, hq * dim:(hq + hkv) * dim].view(tokens, hkv, dim)
+    if qk_norm:
+        q, k = q.contiguous(), k.contiguous()
+    positions = torch.randint(0, 4000, (tokens,), device="cuda")
+    with torch.device("cuda"):
+        ref_rope = RotaryEmbedding(dim, 1e6, None, max_positions=4096, dtype=DTYPE, ops=TorchOps())
+        fused_rope = RotaryEmbedding(dim, 1e6, None, max_positions=4096, dtype=DTYPE, ops=FlashInferOps())
+    want_q, want_k = ref_rope.apply(q.clone(), k.clone(), ref_rope.prepare(positions))
+    got_q, got_k = fused_rope.apply(q, k, fused_rope.prepare(positions))
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr(), "rotated in place"
+    _close(got_q, want_q)
+    _close(got_k, want_k)
+
+
+def test_engine_on_cuda_bf16_builds_the_fused_ops(gpu_model):
+    from minisgl_backend import LLM
+    from minisgl_backend.models.fused import FlashInferOps
+
+    llm = LLM(gpu_model, device="cuda", dtype="bfloat16", page_size=16, max_total_tokens=4096,
+              enable_cuda_graph=False)
+    model = llm.scheduler.engine.model
+    assert isinstance(model.ops, FlashInferOps)
+    assert all(isinstance(m.ops, FlashInferOps) for m in model.modules() if hasattr(m, "ops"))
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gpu_qwen3(tmp_path_factory):
+    from minisgl_backend.tools.make_tiny_model import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny-gpu-qwen3")), arch="qwen3", hidden_size=256,
+                           num_heads=4, num_kv_heads=2, intermediate_size=256)
+
+
+def test_qwen3_cuda_graph_generation_equals_eager(gpu_qwen3):
+    """q/k norm (per-head fused RMSNorm) + fused rope inside the captured graph."""
+    eager = _generate(gpu_qwen3, enable_cuda_graph=False, enable_overlap=False)
+    graph = _generate(gpu_qwen3, enable_cuda_graph=True, enable_overlap=True)
+    assert all(len(t) > 0 for t in eager)
+    assert graph == eager
+
+
+def test_fused_model_logits_match_the_torch_ops_model(gpu_qwen3):
+    """The same weights through the fused kernels and through the torch reference ops."""
+    from minisgl_backend.models.fused import FlashInferOps, TorchOps
+    from minisgl_backend.models.hf_config import read_arch_config
+    from minisgl_backend.models.llama import LlamaForCausalLM
+    from minisgl_backend.models.loader import load_weights, safetensors_files
+
+    arch = read_arch_config(gpu_qwen3)
+    models = []
+    for ops in (TorchOps(), FlashInferOps()):
+        with torch.device("cuda"):
+            m = LlamaForCausalLM(arch, DTYPE, ops)
+        load_weights(m, gpu_qwen3, safetensors_files(gpu_qwen3))
+        models.append(m.eval())
+    seq_lens = [5, 17, 9]
+    page_size, hq, hkv, dim = 16, models[0].num_heads_per_rank, models[0].num_kv_heads_per_rank, models[0].head_dim
+    logits = []
+    for m in models:
+        table, cache, layout, _ = _setup(seq_lens, seq_lens, page_size, hq, hkv, dim, seed=3)
+        cache = KVCache(arch.num_hidden_layers, cache.num_pages, page_size, hkv, dim, DTYPE, torch.device("cuda"))
+        attn = TorchAttentionBackend(cache, table)
+        attn.prepare(layout)
+        ids = torch.arange(3, 3 + sum(seq_lens), device="cuda") % arch.vocab_size
+        pos = torch.cat([torch.arange(n, device="cuda") for n in layout.seq_lens_cpu])
+        last = torch.cumsum(layout.extend_lens, 0) - 1
+        with torch.inference_mode():
+            logits.append(m(ids, pos, ForwardBatch(attn, last)))
+    torch.testing.assert_close(logits[1], logits[0], atol=5e-2, rtol=5e-2)
+
+
+def test_host_staging_copies_without_waiting():
+    import numpy as np
+
+    from minisgl_backend.kvcache.staging import HostStaging
+
+    staging = HostStaging("cuda", slots=2)
+    arrays = [np.arange(i, i + 100, dtype=np.int64) for i in range(5)]
+    outs = [staging.to_device(a) for a in arrays]  # slots reused: each waits only for its own copy
+    torch.cuda.synchronize()
+    for a, out in zip(arrays, outs):
+        assert out.device.type == "cuda" and out.tolist() == a.tolist()
+
+
+def test_metadata_on_cuda_matches_host_reference():
+    from minisgl_backend.attention.flashinfer_backend import build_paged_metadata
+    from minisgl_backend.kvcache.staging import HostStaging
+
+    seq_lens, extend = [1, 17, 33, 64, 100], [1, 9, 33, 16, 3]
+    table, _, layout, _ = _setup(seq_lens, extend, 16, 4, 2, 64)
+    rows = layout.rows.tolist()
+    md = build_paged_metadata(table, rows, layout.seq_lens_cpu, layout.extend_lens_cpu, 16, HostStaging("cuda"))
+    ref = build_paged_metadata(table.cpu(), rows, layout.seq_lens_cpu, layout.extend_lens_cpu, 16)
+    assert md.kv_indices.device.type == "cuda" and md.kv_indptr.device.type == "cpu"
+    assert md.kv_indices.tolist() == ref.kv_indices.tolist() and md.kv_indptr.tolist() == ref.kv_indptr.tolist()

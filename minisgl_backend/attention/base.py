@@ -25,6 +25,7 @@ class BatchLayout:
     out_loc: torch.Tensor  # [T] int64 KV slot that each new token's K/V is written to
     seq_lens_cpu: list[int]
     extend_lens_cpu: list[int]
+    rows_cpu: list[int] | None = None  # host copy of `rows` (metadata built without reading the device)
 
 
 class AttentionBackend(Protocol):

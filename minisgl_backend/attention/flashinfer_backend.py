@@ -32,9 +32,11 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from minisgl_backend.attention.base import BatchLayout
+from minisgl_backend.kvcache.staging import HostStaging
 from minisgl_backend.kvcache import KVCache
 
 # Head sizes flashinfer's fa2 paged kernels are built and tested for (its AOT set); others may
@@ -88,64 +90,65 @@ class PagedMetadata:
         return int(self.kv_indptr[-1])
 
 
-def _host_lengths(values: Sequence[int] | torch.Tensor, name: str) -> torch.Tensor:
+def _host_array(values: Sequence[int] | torch.Tensor | np.ndarray, name: str) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         if values.device.type != "cpu":
             raise ValueError(f"{name} must be host values (a list or a CPU tensor): plan() reads them there")
-        return values.to(torch.int64).flatten()
-    return torch.tensor(list(values), dtype=torch.int64)
+        values = values.numpy()
+    return np.asarray(values, dtype=np.int64).reshape(-1)
 
 
-def _indptr(lengths: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(lengths.shape[0] + 1, dtype=torch.int64)
-    torch.cumsum(lengths, 0, out=out[1:])
+def _indptr(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
     return out
+
+
+def _host_i32(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a.astype(np.int32))
 
 
 def build_paged_metadata(page_table: torch.Tensor, rows: Sequence[int] | torch.Tensor,
                          seq_lens: Sequence[int] | torch.Tensor, extend_lens: Sequence[int] | torch.Tensor,
-                         page_size: int) -> PagedMetadata:
+                         page_size: int, staging: HostStaging | None = None) -> PagedMetadata:
     """CSR metadata of a batch: request i owns page-table row `rows[i]`, has `seq_lens[i]` positions
     after this batch, of which the last `extend_lens[i]` are new (the query tokens).
 
-    `rows` may live on any device (it is moved to the page table's); `seq_lens` and `extend_lens`
-    must be host values. No per-token Python loop and no device->host sync: the page ids are
-    gathered on the page table's device with sizes known on the host.
+    All three are host values (a device `rows` is read back, which syncs: pass `BatchLayout.rows_cpu`).
+    The arithmetic runs in numpy on the host; the device does one gather of the page ids through
+    the flat page-table cells computed here, sent in one copy (`staging`). No repeat_interleave.
     """
     if page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {page_size}")
-    seq = _host_lengths(seq_lens, "seq_lens")
-    ext = _host_lengths(extend_lens, "extend_lens")
+    seq = _host_array(seq_lens, "seq_lens")
+    ext = _host_array(extend_lens, "extend_lens")
+    rows_h = _host_array(rows.cpu() if isinstance(rows, torch.Tensor) else rows, "rows")
     bsz = seq.shape[0]
-    if ext.shape[0] != bsz:
-        raise ValueError(f"{bsz} seq_lens but {ext.shape[0]} extend_lens")
+    if ext.shape[0] != bsz or rows_h.shape[0] != bsz:
+        raise ValueError(f"{rows_h.shape[0]} rows, {bsz} seq_lens and {ext.shape[0]} extend_lens")
     if bsz == 0:
         raise ValueError("empty batch")
-    if bool((seq < 1).any()) or bool((ext < 1).any()) or bool((ext > seq).any()):
+    if (seq < 1).any() or (ext < 1).any() or (ext > seq).any():
         raise ValueError(f"need 1 <= extend_len <= seq_len, got seq_lens={seq.tolist()} extend_lens={ext.tolist()}")
-    if int(seq.max()) > page_table.shape[1]:
-        raise ValueError(f"seq_len {int(seq.max())} exceeds the page table width {page_table.shape[1]}")
+    width = page_table.shape[1]
+    if int(seq.max()) > width:
+        raise ValueError(f"seq_len {int(seq.max())} exceeds the page table width {width}")
 
     num_pages = (seq + page_size - 1) // page_size
     kv_indptr = _indptr(num_pages)
-    qo_indptr = _indptr(ext)
-    last_page_len = seq - (num_pages - 1) * page_size
     total = int(kv_indptr[-1])
-
-    device = page_table.device
-    rows_d = torch.as_tensor(rows, dtype=torch.int64).to(device, non_blocking=True).flatten()
-    if rows_d.shape[0] != bsz:
-        raise ValueError(f"{rows_d.shape[0]} rows but {bsz} seq_lens")
-    num_pages_d = num_pages.to(device, non_blocking=True)
-    starts_d = kv_indptr[:-1].to(device, non_blocking=True)
-    # flat page k -> its request, and its index j within that request; output_size avoids a sync
-    req_of_page = torch.repeat_interleave(torch.arange(bsz, device=device), num_pages_d, output_size=total)
-    page_in_req = torch.arange(total, device=device) - starts_d[req_of_page]
-    first_slot = page_table[rows_d[req_of_page], page_in_req * page_size]
+    # flat page k belongs to request r(k) and is its page j(k): its first slot sits in table cell
+    # rows[r] * width + j * page_size
+    req_of_page = np.repeat(np.arange(bsz), num_pages)
+    page_in_req = np.arange(total) - kv_indptr[:-1][req_of_page]
+    cells = rows_h[req_of_page] * width + page_in_req * page_size
+    cells_d = (staging.to_device(cells) if staging is not None
+               else torch.from_numpy(cells).to(page_table.device, non_blocking=True))
+    first_slot = page_table.view(-1)[cells_d]
     kv_indices = torch.div(first_slot, page_size, rounding_mode="floor").to(torch.int32)
-
-    i32 = lambda t: t.to(torch.int32)  # noqa: E731
-    return PagedMetadata(i32(qo_indptr), i32(kv_indptr), kv_indices, i32(last_page_len), i32(seq))
+    last_page_len = seq - (num_pages - 1) * page_size
+    return PagedMetadata(_host_i32(_indptr(ext)), _host_i32(kv_indptr), kv_indices,
+                         _host_i32(last_page_len), _host_i32(seq))
 
 
 def paged_view(pool: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -179,6 +182,7 @@ class FlashInferBackend:
         self.kv_dtype = kv_cache.k[0].dtype if kv_cache.k else dtype
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
+        self.staging = HostStaging(self.device)
         if use_tensor_cores is None:
             use_tensor_cores = num_qo_heads // num_kv_heads >= TENSOR_CORE_MIN_GROUP
         self.use_tensor_cores = use_tensor_cores
@@ -256,8 +260,9 @@ class FlashInferBackend:
         self._after_plan()
 
     def _metadata(self, layout: BatchLayout) -> PagedMetadata:
-        return build_paged_metadata(self.page_table, layout.rows, layout.seq_lens_cpu,
-                                    layout.extend_lens_cpu, self.page_size)
+        rows = layout.rows_cpu if layout.rows_cpu is not None else layout.rows
+        return build_paged_metadata(self.page_table, rows, layout.seq_lens_cpu,
+                                    layout.extend_lens_cpu, self.page_size, self.staging)
 
     # ------------------------------------------------------------ protocol
 

@@ -48,7 +48,7 @@ class TorchAttentionBackend:
         max_ext = max(layout.extend_lens_cpu[i] for i in members)
         key_pos = torch.arange(max_len, device=device)
         key_valid = key_pos[None, :] < seq_lens[:, None]
-        kv_index = torch.where(key_valid, self.page_table[layout.rows[idx]][:, :max_len].long(), 0)
+        kv_index = torch.where(key_valid, self.page_table[layout.rows[idx], :max_len], 0).long()
         q_off = torch.arange(max_ext, device=device)
         q_valid = q_off[None, :] < ext_lens[:, None]
         q_pos = (seq_lens - ext_lens)[:, None] + q_off[None, :]
@@ -68,8 +68,11 @@ class TorchAttentionBackend:
 
     def _attend(self, g: _Group, q: torch.Tensor, layer_id: int, num_kv_heads: int) -> torch.Tensor:
         num_heads, head_dim = q.shape[1], q.shape[2]
-        q_pad = q.new_zeros(*g.shape, num_heads, head_dim)
-        q_pad[g.q_valid] = q
+        if g.shape[1] == 1:  # decode rows: one query each, nothing to pad
+            q_pad = q.unsqueeze(1)
+        else:
+            q_pad = q.new_zeros(*g.shape, num_heads, head_dim)
+            q_pad[g.q_valid] = q
         keys = self.kv_cache.k[layer_id][g.kv_index].to(q.dtype)
         values = self.kv_cache.v[layer_id][g.kv_index].to(q.dtype)
         out = F.scaled_dot_product_attention(

@@ -6,6 +6,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from minisgl_backend.attention import make_attention_backend
@@ -15,9 +16,10 @@ from minisgl_backend.config import EngineConfig
 from minisgl_backend.distributed.group import destroy_distributed
 from minisgl_backend.engine.graph import build_graph_runner
 from minisgl_backend.engine.sampling import PenaltyInputs, Sampler, SamplingTensors
-from minisgl_backend.engine.transfer import to_device
+from minisgl_backend.engine.metadata import DeviceBatchIndices, HostBatchIndices
 from minisgl_backend.grammar.bitmask import apply_mask
 from minisgl_backend.kvcache import KVCache, PageTable
+from minisgl_backend.kvcache.staging import HostStaging
 from minisgl_backend.models import load_model
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ class Engine:
                                            num_kv_heads=self.model.num_kv_heads_per_rank,
                                            head_dim=self.model.head_dim, dtype=self.dtype)
         self.sampler = Sampler()
+        self.staging = HostStaging(self.device)
+        # ids sampled for a chunk that does not sample land in the spare row's last cell (never read)
+        self._dump_cell = self.page_table.spare_row * self.page_table.width + self.page_table.width - 1
         # The engine stream runs batches; the scheduler enqueues its table writes on the default one.
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.graph_runner = build_graph_runner(
@@ -119,25 +124,22 @@ class Engine:
 
     def _forward(self, batch: Batch) -> ForwardResult:
         items = batch.items
-        starts = [it.start for it in items]
-        ends = [it.end for it in items]
-        ext = [e - s for s, e in zip(starts, ends)]
-        host = torch.tensor([[it.req.row for it in items], ends, ext], dtype=torch.int64)
-        positions = torch.cat([torch.arange(s, e) for s, e in zip(starts, ends)])
-        tok_rows = torch.repeat_interleave(host[0], host[2])
-        rows_d, ends_d, ext_d, tok_rows_d, positions_d = (
-            to_device(t, self.device) for t in (host[0], host[1], host[2], tok_rows, positions))
-        input_ids = self.page_table.tokens[tok_rows_d, positions_d]
-        out_loc = self.page_table.slots[tok_rows_d, positions_d].long()
-        layout = BatchLayout(batch.is_decode, rows_d, ends_d, ext_d, out_loc, ends, ext)
+        ends, ext = [it.end for it in items], [it.end - it.start for it in items]
+        rows = [it.req.row for it in items]
+        host = HostBatchIndices.build(rows, [it.start for it in items], ends, self.page_table.width,
+                                      [it.samples for it in items], self._dump_cell)
+        idx = DeviceBatchIndices.unpack(self.staging.to_device(host.pack()), len(items))
+        input_ids = self.page_table.tokens.view(-1)[idx.token_flat]
+        out_loc = self.page_table.slots.view(-1)[idx.token_flat].long()
+        layout = BatchLayout(batch.is_decode, idx.rows, idx.seq_lens, idx.extend_lens, out_loc, ends, ext, rows)
         if batch.is_decode and self.graph_runner is not None and self.graph_runner.can_run(len(items)):
-            logits = self.graph_runner.replay(input_ids, positions_d, layout)
+            logits = self.graph_runner.replay(input_ids, idx.positions, layout)
         else:
             self.attn.prepare(layout)
-            last = torch.cumsum(ext_d, 0) - 1
-            logits = self.model(input_ids, positions_d, ForwardBatch(self.attn, last))
+            logits = self.model(input_ids, idx.positions, ForwardBatch(self.attn, idx.last_token))
         next_ids, logprobs = self._sample(batch, logits)
-        self._store_sampled(batch, rows_d, ends_d, next_ids)
+        # the next step reads its input ids from the token pool, so they never wait on the host
+        self.page_table.tokens.view(-1)[idx.sampled_flat] = next_ids
         return self._copy_to_host(next_ids, logprobs)
 
     def _engine_stream(self):
@@ -146,22 +148,13 @@ class Engine:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         return torch.cuda.stream(self.stream)
 
-    def _store_sampled(self, batch: Batch, rows: torch.Tensor, ends: torch.Tensor, next_ids: torch.Tensor) -> None:
-        """The next step reads its input ids from the token pool, so they never wait on the host."""
-        sampling = [i for i, it in enumerate(batch.items) if it.samples]
-        if len(sampling) == len(batch.items):
-            self.page_table.tokens[rows, ends] = next_ids
-            return
-        keep = to_device(torch.tensor(sampling, dtype=torch.int64), self.device)
-        self.page_table.tokens[rows[keep], ends[keep]] = next_ids[keep]
-
     def _sample(self, batch: Batch, logits: torch.Tensor):
         if batch.grammar_mask is not None:  # structured output: forbidden tokens -> -inf before any sampling step
             logits = apply_mask(logits, batch.grammar_mask)
         reqs = [it.req for it in batch.items]
         params = [r.params for r in reqs]
         steps = [it.end - len(r.input_ids) for it, r in zip(batch.items, reqs)]
-        st = SamplingTensors.build(params, [r.seed for r in reqs], steps, self.device)
+        st = SamplingTensors.build(params, [r.seed for r in reqs], steps, self.device, self.staging)
         penalties = self._penalty_inputs(batch) if st.need_penalties else None
         suppress = self._suppressed_ids(batch, steps)
         out = self.sampler.sample(logits, st, penalties, suppress_ids=suppress,
@@ -190,7 +183,8 @@ class Engine:
         if not any(rows):
             return None
         width = max(len(r) for r in rows)
-        return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64)
+        padded = np.array([r + [-1] * (width - len(r)) for r in rows], dtype=np.int64)
+        return self.staging.to_device(padded.ravel()).view(len(rows), width)
 
     def _copy_to_host(self, next_ids: torch.Tensor, logprobs: torch.Tensor | None) -> ForwardResult:
         if self.device.type != "cuda":

@@ -119,14 +119,17 @@ class StaticDecodeInputs:
         self.rows[:bs].fill_(spare_row)
         self.seq_lens[:bs].fill_(1)
 
-    def layout(self, padded_bs: int, seq_lens_cpu: Sequence[int]) -> BatchLayout:
-        """The padded decode layout over these buffers; `seq_lens_cpu` are the real requests' lengths."""
+    def layout(self, padded_bs: int, seq_lens_cpu: Sequence[int], rows_cpu: Sequence[int] | None = None,
+               spare_row: int = 0) -> BatchLayout:
+        """The padded decode layout over these buffers; `seq_lens_cpu` (and `rows_cpu`, the host
+        copy of the rows, when known) are the real requests' (the dummies: length 1 on `spare_row`)."""
         pad = padded_bs - len(seq_lens_cpu)
-        if pad < 0:
+        if pad < 0 or (rows_cpu is not None and len(rows_cpu) != len(seq_lens_cpu)):
             raise ValueError(f"{len(seq_lens_cpu)} requests do not fit a graph of {padded_bs}")
         s = slice(0, padded_bs)
+        rows_host = None if rows_cpu is None else list(rows_cpu) + [spare_row] * pad
         return BatchLayout(True, self.rows[s], self.seq_lens[s], self.extend_lens[s], self.out_loc[s],
-                           list(seq_lens_cpu) + [1] * pad, [1] * padded_bs)
+                           list(seq_lens_cpu) + [1] * pad, [1] * padded_bs, rows_host)
 
 
 # ---------------------------------------------------------------------------- runner
@@ -166,7 +169,7 @@ class CudaGraphRunner:
         stream = self.stream if self.stream is not None else torch.cuda.Stream(self.device)
         for bs in sorted(self.sizes, reverse=True):
             self.inputs.fill_dummy(bs, self.spare_row, self.spare_slot)
-            layout = self.inputs.layout(bs, [1] * bs)
+            layout = self.inputs.layout(bs, [], [], self.spare_row)
             self.attn.prepare_for_capture(bs, layout)
             fwd = ForwardBatch(self.attn, self.inputs.last_token_indices[:bs])
             ids, pos = self.inputs.input_ids[:bs], self.inputs.positions[:bs]
@@ -193,7 +196,9 @@ class CudaGraphRunner:
             raise ValueError(f"no captured graph holds a batch of {bs}")
         self.inputs.fill(input_ids, positions, layout.out_loc, layout.rows, layout.seq_lens,
                          padded, self.spare_row, self.spare_slot)
-        self.attn.prepare_for_replay(padded, self.inputs.layout(padded, layout.seq_lens_cpu))
+        rows_cpu = layout.rows_cpu if layout.rows_cpu is not None else layout.rows.tolist()
+        self.attn.prepare_for_replay(padded, self.inputs.layout(padded, layout.seq_lens_cpu, rows_cpu,
+                                                                self.spare_row))
         self.graphs[padded].replay()
         return self.logits[:bs]
 

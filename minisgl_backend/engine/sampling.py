@@ -21,10 +21,12 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from minisgl_backend.sampling_params import SamplingParams
 from minisgl_backend.engine.transfer import to_device
+from minisgl_backend.kvcache.staging import HostStaging
 
 __all__ = [
     "SamplingTensors",
@@ -117,21 +119,22 @@ def _gumbel(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int,
 class SamplingTensors:
     """Per-row sampling parameters on the device, plus batch-level flags for the fast paths.
 
+    The per-row tensors are None when the batch is all greedy without penalties (nothing reads them).
     Conventions: `top_k` 0 = off (top_k -1/0 from the user, or greedy rows); `top_p` 1.0 = off;
     `log_min_p` -inf = off; `temperatures` is 1.0 on greedy rows (never divided by 0).
     """
 
-    temperatures: torch.Tensor  # [B] float32
-    top_k: torch.Tensor  # [B] int64, 0 = off
-    top_p: torch.Tensor  # [B] float32
-    min_p: torch.Tensor  # [B] float32
-    log_min_p: torch.Tensor  # [B] float32, log(min_p) or -inf
-    seeds: torch.Tensor  # [B] int64
-    steps: torch.Tensor  # [B] int64 (output position of the token being sampled)
-    greedy: torch.Tensor  # [B] bool
-    repetition_penalty: torch.Tensor  # [B] float32
-    presence_penalty: torch.Tensor  # [B] float32
-    frequency_penalty: torch.Tensor  # [B] float32
+    temperatures: torch.Tensor | None  # [B] float32
+    top_k: torch.Tensor | None  # [B] int64, 0 = off
+    top_p: torch.Tensor | None  # [B] float32
+    min_p: torch.Tensor | None  # [B] float32
+    log_min_p: torch.Tensor | None  # [B] float32, log(min_p) or -inf
+    seeds: torch.Tensor | None  # [B] int64
+    steps: torch.Tensor | None  # [B] int64 (output position of the token being sampled)
+    greedy: torch.Tensor | None  # [B] bool
+    repetition_penalty: torch.Tensor | None  # [B] float32
+    presence_penalty: torch.Tensor | None  # [B] float32
+    frequency_penalty: torch.Tensor | None  # [B] float32
     sample_rows: torch.Tensor | None  # [S] int64 rows to sample when the batch is mixed, else None
     batch_size: int
     all_greedy: bool
@@ -148,7 +151,9 @@ class SamplingTensors:
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int],
-              device: torch.device | str = "cpu") -> "SamplingTensors":
+              device: torch.device | str = "cpu", staging: HostStaging | None = None) -> "SamplingTensors":
+        """Flags on the host; the per-row tensors (one host->device copy per dtype, none at all for
+        a greedy batch without penalties, whose tensors are then None) through `staging`."""
         n = len(params)
         if len(seeds) != n or len(steps) != n:
             raise ValueError(f"got {n} params, {len(seeds)} seeds, {len(steps)} steps")
@@ -162,25 +167,27 @@ class SamplingTensors:
         pres = [float(p.presence_penalty) for p in params]
         freq = [float(p.frequency_penalty) for p in params]
 
-        floats = torch.tensor([temps, top_p, min_p, log_min_p, rep, pres, freq], dtype=torch.float32)
-        ints = torch.tensor([top_k, [int(s) for s in seeds], [int(s) for s in steps], greedy],
-                            dtype=torch.int64).reshape(4, n)
-        floats = to_device(floats, device)
-        ints = to_device(ints, device)
-
         sampled = [i for i, g in enumerate(greedy) if not g]
         all_greedy = not sampled
         any_greedy = len(sampled) < n
-        sample_rows = None
-        if sampled and any_greedy:
-            sample_rows = to_device(torch.tensor(sampled, dtype=torch.int64), device)
         need_rep = any(r != 1.0 for r in rep)
         need_pf = any(x != 0.0 for x in pres) or any(x != 0.0 for x in freq)
+        floats = ints = sample_rows = None
+        if not all_greedy or need_rep or need_pf:  # greedy without penalties reads none of them
+            stage = staging.to_device if staging is not None else (lambda a: to_device(torch.from_numpy(a), device))
+            floats = stage(np.array([temps, top_p, min_p, log_min_p, rep, pres, freq], dtype=np.float32).ravel())
+            floats = floats.view(7, n)
+            ints = stage(np.array([top_k, [int(s) for s in seeds], [int(s) for s in steps], greedy],
+                                  dtype=np.int64).ravel()).view(4, n)
+            if sampled and any_greedy:
+                sample_rows = stage(np.array(sampled, dtype=np.int64))
+        row = lambda t, i: None if t is None else t[i]  # noqa: E731
         sampled_k = [top_k[i] for i in sampled]
         return cls(
-            temperatures=floats[0], top_p=floats[1], min_p=floats[2], log_min_p=floats[3],
-            repetition_penalty=floats[4], presence_penalty=floats[5], frequency_penalty=floats[6],
-            top_k=ints[0], seeds=ints[1], steps=ints[2], greedy=ints[3].bool(),
+            temperatures=row(floats, 0), top_p=row(floats, 1), min_p=row(floats, 2), log_min_p=row(floats, 3),
+            repetition_penalty=row(floats, 4), presence_penalty=row(floats, 5), frequency_penalty=row(floats, 6),
+            top_k=row(ints, 0), seeds=row(ints, 1), steps=row(ints, 2),
+            greedy=None if ints is None else ints[3].bool(),
             sample_rows=sample_rows,
             batch_size=n,
             all_greedy=all_greedy,

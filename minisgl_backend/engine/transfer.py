@@ -22,3 +22,4 @@ def copy_to(dst: torch.Tensor, src: torch.Tensor) -> None:
     if dst.device.type == "cuda":
         src = src.pin_memory()
     dst.copy_(src, non_blocking=True)
+

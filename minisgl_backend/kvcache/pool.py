@@ -13,9 +13,12 @@ class KVCache:
                  head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.num_pages = num_pages
         self.page_size = page_size
-        shape = ((num_pages + 1) * page_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (2, (num_pages + 1) * page_size, num_kv_heads, head_dim)
+        # K and V of a layer share one buffer ([0] = K, [1] = V, each contiguous), so a K/V pair
+        # that sits side by side in the qkv output is stored with one indexed write
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [kv[0] for kv in self.kv]
+        self.v = [kv[1] for kv in self.kv]
 
     @property
     def spare_slot(self) -> int:
@@ -23,13 +26,29 @@ class KVCache:
         return self.num_pages * self.page_size
 
     def store(self, layer_id: int, out_loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer_id][out_loc] = k.to(self.k[layer_id].dtype)
-        self.v[layer_id][out_loc] = v.to(self.v[layer_id].dtype)
+        """k / v [T, Hkv, D] into slots `out_loc` [T] (one write when v's heads follow k's in memory)."""
+        kv = self.kv[layer_id]
+        pair = _kv_pair(k, v) if k.dtype == kv.dtype else None
+        if pair is not None:
+            kv[:, out_loc] = pair
+            return
+        self.k[layer_id][out_loc] = k.to(kv.dtype)
+        self.v[layer_id][out_loc] = v.to(kv.dtype)
 
     def free(self) -> None:
         """Drop the buffers (engine shutdown); the cache cannot be used afterwards."""
-        self.k, self.v = [], []
+        self.kv, self.k, self.v = [], [], []
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def _kv_pair(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """A [2, T, Hkv, D] view over k and v when v's heads directly follow k's (same row stride)."""
+    heads, dim = k.shape[1], k.shape[2]
+    if (k.dim() != 3 or k.shape != v.shape or k.stride() != v.stride() or k.stride(1) != dim
+            or k.stride(2) != 1 or v.dtype != k.dtype
+            or v.data_ptr() != k.data_ptr() + heads * dim * k.element_size()):
+        return None
+    return k.as_strided((2, k.shape[0], heads, dim), (heads * dim, k.stride(0), dim, 1))

@@ -1,4 +1,5 @@
-"""Replicated building blocks: RMSNorm, rotary embedding, SiLU-and-mul (numerically as in HF)."""
+"""Replicated building blocks: RMSNorm, rotary embedding, SiLU-and-mul, computed by the model's
+`LayerOps` (torch: numerically as in HF; flashinfer: fused CUDA kernels)."""
 
 from __future__ import annotations
 
@@ -6,32 +7,42 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minisgl_backend.distributed.layers import default_weight_loader
+from minisgl_backend.models.fused import LayerOps, TorchOps
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float = 1e-6, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, size: int, eps: float = 1e-6, dtype: torch.dtype | None = None,
+                 ops: LayerOps | None = None) -> None:
         super().__init__()
         self.eps = eps
+        self.ops = ops or TorchOps()
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = default_weight_loader  # type: ignore[attr-defined]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def forward_over(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm, written over x where the ops can."""
+        return self.ops.rms_norm_over(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add fused into the norm where the ops can."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class SiluAndMul(nn.Module):
     """[..., 2 * d] (gate, up) -> silu(gate) * up."""
 
+    def __init__(self, ops: LayerOps | None = None) -> None:
+        super().__init__()
+        self.ops = ops or TorchOps()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return self.ops.silu_and_mul(x)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -63,23 +74,24 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rope (rotate_half over the two halves of each head), cos/sin in float32."""
+    """Neox-style rope (rotate_half over the two halves of each head), cos/sin in float32.
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
+    `prepare(positions)` once per forward, then `apply(q, k, prepared)` in every layer."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None, *,
+                 max_positions: int = 0, dtype: torch.dtype = torch.float32, ops: LayerOps | None = None) -> None:
         super().__init__()
-        self.head_dim = head_dim
+        self.head_dim, self.dtype = head_dim, dtype
+        self.ops = ops or TorchOps()
         inv_freq = rope_inv_freq(head_dim, theta, scaling).to(torch.get_default_device())
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if self.ops.needs_cos_sin_cache:
+            freqs = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq
+            self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, 1, head_dim] (float32), to broadcast over heads."""
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
-        return emb.cos(), emb.sin()
+    def prepare(self, positions: torch.Tensor) -> Any:
+        return self.ops.rope_inputs(self, positions)
 
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, H, D] -> x * cos + rotate_half(x) * sin, computed in x's dtype like HF."""
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    def apply(self, q: torch.Tensor, k: torch.Tensor, prepared: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hkv, D] -> rotated (possibly in place)."""
+        return self.ops.apply_rope(q, k, prepared)

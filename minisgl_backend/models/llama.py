@@ -19,15 +19,17 @@ from minisgl_backend.distributed.layers import (
     VocabParallelEmbedding,
 )
 from minisgl_backend.distributed.parallel_state import get_tp_size
+from minisgl_backend.models.fused import LayerOps, TorchOps
 from minisgl_backend.models.hf_config import ModelArchConfig
 from minisgl_backend.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 
 
-
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArchConfig, layer_id: int, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArchConfig, layer_id: int, dtype: torch.dtype, ops: LayerOps,
+                 rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.layer_id, self.head_dim = layer_id, arch.head_dim
+        self.rotary = [rotary]  # shared with the model, not a sub-module of every layer
         self.qkv_proj = QKVParallelLinear(
             arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_key_value_heads,
             bias=arch.attention_bias, dtype=dtype,
@@ -38,62 +40,83 @@ class LlamaAttention(nn.Module):
             arch.num_attention_heads * arch.head_dim, arch.hidden_size, bias=arch.o_proj_bias, dtype=dtype
         )
         if arch.qk_norm:
-            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, ops)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, ops)
         self.qk_norm = arch.qk_norm
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fwd: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: object, fwd: ForwardBatch) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        # views into the qkv output (no copy): the K/V store and the kernels read them strided
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim).contiguous()
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:  # per-head RMSNorm: the same op over [T, H, D]
+            # q gets its own (contiguous) tensor; k is normed in place, so it stays beside v and
+            # the K/V store is one write
+            q, k = self.q_norm(q), self.k_norm.forward_over(k)
+        q, k = self.rotary[0].apply(q, k, rope)
         return self.o_proj(fwd.attn.forward(q, k, v, self.layer_id))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ModelArchConfig, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArchConfig, dtype: torch.dtype, ops: LayerOps) -> None:
         super().__init__()
         inter = arch.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [inter, inter], bias=arch.mlp_bias, dtype=dtype)
         self.down_proj = RowParallelLinear(inter, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
-        self.act = SiluAndMul()
+        self.act = SiluAndMul(ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArchConfig, layer_id: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.self_attn = LlamaAttention(arch, layer_id, dtype)
-        self.mlp = LlamaMLP(arch, dtype)
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+    """Carries (h, residual) like sglang: each norm adds the pending residual first, so the add
+    and the norm are one kernel where the ops fuse them."""
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fwd: ForwardBatch) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, fwd)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def __init__(self, arch: ModelArchConfig, layer_id: int, dtype: torch.dtype, ops: LayerOps,
+                 rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(arch, layer_id, dtype, ops, rotary)
+        self.mlp = LlamaMLP(arch, dtype, ops)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, ops)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, ops)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope: object,
+                fwd: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(branch output, residual stream); the layer's true output is their sum."""
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm.add_forward(h, residual)
+        h = self.self_attn(h, rope, fwd)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArchConfig, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArchConfig, dtype: torch.dtype, ops: LayerOps) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, dtype=dtype)
-        self.rotary_emb = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, dtype) for i in range(arch.num_hidden_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+        self.rotary_emb = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling,
+                                          max_positions=arch.max_position_embeddings, dtype=dtype, ops=ops)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, dtype, ops, self.rotary_emb)
+                                    for i in range(arch.num_hidden_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, ops)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fwd: ForwardBatch) -> torch.Tensor:
-        """Hidden states of every token, before the final norm: [T, hidden]."""
-        h = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.cos_sin(positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                fwd: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(branch output, residual) of the last layer for every token, [T, hidden] each; the
+        hidden state before the final norm is their sum (residual None when there are no layers)."""
+        h, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary_emb.prepare(positions)
         for layer in self.layers:
-            h = layer(h, cos, sin, fwd)
-        return h
+            h, residual = layer(h, residual, rope, fwd)
+        return h, residual
+
+    def final_norm(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        return self.norm(h) if residual is None else self.norm.add_forward(h, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -109,13 +132,15 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, arch: ModelArchConfig, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, arch: ModelArchConfig, dtype: torch.dtype = torch.float32,
+                 ops: LayerOps | None = None) -> None:
         super().__init__()
         tp = get_tp_size()
+        self.ops = ops or TorchOps()
         if arch.num_attention_heads % tp:
             raise ValueError(f"num_attention_heads ({arch.num_attention_heads}) must be divisible by tp_size ({tp})")
         self.arch = arch
-        self.model = LlamaModel(arch, dtype)
+        self.model = LlamaModel(arch, dtype, self.ops)
         attn = self.model.layers[0].self_attn if self.model.layers else None
         self._heads_per_rank = arch.num_attention_heads // tp
         self._kv_heads_per_rank = attn.num_kv_heads if attn else max(1, arch.num_key_value_heads // tp)
@@ -144,6 +169,7 @@ class LlamaForCausalLM(nn.Module):
         return self.arch.vocab_size
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fwd: ForwardBatch) -> torch.Tensor:
-        h = self.model(input_ids, positions, fwd)
-        h = self.model.norm(h[fwd.last_token_indices])
+        h, residual = self.model(input_ids, positions, fwd)
+        last = fwd.last_token_indices
+        h = self.model.final_norm(h[last], None if residual is None else residual[last])
         return self.lm_head(h).float()

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from minisgl_backend.distributed.layers import default_weight_loader
+from minisgl_backend.models.fused import select_ops
 from minisgl_backend.models.hf_config import read_arch_config
 from minisgl_backend.models.llama import LlamaForCausalLM
 
@@ -52,8 +53,9 @@ def load_model(model_path: str, dtype: torch.dtype | str, device: str | torch.de
         dtype = getattr(torch, dtype)
     arch = read_arch_config(model_path)
     files = safetensors_files(model_path)
+    ops = select_ops(device, dtype)  # fused kernels or the torch reference, fixed for the model's life
     with torch.device(device):
-        model = _MODEL_CLASSES[arch.family](arch, dtype)
+        model = _MODEL_CLASSES[arch.family](arch, dtype, ops)
     load_weights(model, model_path, files)
     return model.eval()
 

@@ -1,0 +1,165 @@
+"""The elementwise ops of a decoder layer, implemented once per device: `TorchOps` (plain torch,
+numerically as in HF: the CPU path and the reference) and `FlashInferOps` (flashinfer's fused
+CUDA kernels: RMSNorm, residual-add + RMSNorm in one kernel, rope in place, SiLU-and-mul).
+
+`select_ops(device, dtype)` picks one when the model is built; every layer keeps that choice.
+flashinfer is imported only when `FlashInferOps` is constructed, i.e. only on CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class LayerOps(Protocol):
+    name: str
+    needs_cos_sin_cache: bool
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm over the last dim of x ([T, D], or [T, H, D] for per-head q/k norm)."""
+
+    def rms_norm_over(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """`rms_norm`, written over x where the kernel can (keeps K next to V in the qkv output)."""
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(x + residual), x + residual); may reuse the storage of x and residual."""
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., 2d] (gate, up) -> silu(gate) * up."""
+
+    def rope_inputs(self, rotary: Any, positions: torch.Tensor) -> Any:
+        """What `apply_rope` needs for this batch, computed once per forward (not per layer)."""
+
+    def apply_rope(self, q: torch.Tensor, k: torch.Tensor, rope: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neox rope on q [T, Hq, D] and k [T, Hkv, D]; may rotate them in place."""
+
+
+class TorchOps:
+    """Plain torch, op for op as transformers computes it (float32 statistics, cast back)."""
+
+    name = "torch"
+    needs_cos_sin_cache = False
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x.to(dtype)
+
+    def rms_norm_over(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = residual + x
+        return self.rms_norm(residual, weight, eps), residual
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rope_inputs(self, rotary: Any, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos [T, 1, D] and the signed sin [-sin, sin] [T, 1, D], in the model's dtype.
+
+        HF multiplies rotate_half(x) = [-x2, x1] by sin = [s, s]; [x2, x1] * [-s, s] is the same
+        product bit for bit (negation is exact), and [x2, x1] is one roll of x.
+        """
+        freqs = (positions.float().unsqueeze(-1) * rotary.inv_freq).unsqueeze(1)
+        c, s = freqs.cos(), freqs.sin()
+        return torch.cat((c, c), dim=-1).to(rotary.dtype), torch.cat((-s, s), dim=-1).to(rotary.dtype)
+
+    def apply_rope(self, q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        cos, signed_sin = rope
+        qk = _joint_heads(q, k)
+        if qk is not None:  # q and k side by side in the qkv output: rotate them in one pass
+            out = _rotate(qk, cos, signed_sin)
+            return out[:, : q.shape[1]], out[:, q.shape[1]:]
+        return _rotate(q, cos, signed_sin), _rotate(k, cos, signed_sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def _joint_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """A [T, Hq + Hkv, D] view over q and k when k's heads directly follow q's in memory."""
+    head_dim = q.shape[-1]
+    if (q.dim() != 3 or q.stride() != k.stride() or q.stride(1) != head_dim or q.stride(2) != 1
+            or q.dtype != k.dtype or q.shape[0] != k.shape[0]
+            or k.data_ptr() != q.data_ptr() + q.shape[1] * head_dim * q.element_size()):
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], head_dim), q.stride())
+
+
+class FlashInferOps:
+    """flashinfer's norm / rope / activation kernels (CUDA, fp16 / bf16)."""
+
+    name = "flashinfer"
+    needs_cos_sin_cache = True  # [max_positions, head_dim] float32: cos half, then sin half
+
+    def __init__(self) -> None:
+        import flashinfer.activation
+        import flashinfer.norm
+        import flashinfer.rope
+
+        self._norm, self._rope, self._act = flashinfer.norm, flashinfer.rope, flashinfer.activation
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._norm.rmsnorm(x, weight, eps)
+
+    def rms_norm_over(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # each warp reads a whole head row before it writes it back: safe in place
+        return self._norm.rmsnorm(x, weight, eps, out=x)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        self._norm.fused_add_rmsnorm(x, residual, weight, eps)  # residual += x; x = norm(residual)
+        return x, residual
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return self._act.silu_and_mul(x)
+
+    def rope_inputs(self, rotary: Any, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return positions, rotary.cos_sin_cache
+
+    def apply_rope(self, q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        positions, cos_sin_cache = rope
+        # q / k may be strided views of the fused qkv output: the kernel takes row and head strides
+        self._rope.apply_rope_with_cos_sin_cache_inplace(
+            positions, q.flatten(-2), k.flatten(-2), q.shape[-1], cos_sin_cache, is_neox=True)
+        return q, k
+
+
+def flashinfer_installed() -> bool:
+    return importlib.util.find_spec("flashinfer") is not None
+
+
+def fused_ops_unsupported_reason(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Why the fused kernels cannot run here, or None when they can."""
+    if torch.device(device).type != "cuda":
+        return "not on CUDA"
+    if dtype not in FUSED_DTYPES:
+        return f"dtype {dtype} (the fused kernels take float16 / bfloat16)"
+    if not flashinfer_installed():
+        return "flashinfer is not installed"
+    return None
+
+
+def select_ops(device: torch.device | str, dtype: torch.dtype) -> LayerOps:
+    """flashinfer's fused kernels on CUDA in half precision, else the torch reference."""
+    reason = fused_ops_unsupported_reason(device, dtype)
+    if reason is None:
+        return FlashInferOps()
+    if torch.device(device).type == "cuda":
+        logger.warning("decoder layers use unfused torch ops: %s", reason)
+    return TorchOps()

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The one command on a CUDA host (Python 3.12 with torch + transformers, no package index), run
+# from inside the folder `make gpu-bundle` built:
+#
+#   bash gpu-check.sh [RESULTS_DIR]          (default: ./results)
+#
+# Installs the bundled wheels and flashinfer into a scratch site dir, unpacks tritonserver, then
+# runs the gpu tests and every GPU benchmark, one process each, within a total of 8 minutes
+# (each stage gets what is left of the budget, capped by its own limit). Everything lands in
+# RESULTS_DIR: gpu_tests.log, decode_step.json, engine.json, engine_normal.json,
+# scheduler_cpu.json, hf.json, serving.json, summary.json (one line per stage: rc, seconds), and
+# each stage's stderr log.
+set -u
+G="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+R="$(mkdir -p "${1:-$G/results}" && cd "${1:-$G/results}" && pwd)"
+SITE="${MINISGL_GPU_SITE:-/tmp/minisgl-gpu-site}"
+MODEL="${MINISGL_GPU_MODEL:-/tmp/minisgl-qwen3-0.6b-random}"
+BUDGET_S="${MINISGL_GPU_BUDGET_S:-470}"
+PY="${PYTHON:-python3}"
+T0=$(date +%s)
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MAX_JOBS="${MAX_JOBS:-16}"
+# the CUDA JIT norm kernels (the CuTe-DSL ones need nvidia-cutlass-dsl, which is not bundled)
+export FLASHINFER_USE_CUDA_NORM=1
+
+left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
+summary() { echo "{\"stage\": \"$1\", \"rc\": $2, \"seconds\": $3}" >> "$R/summary.json"; }
+# stage NAME LIMIT_S OUTFILE CMD...: run with min(LIMIT_S, what is left), stdout -> OUTFILE
+stage() {
+  local name=$1 limit=$2 out=$3; shift 3
+  local budget; budget=$(left)
+  [ "$budget" -lt "$limit" ] && limit=$budget
+  if [ "$limit" -lt 15 ]; then
+    echo "=== $name skipped: the 8-minute budget is spent"; summary "$name" '"skipped"' 0; return
+  fi
+  echo "=== $name (limit ${limit}s, at +$(( $(date +%s) - T0 ))s)"
+  local s; s=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$out" 2> "$R/$name.stderr.log"
+  local rc=$?
+  summary "$name" "$rc" $(( $(date +%s) - s ))
+  tail -c 2000 "$out"; echo
+  [ "$rc" -eq 0 ] || { echo "--- $name failed (rc $rc), stderr tail:"; tail -20 "$R/$name.stderr.log"; }
+}
+
+: > "$R/summary.json"
+echo "=== setup: wheels + flashinfer into $SITE, tritonserver into $G/triton"
+rm -rf "$SITE" && mkdir -p "$SITE"
+"$PY" -m pip install --quiet --no-index --no-deps --no-compile --target "$SITE" "$G"/whl/*.whl || exit 1
+tar -C "$SITE" -xJf "$G/flashinfer.tar.xz" || exit 1
+rm -rf "$G/triton" && tar -C "$G" -xJf "$G/triton.tar.xz" || exit 1
+export PYTHONPATH="$G/proj:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+read -r ARCH LIBPY < <("$PY" - <<'PYEOF'
+import sysconfig, torch
+major, minor = torch.cuda.get_device_capability()
+print(f"{major}.{minor}" + ("a" if major >= 9 else ""), sysconfig.get_config_var("LIBDIR"))
+PYEOF
+)
+export FLASHINFER_CUDA_ARCH_LIST="${FLASHINFER_CUDA_ARCH_LIST:-$ARCH}"
+cat > "$G/triton/env.sh" <<ENVEOF
+export MINISGL_TRITON_HOME="$G/triton"
+export LD_LIBRARY_PATH="$G/triton/lib:$LIBPY\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+export PYTHONPATH="$PYTHONPATH"
+export PATH="$(dirname "$(command -v "$PY")"):\$PATH"
+ENVEOF
+export MINISGL_TRITON_HOME="$G/triton"
+nvidia-smi -L
+"$PY" -c "import torch, transformers, flashinfer; print('torch', torch.__version__, 'transformers', transformers.__version__, 'flashinfer', flashinfer.__version__, 'arch', '$FLASHINFER_CUDA_ARCH_LIST')" || exit 1
+cd "$G/proj"
+
+stage gpu_tests 240 "$R/gpu_tests.log" \
+  "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider -o addopts=""
+stage build 60 "$R/build.json" "$PY" benchmarks/gpu_drive.py build "$MODEL"
+stage decode_step 90 "$R/decode_step.json" \
+  "$PY" benchmarks/decode_step.py --model "$MODEL" --device cuda --dtype bfloat16
+stage engine 75 "$R/engine.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL"
+stage hf 70 "$R/hf.json" "$PY" benchmarks/gpu_drive.py hf "$MODEL" --max-new 256
+if ls "$LIBPY"/libpython3.12.so* > /dev/null 2>&1; then
+  stage serving 120 "$R/serving.json" "$PY" benchmarks/triton_latency.py --model "$MODEL" \
+    --concurrency 1 16 64 --settings device=cuda dtype=bfloat16
+else
+  echo "=== serving skipped: $LIBPY has no libpython3.12.so (the Python backend stub links it)"
+  summary serving '"no libpython3.12.so"' 0
+fi
+stage engine_normal 60 "$R/engine_normal.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL" --no-overlap
+stage scheduler_cpu 60 "$R/scheduler_cpu.json" "$PY" benchmarks/gpu_drive.py scheduler_cpu "$MODEL"
+echo "=== done at +$(( $(date +%s) - T0 ))s; results in $R"
+cat "$R/summary.json"

@@ -1,0 +1,120 @@
+"""Which implementation of the decoder's elementwise ops a model gets, and the torch reference
+semantics that the fused kernels must match (the kernels themselves: tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from minisgl_backend.models import fused
+from minisgl_backend.models.fused import FlashInferOps, TorchOps, select_ops
+
+
+def test_cpu_gets_the_torch_ops_and_never_imports_flashinfer():
+    for dtype in (torch.float32, torch.bfloat16):
+        assert isinstance(select_ops("cpu", dtype), TorchOps)
+    assert "flashinfer" not in sys.modules
+
+
+def test_cuda_without_flashinfer_or_in_float32_falls_back_to_torch(monkeypatch):
+    monkeypatch.setattr(fused, "flashinfer_installed", lambda: False)
+    assert fused.fused_ops_unsupported_reason("cuda", torch.bfloat16) == "flashinfer is not installed"
+    assert isinstance(select_ops("cuda", torch.bfloat16), TorchOps)
+    monkeypatch.setattr(fused, "flashinfer_installed", lambda: True)
+    assert "float32" in fused.fused_ops_unsupported_reason("cuda", torch.float32)
+    assert isinstance(select_ops(torch.device("cuda", 0), torch.float32), TorchOps)
+
+
+@pytest.fixture
+def fake_flashinfer(monkeypatch):
+    """A stand-in flashinfer package whose kernels record their calls (the real one needs CUDA)."""
+    calls = []
+    pkg = types.ModuleType("flashinfer")
+    norm, rope, act = (types.ModuleType(f"flashinfer.{n}") for n in ("norm", "rope", "activation"))
+    norm.rmsnorm = lambda x, w, eps, out=None: calls.append(("rmsnorm", tuple(x.shape), out is x)) or x
+    norm.fused_add_rmsnorm = lambda x, r, w, eps: calls.append(("fused_add_rmsnorm", tuple(x.shape)))
+    rope.apply_rope_with_cos_sin_cache_inplace = (
+        lambda pos, q, k, head, cache, is_neox: calls.append(("rope", tuple(q.shape), tuple(k.shape), head, is_neox)))
+    act.silu_and_mul = lambda x: calls.append(("silu_and_mul", tuple(x.shape))) or x[..., : x.shape[-1] // 2]
+    pkg.norm, pkg.rope, pkg.activation = norm, rope, act
+    for name, mod in (("flashinfer", pkg), ("flashinfer.norm", norm), ("flashinfer.rope", rope),
+                      ("flashinfer.activation", act)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(fused, "flashinfer_installed", lambda: True)
+    return calls
+
+
+def test_cuda_half_precision_gets_flashinfer_kernels(fake_flashinfer):
+    for dtype in (torch.float16, torch.bfloat16):
+        ops = select_ops("cuda", dtype)
+        assert isinstance(ops, FlashInferOps) and ops.needs_cos_sin_cache
+
+
+def test_flashinfer_ops_call_one_kernel_each_on_strided_views(fake_flashinfer):
+    ops = FlashInferOps()
+    qkv = torch.randn(3, (4 + 2 + 2) * 8)
+    q = qkv[:, :32].view(3, 4, 8)  # strided views into the qkv output, as the attention layer makes
+    k = qkv[:, 32:48].view(3, 2, 8)
+    cache = torch.randn(16, 8)
+    rq, rk = ops.apply_rope(q, k, ops.rope_inputs(types.SimpleNamespace(cos_sin_cache=cache), torch.arange(3)))
+    assert rq is q and rk is k  # rotated in place
+    x, res, w = torch.randn(3, 8), torch.randn(3, 8), torch.ones(8)
+    out, new_res = ops.add_rms_norm(x, res, w, 1e-6)
+    assert out is x and new_res is res  # the kernel writes both in place
+    ops.rms_norm(q, torch.ones(8), 1e-6)
+    assert ops.rms_norm_over(k, torch.ones(8), 1e-6) is k
+    assert ops.silu_and_mul(torch.randn(3, 16)).shape == (3, 8)
+    assert fake_flashinfer == [("rope", (3, 32), (3, 16), 8, True), ("fused_add_rmsnorm", (3, 8)),
+                               ("rmsnorm", (3, 4, 8), False), ("rmsnorm", (3, 2, 8), True),
+                               ("silu_and_mul", (3, 16))]
+
+
+def test_model_built_for_cuda_bf16_wires_the_fused_ops_into_every_layer(fake_flashinfer, tmp_path):
+    from minisgl_backend.models.hf_config import read_arch_config
+    from minisgl_backend.models.llama import LlamaForCausalLM
+    from minisgl_backend.tools.make_tiny_model import make_tiny_model
+
+    arch = read_arch_config(make_tiny_model(str(tmp_path), arch="qwen3", num_layers=2))
+    model = LlamaForCausalLM(arch, torch.bfloat16, select_ops("cuda", torch.bfloat16))  # built on the CPU
+    norms = [m for m in model.modules() if hasattr(m, "ops")]
+    assert norms and all(isinstance(m.ops, FlashInferOps) for m in norms)
+    table = model.model.rotary_emb.cos_sin_cache
+    assert table.shape == (arch.max_position_embeddings, arch.head_dim) and table.dtype == torch.float32
+    freqs = 5.0 * model.model.rotary_emb.inv_freq
+    torch.testing.assert_close(table[5], torch.cat((freqs.cos(), freqs.sin())))
+
+
+def test_torch_add_rms_norm_is_add_then_norm():
+    ops = TorchOps()
+    x, res, w = torch.randn(4, 16), torch.randn(4, 16), torch.rand(16)
+    out, new_res = ops.add_rms_norm(x, res, w, 1e-5)
+    assert torch.equal(new_res, res + x)
+    assert torch.equal(out, ops.rms_norm(res + x, w, 1e-5))
+    ref = (res + x) * torch.rsqrt((res + x).pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(out, ref)
+
+
+def test_torch_silu_and_mul_and_rope_reference():
+    ops = TorchOps()
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(ops.silu_and_mul(x), torch.nn.functional.silu(x[:, :5]) * x[:, 5:])
+    rotary = types.SimpleNamespace(inv_freq=torch.tensor([1.0, 0.1]), dtype=torch.float32)
+    q, k = torch.randn(2, 3, 4), torch.randn(2, 1, 4)
+    rq, rk = ops.apply_rope(q, k, ops.rope_inputs(rotary, torch.tensor([0, 7])))
+    qkv = torch.cat((q, k, torch.randn(2, 1, 4)), dim=1).flatten(1)  # q, k adjacent: rotated jointly
+    jq, jk = ops.apply_rope(qkv[:, :12].view(2, 3, 4), qkv[:, 12:16].view(2, 1, 4),
+                            ops.rope_inputs(rotary, torch.tensor([0, 7])))
+    assert torch.equal(jq, rq) and torch.equal(jk, rk)
+    assert torch.equal(rq[0], q[0]) and torch.equal(rk[0], k[0])  # position 0 is the identity
+    # bit for bit the HF formula x * cos + rotate_half(x) * sin
+    freqs = torch.tensor([0.0, 7.0])[:, None] * rotary.inv_freq
+    cos, sin = torch.cat((freqs, freqs), -1).cos()[:, None], torch.cat((freqs, freqs), -1).sin()[:, None]
+    half = lambda x: torch.cat((-x[..., 2:], x[..., :2]), -1)  # noqa: E731
+    assert torch.equal(rq, q * cos + half(q) * sin) and torch.equal(rk, k * cos + half(k) * sin)
+    angle = 7 * rotary.inv_freq
+    x1, x2 = q[1, :, :2], q[1, :, 2:]
+    expected = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()), -1)
+    torch.testing.assert_close(rq[1], expected)
