@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from typing import Any
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 
 def scheduler_main(flat_config: dict[str, Any], rank: int, addrs: Addresses) -> None:
+    # Ctrl-C in a terminal signals the whole process group: the server must unload the model
+    # (which stops this process with a ShutdownMsg), not find its engine dead mid-unload.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=os.environ.get("MINISGL_LOG_LEVEL", "WARNING"),
                         format=f"[minisgl rank{rank}] %(levelname)s %(name)s: %(message)s")
     ctx = zmq.Context()
