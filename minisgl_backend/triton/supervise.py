@@ -150,27 +150,33 @@ class Supervisor:
         """Until a stop signal (its exit code) or a child's death (1); None: restart everything."""
         next_stub_check = time.monotonic() + 1.0
         while self.stop_signal is None:
-            for name, proc in (("tritonserver", self.server), ("the OpenAI frontend", self.openai)):
-                if proc is not None and proc.poll() is not None:
-                    say(f"{name} exited ({proc.returncode}): stopping everything")
-                    return 1
+            code = self.server.poll()
+            if code is not None and -code in _CRASH_SIGNALS:  # a stub killed mid-IPC can abort it
+                return self._restart(f"tritonserver crashed (signal {-code})")
+            if code is not None:  # stopped or killed from outside: so are we
+                say(f"tritonserver exited ({code}): stopping everything")
+                return 1
+            if self.openai is not None and self.openai.poll() is not None:
+                say(f"the OpenAI frontend exited ({self.openai.returncode}): stopping everything")
+                return 1
             if time.monotonic() > next_stub_check:
                 next_stub_check = time.monotonic() + 1.0
                 if not _has_stub(self.server.pid) and self.server.poll() is None:  # a dead server: see above
-                    return self._after_stub_death()
+                    return self._restart("the Python-backend stub is gone (it died, or the engine failed "
+                                         "and the model unloaded)")
             time.sleep(0.2)
         return 128 + self.stop_signal
 
-    def _after_stub_death(self) -> int | None:
+    def _restart(self, why: str) -> int | None:
         """Triton (2.51) neither restarts a decoupled model's stub nor answers its streams in flight,
-        and keeps the model READY: restarting the server is the only way to fail those streams
-        (their connections drop) and serve again."""
+        and keeps the model READY; a stub killed while it holds a shared-memory lock can also abort
+        tritonserver. Restarting the server fails those streams (their connections drop) and
+        serves again."""
         if self.restarts >= self.args.max_restarts:
-            say(f"the Python-backend stub is gone and {self.restarts} restarts were used up: stopping")
+            say(f"{why} and {self.restarts} restarts were used up: stopping")
             return 1
         self.restarts += 1
-        say(f"the Python-backend stub is gone (it died, or the engine failed and the model unloaded): "
-            f"restarting tritonserver ({self.restarts}/{self.args.max_restarts})")
+        say(f"{why}: restarting tritonserver ({self.restarts}/{self.args.max_restarts})")
         return None
 
     # ------------------------------------------------------------ stop
@@ -191,6 +197,9 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         _kill_adopted()
+
+
+_CRASH_SIGNALS = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 
 
 def _is_ready(url: str) -> bool:
