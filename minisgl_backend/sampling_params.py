@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import msgspec
 
 from minisgl_backend.coerce import COERCERS, to_int
-from minisgl_backend.grammar.constraint import LEGACY_KEYS, StructuredOutputs, from_legacy_keys, parse_structured_outputs
+from minisgl_backend.structured_outputs import LEGACY_KEYS, StructuredOutputs, from_legacy_keys, parse_structured_outputs
 
 
 _INT32_MAX = 2**31 - 1  # bounds every integer that becomes an engine tensor

@@ -12,7 +12,7 @@ import torch
 
 from minisgl_backend.grammar.bitmask import GrammarMask, apply_mask
 from minisgl_backend.grammar.compiler import GrammarCompiler, GrammarError, choice_ebnf
-from minisgl_backend.grammar.constraint import StructuredOutputs, parse_structured_outputs
+from minisgl_backend.structured_outputs import StructuredOutputs, parse_structured_outputs
 from minisgl_backend.grammar.matcher import GrammarState
 from minisgl_backend.sampling_params import SamplingParams
 from minisgl_backend.triton.parsing import RequestError, parse_request

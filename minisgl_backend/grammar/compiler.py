@@ -16,7 +16,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-from minisgl_backend.grammar.constraint import StructuredOutputs
+from minisgl_backend.structured_outputs import StructuredOutputs
 
 # xgrammar prefixes its errors with "[hh:mm:ss] /path/file.cc:line: "; the rest is the message.
 _LOG_PREFIX = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: ")

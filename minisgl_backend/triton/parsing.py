@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from minisgl_backend.coerce import to_bool, to_int
-from minisgl_backend.grammar.constraint import LEGACY_KEYS
+from minisgl_backend.structured_outputs import LEGACY_KEYS
 from minisgl_backend.sampling_params import SamplingParams
 from minisgl_backend.triton.contract import BOOL_INPUTS, FLAT_SAMPLING_INPUTS
 
