@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import random
 import tempfile
 import threading
@@ -30,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minisgl_backend.procinfo import children, cmdline, rss_bytes
 from minisgl_backend.triton.repository import make_model_repository
 from minisgl_backend.triton.server import GrpcStream, TritonServer, grpc_inputs, parse_metric
 
@@ -217,42 +217,16 @@ def wait_idle(server: TritonServer, timeout: float = 120.0) -> dict[str, float]:
 def serving_processes(server: TritonServer) -> dict[str, int]:
     """{name: pid} of tritonserver, its Python-backend stub and the scheduler processes."""
     procs = {"tritonserver": server.proc.pid}
-    for pid in _children(server.proc.pid):
-        if "triton_python_backend_stub" in _cmdline(pid):
+    for pid in children(server.proc.pid):
+        if "triton_python_backend_stub" in cmdline(pid):
             procs["stub"] = pid
-            for i, child in enumerate(p for p in _children(pid) if "minisgl_backend.launch" in _cmdline(p)):
+            for i, child in enumerate(p for p in children(pid) if "minisgl_backend.launch" in cmdline(p)):
                 procs[f"scheduler{i}"] = child
     return procs
 
 
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-                if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-                    out.append(int(entry))
-            except (OSError, ValueError):
-                continue
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+    return rss_bytes(pid) / 2**20
 
 
 def solo_references(server: TritonServer) -> dict[str, str]:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from minisgl_backend.procinfo import alive, children, cmdline
 from minisgl_backend.triton.repository import make_model_repository
 from tests.triton_server import GrpcStream, TritonServer, grpc_inputs, parse_metric, require_triton
 
@@ -117,39 +118,6 @@ def test_injected_detokenization_fault_fails_only_its_request(server):
 # ---------------------------------------------------------------- stub death
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
-
-
 def _ready(server: TritonServer) -> bool:
     import urllib.error
     import urllib.request
@@ -173,16 +141,16 @@ def test_stub_sigkill_under_bare_tritonserver(tiny_llama, tmp_path):
     srv.start()
     client = None
     try:
-        stubs = [p for p in _children(srv.proc.pid) if "triton_python_backend_stub" in _cmdline(p)]
+        stubs = [p for p in children(srv.proc.pid) if "triton_python_backend_stub" in cmdline(p)]
         assert len(stubs) == 1, stubs
-        schedulers = [p for p in _children(stubs[0]) if "minisgl_backend.launch" in _cmdline(p)]
+        schedulers = [p for p in children(stubs[0]) if "minisgl_backend.launch" in cmdline(p)]
         assert schedulers, "the scheduler process runs below the stub"
         client = GrpcStream(srv.grpc_url)
         client.send("s0", grpc_inputs(PROMPTS[0], stream=True), parameters={"max_tokens": 3000, "ignore_eos": True})
         time.sleep(2)
         os.kill(stubs[0], signal.SIGKILL)
         killed = time.monotonic()
-        while any(_alive(p) for p in schedulers):
+        while any(alive(p) for p in schedulers):
             assert time.monotonic() - killed < 5, "scheduler processes outlived the stub by 5 s"
             time.sleep(0.05)
         status, body = srv.generate({"text_input": "hi", "parameters": {"max_tokens": 2}}, timeout=30)
