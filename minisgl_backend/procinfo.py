@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     """The fields of /proc/PID/stat after the command name (state first), or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -24,7 +24,7 @@ def children(pid: int) -> list[int]:
     """Live (not zombie) children of `pid`."""
     out = []
     for child in pids():
-        fields = _stat_fields(child)
+        fields = stat_fields(child)
         if fields and fields[0] != "Z" and int(fields[1]) == pid:
             out.append(child)
     return out
@@ -34,14 +34,14 @@ def group_members(pgid: int) -> list[int]:
     """Live processes of process group `pgid`."""
     out = []
     for pid in pids():
-        fields = _stat_fields(pid)
+        fields = stat_fields(pid)
         if fields and fields[0] != "Z" and int(fields[2]) == pgid:
             out.append(pid)
     return out
 
 
 def alive(pid: int) -> bool:
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return fields is not None and fields[0] != "Z"
 
 
@@ -55,7 +55,7 @@ def cmdline(pid: int) -> str:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of `pid` so far (0 when it is gone)."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     if fields is None:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

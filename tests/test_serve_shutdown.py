@@ -28,6 +28,7 @@ import urllib.request
 import pytest
 
 from minisgl_backend.ports import free_ports
+from minisgl_backend.procinfo import stat_fields
 from minisgl_backend.triton.server import ROOT
 from tests.triton_server import require_triton
 
@@ -98,18 +99,9 @@ class Serve:
         self.log.close()
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2:].split()
-
-
 def is_alive(pid: int, start: str) -> bool:
     """Alive and not a zombie, and still the same process (pid reuse: same start time)."""
-    fields = _stat(pid)
+    fields = stat_fields(pid)
     return fields is not None and fields[0] != "Z" and fields[19] == start
 
 
@@ -118,7 +110,7 @@ def descendants(root: int) -> list[tuple[int, str, str]]:
     children: dict[int, list[int]] = {}
     starts: dict[int, str] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat(int(entry))) is not None and fields[0] != "Z":
+        if entry.isdigit() and (fields := stat_fields(int(entry))) is not None and fields[0] != "Z":
             children.setdefault(int(fields[1]), []).append(int(entry))
             starts[int(entry)] = fields[19]
     found, todo = [], list(children.get(root, []))

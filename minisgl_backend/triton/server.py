@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from minisgl_backend import procinfo
 from minisgl_backend.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -183,21 +184,7 @@ def _remove_orphan_shm(names: set[str]) -> None:
 
 def group_members(pgid: int) -> list[str]:
     """Command lines of the live processes in process group `pgid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[2]) != pgid or fields[0] == "Z":
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                found.append(f.read().replace(b"\0", b" ").decode(errors="replace")[:200])
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
+    return [procinfo.cmdline(pid)[:200] for pid in procinfo.group_members(pgid)]
 
 
 def parse_metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
