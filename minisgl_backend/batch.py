@@ -34,6 +34,12 @@ class Req:
     finish_sent: bool = False
     first_scheduled_time: float = 0.0
     grammar: Any = None  # GrammarState of a constrained request, set once its grammar compiled
+    # device_len below which another decode step may be scheduled (-1: none at all)
+    max_device_len: int = field(init=False, default=-1)
+
+    def __post_init__(self) -> None:
+        if self.max_output_tokens > 0:
+            self.max_device_len = len(self.input_ids) + self.max_output_tokens
 
     @property
     def num_pages(self) -> int:
@@ -50,7 +56,7 @@ class Req:
     @property
     def wants_more(self) -> bool:
         """Whether another decode step may be scheduled (length limit not yet reached)."""
-        return not self.finished and self.num_scheduled_outputs < self.max_output_tokens
+        return not self.finished and self.device_len < self.max_device_len
 
 
 @dataclass

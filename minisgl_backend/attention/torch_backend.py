@@ -1,5 +1,8 @@
 """Reference attention on plain torch: gathers each request's K/V through the page table.
 
+K/V are gathered a page at a time (`index_select` over whole pages is several times cheaper
+than indexing token by token); positions past a request's length are masked.
+
 The CPU path and the correctness reference for the flashinfer backend. Requests are padded to
 the longest one of their group and masked: decode rows (1 new token) form one group and the
 rows with longer extends another, so a mixed batch does not pad every decode row to the longest
@@ -8,6 +11,7 @@ prefill chunk. A batch costs one SDPA call per group per layer.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +23,9 @@ from minisgl_backend.kvcache import KVCache
 
 @dataclass
 class _Group:
-    kv_index: torch.Tensor  # [B, L] KV slot of each key position (0 where masked)
-    mask: torch.Tensor  # [B, 1, E, L]
-    q_valid: torch.Tensor  # [B, E] which padded query slots hold a token
+    page_ids: torch.Tensor  # [B * P] the pages holding each row's keys, row after row
+    mask: torch.Tensor  # [B, 1, E, P * page_size]
+    q_valid: torch.Tensor | None  # [B, E] which padded query slots hold a token (None: decode rows)
     token_index: torch.Tensor  # [T_g] the group's tokens in the batch's flat token order
     shape: tuple[int, int]
 
@@ -37,30 +41,42 @@ class TorchAttentionBackend:
         ext = layout.extend_lens_cpu
         decode = [i for i, n in enumerate(ext) if n == 1]
         other = [i for i, n in enumerate(ext) if n != 1]
-        self._groups = [self._plan(layout, rows) for rows in (decode, other) if rows]
+        starts = list(itertools.accumulate(ext, initial=0))
+        self._groups = [self._plan(layout, rows, starts) for rows in (decode, other) if rows]
         self._layout = layout
 
-    def _plan(self, layout: BatchLayout, members: list[int]) -> _Group:
+    def _plan(self, layout: BatchLayout, members: list[int], starts: list[int]) -> _Group:
         device = self.page_table.device
-        idx = torch.tensor(members, dtype=torch.int64, device=device)
-        seq_lens, ext_lens = layout.seq_lens[idx], layout.extend_lens[idx]
+        whole = len(members) == len(layout.extend_lens_cpu)  # the group is the batch: no row gather
+        idx = None if whole else torch.tensor(members, dtype=torch.int64, device=device)
+        pick = (lambda t: t) if idx is None else (lambda t: t[idx])  # noqa: E731
+        seq_lens, rows = pick(layout.seq_lens), pick(layout.rows)
+        page_size = self.kv_cache.page_size
         max_len = max(layout.seq_lens_cpu[i] for i in members)
         max_ext = max(layout.extend_lens_cpu[i] for i in members)
-        key_pos = torch.arange(max_len, device=device)
+        num_pages = -(-max_len // page_size)
+        # pages past a row's length hold stale (in-range) ids: gathered, then masked out
+        page_ids = (self.page_table[rows, :num_pages * page_size:page_size] // page_size).flatten()
+        key_pos = torch.arange(num_pages * page_size, device=device)
         key_valid = key_pos[None, :] < seq_lens[:, None]
-        kv_index = torch.where(key_valid, self.page_table[layout.rows[idx], :max_len], 0).long()
+        if max_ext == 1:  # decode rows: one query each, at the last position
+            token_index = torch.tensor([starts[i] for i in members], dtype=torch.int64, device=device)
+            return _Group(page_ids, key_valid[:, None, None, :], None, token_index, (len(members), 1))
+        ext_lens = pick(layout.extend_lens)
         q_off = torch.arange(max_ext, device=device)
         q_valid = q_off[None, :] < ext_lens[:, None]
         q_pos = (seq_lens - ext_lens)[:, None] + q_off[None, :]
         allowed = (key_pos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
-        starts = (torch.cumsum(layout.extend_lens, 0) - layout.extend_lens)[idx]
-        token_index = (starts[:, None] + q_off[None, :])[q_valid]
-        return _Group(kv_index, allowed[:, None, :, :], q_valid, token_index, (len(members), max_ext))
+        first = torch.tensor([starts[i] for i in members], dtype=torch.int64, device=device)
+        token_index = (first[:, None] + q_off[None, :])[q_valid]
+        return _Group(page_ids, allowed[:, None, :, :], q_valid, token_index, (len(members), max_ext))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         assert self._layout is not None, "prepare() must run before forward()"
         self.kv_cache.store(layer_id, self._layout.out_loc, k, v)
         num_tokens, num_heads, head_dim = q.shape
+        if len(self._groups) == 1:  # one group holds every token, in batch order
+            return self._attend(self._groups[0], q, layer_id, k.shape[1]).reshape(num_tokens, num_heads * head_dim)
         out = q.new_empty(num_tokens, num_heads, head_dim)
         for g in self._groups:
             out[g.token_index] = self._attend(g, q[g.token_index], layer_id, k.shape[1])
@@ -68,15 +84,22 @@ class TorchAttentionBackend:
 
     def _attend(self, g: _Group, q: torch.Tensor, layer_id: int, num_kv_heads: int) -> torch.Tensor:
         num_heads, head_dim = q.shape[1], q.shape[2]
-        if g.shape[1] == 1:  # decode rows: one query each, nothing to pad
+        decode = g.shape[1] == 1  # one query per row: nothing to pad
+        if decode:
             q_pad = q.unsqueeze(1)
         else:
             q_pad = q.new_zeros(*g.shape, num_heads, head_dim)
             q_pad[g.q_valid] = q
-        keys = self.kv_cache.k[layer_id][g.kv_index].to(q.dtype)
-        values = self.kv_cache.v[layer_id][g.kv_index].to(q.dtype)
+        keys = self._gather(self.kv_cache.k[layer_id], g).to(q.dtype)
+        values = self._gather(self.kv_cache.v[layer_id], g).to(q.dtype)
         out = F.scaled_dot_product_attention(
             q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=g.mask, enable_gqa=num_heads != num_kv_heads,
-        )
-        return out.transpose(1, 2)[g.q_valid]
+        ).transpose(1, 2)
+        return out.reshape(q.shape) if decode else out[g.q_valid]
+
+    def _gather(self, pool: torch.Tensor, g: _Group) -> torch.Tensor:
+        """[slots, Hkv, D] -> [B, P * page_size, Hkv, D]: the group's pages, row after row."""
+        slots, heads, dim = pool.shape
+        pages = pool.view(slots // self.kv_cache.page_size, -1).index_select(0, g.page_ids)
+        return pages.view(g.shape[0], -1, heads, dim)

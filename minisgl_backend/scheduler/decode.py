@@ -19,7 +19,7 @@ class DecodeManager:
             self.running.remove(req)
 
     def decodable(self) -> list[Req]:
-        return [r for r in self.running if r.wants_more]
+        return [r for r in self.running if not r.finished and r.device_len < r.max_device_len]  # wants_more
 
     def pages_needed(self) -> int:
         """New pages the next decode step needs (a request crossing into a fresh page needs one)."""
@@ -41,15 +41,18 @@ class DecodeManager:
 
     def schedule(self) -> list[ScheduledReq]:
         items = []
+        page_size = self.cache.page_size
         for req in self.decodable():
-            self.cache.allocate(req, req.device_len)
+            if req.device_len > len(req.pages) * page_size:
+                self.cache.allocate(req, req.device_len)
             items.append(ScheduledReq(req, req.device_len - 1, req.device_len, samples=True))
             req.cached_len = req.device_len
             req.device_len += 1
         return items
 
     def _need(self, reqs: list[Req]) -> int:
-        return sum(1 for r in reqs if self.cache.pages_for(r.device_len) > r.num_pages)
+        page_size = self.cache.page_size
+        return sum(1 for r in reqs if r.device_len > len(r.pages) * page_size)  # needs one more page
 
     def _reclaimable(self, req: Req) -> int:
         # A retracted request's pages go to the tree (evictable) or the free list; the prefix
