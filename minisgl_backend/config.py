@@ -91,9 +91,11 @@ class ParallelConfig:
     tp_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0: pick a free port
+    cpu_threads: int = 0  # torch threads per rank on CPU; 0: the machine's cores / tp_size
 
     def validate(self) -> None:
         _require(self.tp_size >= 1, "tp_size must be >= 1")
+        _require(self.cpu_threads >= 0, "cpu_threads must be >= 0 (0: automatic)")
 
 
 @dataclass

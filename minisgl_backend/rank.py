@@ -19,7 +19,7 @@ def build_scheduler(config: EngineConfig, rank: int, io_factory: Callable[[], Sc
     from minisgl_backend.engine.engine import Engine
 
     if config.device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.tp_size))
+        torch.set_num_threads(config.parallel.cpu_threads or max(1, (os.cpu_count() or 1) // config.parallel.tp_size))
     num_pages_min = init_distributed(config, rank)
     engine = Engine(config)
     num_pages = num_pages_min(engine.num_pages)
