@@ -118,6 +118,8 @@ class TritonAdapter:
         self._sender_stop = threading.Event()
         self._sender: threading.Thread | None = None
         self._finalized = False
+        self._counters_flushed_at = 0.0
+        self.stats_interval_s = 0.5
         self._engine_down_reported = False
         self.model_name = "minisgl"
 
@@ -282,7 +284,10 @@ class TritonAdapter:
         """The receiver thread: queue a stream with news for the sender (once at a time)."""
         if not stream.queued:
             stream.queued = True
-            self._ready.append(stream)
+            if stream.end is not None:  # a request's end goes first: its client can send the next one
+                self._ready.appendleft(stream)
+            else:
+                self._ready.append(stream)
             self._wake.set()
 
     def _send_loop(self) -> None:
@@ -315,8 +320,17 @@ class TritonAdapter:
                 ttft = None if live.first_token_at is None else live.first_token_at - live.arrival
                 self._metric("on_finish", reason, out.num_input_tokens, out.num_output_tokens, out.cached_tokens,
                              now - live.arrival, ttft)
+                self._flush_counters(now, last=not self._live)
             for reply in replies:
                 self._send(live, reply)
+
+    def _flush_counters(self, now: float, last: bool) -> None:
+        """Counters are summed here and sent to Triton at most every stats interval (one stub call
+        per counter, not per request), and at once when the last request in flight ends: a stub
+        call is only safe while a request is in flight (see the module docstring)."""
+        if last or now - self._counters_flushed_at >= self.stats_interval_s:
+            self._counters_flushed_at = now
+            self._metric("flush_counters")
 
     def _metric(self, method: str, *args: Any) -> None:
         if self.metrics is None:
@@ -364,6 +378,10 @@ class TritonAdapter:
                     self._report_engine_down()
                 self._poll_cancellations()
                 now = time.monotonic()
+                with self._live_lock:
+                    in_flight = bool(self._live)
+                if in_flight:  # counters summed by finished requests while others still run
+                    self._flush_counters(now, last=False)
                 stats = self.fe.stats() if self.fe is not None else None
                 if now - last_stats >= self.stats_interval_s and stats is not None:
                     last_stats = now

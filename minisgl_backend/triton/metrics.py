@@ -62,6 +62,7 @@ class EngineMetrics:
         labels = {"model": model_name, "version": str(model_version)}
         self._families: list[Any] = []
         self._last_gauges: dict[str, float] = {}
+        self._pending_counts: dict[Any, int] = {}  # counter -> amount not yet sent to Triton
 
         def family(name: str, description: str, kind: Any) -> Any:
             f = fam(name=name, description=description, kind=kind)
@@ -103,13 +104,12 @@ class EngineMetrics:
 
     def on_finish(self, reason: FinishReason, num_input_tokens: int, num_output_tokens: int, cached_tokens: int,
                   e2e_s: float, ttft_s: float | None) -> None:
-        self.requests[reason.value].increment(1)
-        if num_input_tokens:
-            self.prompt_tokens.increment(num_input_tokens)
-        if num_output_tokens:
-            self.generation_tokens.increment(num_output_tokens)
-        if cached_tokens:
-            self.cache_hit_tokens.increment(cached_tokens)
+        """Histograms are observed now; the counters are summed until `flush_counters`."""
+        pending = self._pending_counts
+        for metric, amount in ((self.requests[reason.value], 1), (self.prompt_tokens, num_input_tokens),
+                               (self.generation_tokens, num_output_tokens), (self.cache_hit_tokens, cached_tokens)):
+            if amount:
+                pending[metric] = pending.get(metric, 0) + amount
         if reason in (FinishReason.STOP, FinishReason.LENGTH):
             self.e2e.observe(e2e_s)
             if ttft_s is not None and num_output_tokens > 1:
@@ -117,6 +117,11 @@ class EngineMetrics:
 
     def on_invalid(self) -> None:
         self.requests["invalid"].increment(1)
+
+    def flush_counters(self) -> None:
+        pending, self._pending_counts = self._pending_counts, {}
+        for metric, amount in pending.items():
+            metric.increment(amount)
 
     # ------------------------------------------------------------ gauges
 
