@@ -12,6 +12,7 @@ until it either completes one or stops matching (or `flush()` releases it).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -79,6 +80,18 @@ class StopStringMatcher:
         return out
 
 
+# tokenizer -> {(id, skip_special_tokens): decode([id])}: a streamed request decodes each new id
+# alone once (it becomes the prefix of the next step), so this halves the decode calls per step
+_SINGLE_TOKEN_TEXT: "weakref.WeakKeyDictionary[object, dict[tuple[int, bool], str]]" = weakref.WeakKeyDictionary()
+
+
+def _single_token_texts(tokenizer) -> dict[tuple[int, bool], str]:
+    try:
+        return _SINGLE_TOKEN_TEXT.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no shared cache
+        return {}
+
+
 def fast_decoder(tokenizer):
     """`tokenizer.decode`, or the Rust tokenizer's own decode where that gives the same text (a
     fast tokenizer that does not clean up spaces): a third of the cost, paid on every step."""
@@ -102,6 +115,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._decode_fn = fast_decoder(tokenizer)
+        self._one_token_text = _single_token_texts(tokenizer)
         self._stop = StopStringMatcher(stop or [])
         ctx = list(prompt_ids[-_PROMPT_CONTEXT:]) if prompt_ids else []
         if ctx and self._decode(ctx).endswith(_REPLACEMENT):
@@ -161,8 +175,16 @@ class IncrementalDetokenizer:
         self._window = self._window[self._read:]
         new_read -= self._read
         self._read = new_read
-        self._prefix_text = self._decode(self._window[:new_read]) if new_read else ""
+        self._prefix_text = self._decode(self._window[:new_read]) if new_read > 1 else (
+            self._decode_one(self._window[0]) if new_read else "")
         return out
+
+    def _decode_one(self, token: int) -> str:
+        key = (token, self.skip_special_tokens)
+        text = self._one_token_text.get(key)
+        if text is None:
+            text = self._one_token_text[key] = self._decode([token])
+        return text
 
     def _step(self) -> str:
         if len(self._window) == self._read:

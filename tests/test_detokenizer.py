@@ -116,6 +116,17 @@ def test_token_by_token_equals_full_decode(tok, text):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_single_token_cache_keeps_special_token_handling_apart(tok):
+    """The per-tokenizer cache of one-id texts is keyed by skip_special_tokens too: a special
+    token streamed with and without skipping decodes as a full decode would, in either order."""
+    special = tok.all_special_ids[0]
+    ids = tok.encode("Hi there") + [special] + tok.encode(" again")
+    for skip in (False, True, False):
+        det = IncrementalDetokenizer(tok, skip_special_tokens=skip)
+        text = "".join(det.feed([t]).text for t in ids) + det.flush()
+        assert text == tok.decode(ids, skip_special_tokens=skip)
+
+
 def test_multibyte_split_never_broken(tok):
     text = "日本語😀🚀é"
     ids = tok.encode(text)

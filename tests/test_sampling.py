@@ -84,6 +84,20 @@ def test_all_greedy_flags_and_fast_path():
     assert st.sample_rows.tolist() == [1]
 
 
+def test_plain_greedy_shortcut_builds_what_the_general_path_builds(monkeypatch):
+    import minisgl_backend.engine.sampling as sampling
+
+    params = [SP(temperature=0.0), SP(top_k=1, temperature=0.7), SP(temperature=0.0, top_p=0.5)]
+    fast = SamplingTensors.build(params, [1, 2, 3], [0, 4, 9], "cpu")
+    monkeypatch.setattr(sampling, "_plain_greedy", lambda p: False)
+    assert SamplingTensors.build(params, [1, 2, 3], [0, 4, 9], "cpu") == fast
+    assert fast.all_greedy and fast.temperatures is None
+    # a penalty or logprobs leaves the shortcut: their rows need tensors
+    monkeypatch.undo()
+    assert SamplingTensors.build([SP(temperature=0.0, repetition_penalty=1.2)], [1], [0], "cpu").need_penalties
+    assert SamplingTensors.build([SP(temperature=0.0, logprobs=True)], [1], [0], "cpu").need_logprobs
+
+
 def test_logprobs_are_raw_log_softmax():
     logits = _logits(6, 50, seed=2)
     params = [SP(temperature=0.0), SP(temperature=0.5, top_k=3), SP(repetition_penalty=1.5),

@@ -157,6 +157,8 @@ class SamplingTensors:
         n = len(params)
         if len(seeds) != n or len(steps) != n:
             raise ValueError(f"got {n} params, {len(seeds)} seeds, {len(steps)} steps")
+        if all(_plain_greedy(p) for p in params):  # the common serving case: no tensor, no list
+            return cls.plain_greedy(n)
         greedy = [p.is_greedy for p in params]
         temps = [1.0 if g else float(p.temperature) for p, g in zip(params, greedy)]
         top_k = [0 if (g or p.top_k <= 0) else int(p.top_k) for p, g in zip(params, greedy)]
@@ -203,6 +205,16 @@ class SamplingTensors:
             all_sampled_have_top_k=bool(sampled_k) and all(k > 0 for k in sampled_k),
         )
 
+    @classmethod
+    def plain_greedy(cls, n: int) -> "SamplingTensors":
+        """What `build` makes of n greedy rows without penalties or logprobs."""
+        return cls(temperatures=None, top_k=None, top_p=None, min_p=None, log_min_p=None, seeds=None,
+                   steps=None, greedy=None, repetition_penalty=None, presence_penalty=None,
+                   frequency_penalty=None, sample_rows=None, batch_size=n, all_greedy=True, any_greedy=n > 0,
+                   need_top_k=False, need_top_p=False, need_min_p=False, need_penalties=False,
+                   need_repetition=False, need_presence_frequency=False, need_logprobs=False, max_top_k=0,
+                   all_sampled_have_top_k=False)
+
     def select(self, rows: torch.Tensor) -> "SamplingTensors":
         """The per-row tensors restricted to `rows` (flags kept: they stay valid supersets)."""
         pick = lambda t: t.index_select(0, rows)  # noqa: E731
@@ -220,6 +232,11 @@ class SamplingTensors:
             need_presence_frequency=self.need_presence_frequency, need_logprobs=self.need_logprobs,
             max_top_k=self.max_top_k, all_sampled_have_top_k=self.all_sampled_have_top_k,
         )
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    return (p.is_greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+            and p.frequency_penalty == 0.0 and not p.logprobs)
 
 
 # ---------------------------------------------------------------- penalties
