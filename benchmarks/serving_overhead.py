@@ -12,7 +12,12 @@ responses/s, TTFT and inter-token latency (ITL: per request, (last - first respo
 (in-process: this process; served: tritonserver, the stub, the scheduler); and the ratio of the
 served tokens/s to the in-process one.
 
+With `--floor` it also runs a no-op decoupled Python model (one sender thread streaming
+`--output-len` one-character responses per request) through the same tritonserver and client:
+what tritonserver and the stub cost per response before any of our code runs.
+
     python benchmarks/serving_overhead.py                        # micro model, 1 16 64 256 streams
+    python benchmarks/serving_overhead.py --concurrency 64 --floor
     python benchmarks/serving_overhead.py --model DIR --settings device=cuda --concurrency 1 64
 """
 
@@ -44,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--settings", nargs="*", default=[], help="engine settings as key=value (both paths)")
     p.add_argument("--skip-triton", action="store_true")
     p.add_argument("--skip-in-process", action="store_true")
+    p.add_argument("--floor", action="store_true",
+                   help="also run a no-op decoupled Python model (tritonserver + stub cost per response)")
     return p.parse_args()
 
 
@@ -124,8 +131,9 @@ def cpu_snapshot(procs: dict[str, list[int]]) -> dict[str, float]:
     return {name: sum(cpu_seconds(p) for p in pids) for name, pids in procs.items()}
 
 
-def perf_analyzer_run(url: str, data_file: Path, concurrency: int, count: int, export: Path) -> None:
-    cmd = [str(PERF_ANALYZER), "-m", "minisgl", "-u", url, "-i", "grpc", "--streaming",
+def perf_analyzer_run(url: str, data_file: Path, concurrency: int, count: int, export: Path,
+                      model: str = "minisgl") -> None:
+    cmd = [str(PERF_ANALYZER), "-m", model, "-u", url, "-i", "grpc", "--streaming",
            "--input-data", str(data_file), "--concurrency-range", str(concurrency),
            "--measurement-mode", "count_windows", "--measurement-request-count", str(count),
            "--stability-percentage", "1000000", "--max-trials", "3", "--profile-export-file", str(export)]
@@ -145,6 +153,14 @@ def read_profile(export: Path) -> tuple[list[tuple[float, list[float]]], float]:
     return requests, (hi - lo) / 1e9
 
 
+def write_input_data(work: Path, prompt: list[int], output_len: int) -> Path:
+    params = json.dumps({"max_tokens": output_len, "temperature": 0, "ignore_eos": True})
+    data_file = work / "input.json"
+    data_file.write_text(json.dumps({"data": [{"input_ids": {"content": prompt, "shape": [len(prompt)]},
+                                               "stream": [True], "sampling_parameters": [params]}]}))
+    return data_file
+
+
 def run_triton(model: str, settings: dict[str, str], prompt: list[int], output_len: int,
                concurrencies: list[int], per_stream: int) -> list[dict[str, Any]]:
     from minisgl_backend.triton.repository import make_model_repository
@@ -152,10 +168,7 @@ def run_triton(model: str, settings: dict[str, str], prompt: list[int], output_l
 
     work = Path(tempfile.mkdtemp(prefix="minisgl-serving-"))
     repo = make_model_repository(work / "repo", {"model_path": model, **settings})
-    params = json.dumps({"max_tokens": output_len, "temperature": 0, "ignore_eos": True})
-    data_file = work / "input.json"
-    data_file.write_text(json.dumps({"data": [{"input_ids": {"content": prompt, "shape": [len(prompt)]},
-                                               "stream": [True], "sampling_parameters": [params]}]}))
+    data_file = write_input_data(work, prompt, output_len)
     server = TritonServer(repo, work / "server.log").start()
     rows = []
     try:
@@ -171,6 +184,79 @@ def run_triton(model: str, settings: dict[str, str], prompt: list[int], output_l
             # CPU over the whole run (perf_analyzer's ramp-up and drain too), per token generated in it
             rows.append({"concurrency": c, **summarize(requests, output_len, seconds,
                                                        {k: cpu1[k] - cpu0[k] for k in cpu0}, int(tok1 - tok0))})
+    finally:
+        server.stop()
+    return rows
+
+
+# ---------------------------------------------------------------- the serving layer's floor
+
+# A decoupled Python model that does nothing but stream `output_len` one-character responses per
+# request from one sender thread (as the minisgl model does): what tritonserver and the
+# Python-backend stub cost per response before any engine, router or detokenizer work.
+FLOOR_MODEL = """
+import collections, json, threading
+import numpy as np
+import triton_python_backend_utils as pb_utils
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"])["parameters"]
+        self.n = int(params["floor_responses"]["string_value"])
+        self.live, self.lock, self.wake = collections.deque(), threading.Lock(), threading.Event()
+        threading.Thread(target=self.loop, daemon=True).start()
+    def execute(self, requests):
+        with self.lock:
+            self.live.extend([r.get_response_sender(), 0] for r in requests)
+        self.wake.set()
+    def loop(self):
+        while True:
+            self.wake.wait(0.5)
+            self.wake.clear()
+            while True:
+                with self.lock:
+                    if not self.live:
+                        break
+                    item = self.live.popleft()
+                item[1] += 1
+                final = item[1] >= self.n
+                out = pb_utils.Tensor("text_output", np.array([b"x"], dtype=np.object_))
+                item[0].send(pb_utils.InferenceResponse(output_tensors=[out]),
+                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+                if not final:
+                    with self.lock:
+                        self.live.append(item)
+"""
+
+
+def run_floor(prompt: list[int], output_len: int, concurrencies: list[int], per_stream: int) -> list[dict[str, Any]]:
+    """The floor model through the same tritonserver, perf_analyzer and workload."""
+    from minisgl_backend.triton.repository import SOURCE, MODEL_NAME
+    from minisgl_backend.triton.server import TritonServer
+
+    work = Path(tempfile.mkdtemp(prefix="minisgl-floor-"))
+    folder = work / "repo" / MODEL_NAME  # the same name: the launcher waits for that model
+    (folder / "1").mkdir(parents=True)
+    config = (SOURCE / MODEL_NAME / "config.pbtxt").read_text()
+    (folder / "config.pbtxt").write_text(
+        config + f'\nparameters: {{ key: "floor_responses" value: {{ string_value: "{output_len}" }} }}\n')
+    (folder / "1" / "model.py").write_text(FLOOR_MODEL)
+    data_file = write_input_data(work, prompt, output_len)
+    server = TritonServer(work / "repo", work / "server.log").start()
+    rows = []
+    try:
+        procs = {k: v for k, v in server_processes(server.proc.pid).items() if k != "scheduler"}
+        perf_analyzer_run(server.grpc_url, data_file, 4, 4, work / "warmup.json")
+        for c in concurrencies:
+            export = work / f"profile_{c}.json"
+            cpu0, t0 = cpu_snapshot(procs), time.monotonic()
+            perf_analyzer_run(server.grpc_url, data_file, c, max(c * per_stream // 3, 8), export)
+            cpu1, elapsed = cpu_snapshot(procs), time.monotonic() - t0
+            requests, seconds = read_profile(export)
+            responses = sum(len(resp) for _, resp in requests)
+            # CPU per response over the whole perf_analyzer run (it sends output_len per request)
+            sent = responses / seconds * elapsed
+            rows.append({"concurrency": c, "responses_per_s": responses / seconds,
+                         "cpu_us_per_response": {k: 1e6 * (cpu1[k] - cpu0[k]) / max(sent, 1) for k in cpu0}})
     finally:
         server.stop()
     return rows
@@ -199,6 +285,8 @@ def main() -> None:
             raise SystemExit(f"{PERF_ANALYZER} is missing: run 'make perf-analyzer'")
         report["triton"] = run_triton(model, settings, prompt, args.output_len, args.concurrency,
                                       args.requests_per_stream)
+    if args.floor and PERF_ANALYZER.exists():
+        report["floor"] = run_floor(prompt, args.output_len, args.concurrency, args.requests_per_stream)
     for inproc, served in zip(report["in_process"], report["triton"]):
         report["ratio_tok_per_s"][str(served["concurrency"])] = served["output_tok_per_s"] / inproc["output_tok_per_s"]
     print(json.dumps(report, indent=2))
