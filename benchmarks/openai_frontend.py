@@ -264,6 +264,16 @@ async def measure(grpc_url: str, base_url: str, frontend_pid: int, triton_pgid: 
         await grpc_client.close()
 
 
+def _event_loop_factory():
+    """The load generator's loop: uvloop where installed, as the frontend runs (uvicorn's default),
+    so that the direct path's gRPC client is as lean as the frontend's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main() -> None:
     from transformers import AutoTokenizer
 
@@ -289,8 +299,9 @@ def main() -> None:
         # frontend does: a full collection would pause every stream of either path for ~200 ms
         gc.collect()
         gc.freeze()
-        rows = asyncio.run(measure(triton.grpc_url, frontend.base_url, frontend.proc.pid, triton.proc.pid, prompts,
-                                   args))
+        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+            rows = runner.run(measure(triton.grpc_url, frontend.base_url, frontend.proc.pid, triton.proc.pid, prompts,
+                                      args))
     finally:
         frontend.stop()
         triton.stop()
