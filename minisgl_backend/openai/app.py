@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -13,12 +12,13 @@ from typing import AsyncIterator, Awaitable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minisgl_backend.openai.errors import OpenAIError, invalid, not_ready, server_error
 from minisgl_backend.openai.protocol import ChatCompletionRequest, CompletionRequest
-from minisgl_backend.openai.responses import ChatShape, ChoiceBuilder, CompletionShape
+from minisgl_backend.openai.responses import ChatShape, ChoiceBuilder, CompletionShape, StreamEvents
+from minisgl_backend.openai.streaming import SSEResponse, sse_body
 from minisgl_backend.openai.tokenizer_source import TokenizerSource
 from minisgl_backend.openai.triton_client import (GenerateRequest, Piece, TritonGenerateClient, TritonRequestError,
                                                   TritonUnreachable)
@@ -153,8 +153,7 @@ class Routes:
         except ClientGone:
             await pieces.aclose()
             return Response(status_code=499)
-        return StreamingResponse(_events(shape, choice, first, pieces, body.include_usage_in_stream),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return SSEResponse(sse_body(StreamEvents(shape, body.include_usage_in_stream), choice, first, pieces))
 
     async def _failure(self, exc: Exception, prompt_param: str) -> OpenAIError:
         """What a request that failed before its first token tells the client."""
@@ -206,38 +205,6 @@ async def _until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _event(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-async def _events(shape: ChatShape | CompletionShape, choice: ChoiceBuilder, first: Piece,
-                  pieces: AsyncIterator[Piece], include_usage: bool) -> AsyncIterator[str]:
-    """The SSE body. A client that disconnects cancels this generator (Starlette), whose
-    `pieces.aclose()` cancels the gRPC call: Triton aborts the request and the engine frees its pages."""
-    try:
-        opening = shape.first_chunk(include_usage)
-        if opening is not None:
-            yield _event(opening)
-        piece: Piece | None = first
-        offset = 0
-        while piece is not None:
-            lp = choice.add(piece)
-            if piece.text or (lp is not None and lp.tokens):
-                yield _event(shape.text_chunk(piece.text, lp, offset, include_usage))
-                offset += len(piece.text)
-            if piece.final:
-                break
-            piece = await anext(pieces, None)
-        yield _event(shape.finish_chunk(choice.finish_reason or "stop", include_usage))
-        if include_usage:
-            yield _event(shape.usage_chunk(choice.usage))
-    except (TritonRequestError, TritonUnreachable) as exc:  # after the first token: the status is sent
-        yield _event(server_error(f"the request failed while streaming: {exc}").body())
-    finally:
-        await pieces.aclose()
-    yield "data: [DONE]\n\n"
 
 
 def _install_error_handlers(app: FastAPI) -> None:
