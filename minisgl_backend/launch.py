@@ -18,6 +18,7 @@ import zmq
 
 from minisgl_backend.config import EngineConfig
 from minisgl_backend.messages import ErrorEvent, ReadyMsg, encode
+from minisgl_backend.processes import freeze_startup_objects
 from minisgl_backend.scheduler.io import Addresses, ZmqSchedulerIO
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def scheduler_main(flat_config: dict[str, Any], rank: int, addrs: Addresses) -> 
     ready.connect(addrs.ready)
     try:
         scheduler = _start(flat_config, rank, addrs, ready)
+        freeze_startup_objects()
         _serve(scheduler, rank)
     finally:
         ctx.destroy(linger=2000)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -26,6 +27,15 @@ from minisgl_backend.scheduler.io import Addresses
 logger = logging.getLogger(__name__)
 
 _READY_TIMEOUT_S = 600.0
+
+
+def freeze_startup_objects() -> None:
+    """In a process of ours (a scheduler, the Triton stub), once started: move every object
+    alive now (torch, transformers, the tokenizer and model: hundreds of thousands) out of the
+    collector's reach. Otherwise each full collection walks them all, a pause of tens to
+    hundreds of milliseconds every few seconds under load, in the middle of a stream."""
+    gc.collect()
+    gc.freeze()
 
 
 class SchedulerProcesses:

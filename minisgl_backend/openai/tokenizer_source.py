@@ -9,12 +9,12 @@ model.json) needs `--tokenizer`. Loading waits for Triton: until it answers, cha
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 
 from minisgl_backend.openai.chat import ChatRenderer
 from minisgl_backend.openai.errors import OpenAIError, not_ready
 from minisgl_backend.openai.triton_client import TritonGenerateClient
+from minisgl_backend.processes import freeze_startup_objects
 
 logger = logging.getLogger("minisgl.openai")
 
@@ -47,7 +47,7 @@ class TokenizerSource:
                     raise OpenAIError(500, f"cannot load the tokenizer from {folder!r}: {exc}; "
                                            "start the server with --tokenizer DIR", "server_error") from None
                 logger.info("tokenizer and chat template from %s", folder)
-                _settle_heap()
+                freeze_startup_objects()  # transformers + torch: ~400k objects each full collection walked
         return self._renderer
 
     async def _discover(self) -> str:
@@ -66,12 +66,3 @@ class TokenizerSource:
             return resolve_model_path(params["model_path"], __file__)
         except ValueError as exc:
             raise OpenAIError(500, f"{exc}; or start the server with --tokenizer DIR", "server_error") from None
-
-
-def _settle_heap() -> None:
-    """Move what is alive now (transformers, the torch it imports, the tokenizer: ~400k objects)
-    out of the garbage collector's reach: otherwise each full collection walks all of it (~200 ms
-    on a 2-core machine, several times a minute under load), a pause for every stream and a
-    quarter of the server's CPU per token."""
-    gc.collect()
-    gc.freeze()

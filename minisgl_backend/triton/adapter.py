@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from minisgl_backend.messages import FinishReason
+from minisgl_backend.processes import freeze_startup_objects
 from minisgl_backend.router import deliver_to
 from minisgl_backend.triton.contract import ADAPTER_PARAMETERS, INPUTS, MODEL_PATH_ENV, OUTPUTS
 from minisgl_backend.triton.metrics import EngineMetrics
@@ -163,6 +164,7 @@ class TritonAdapter:
         self.vocab_size = self.fe.info.vocab_size
         self.model_name = args.get("model_name", self.model_name)
         self.metrics = EngineMetrics(self.pb, self.model_name, args.get("model_version", "1"))
+        freeze_startup_objects()
         self.start_threads()
         logger.info("engine ready (context %d tokens)", self.fe.context_len)
 
