@@ -91,7 +91,7 @@ class ParallelConfig:
     tp_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0: pick a free port
-    cpu_threads: int = 0  # torch threads per rank on CPU; 0: the machine's cores / tp_size
+    cpu_threads: int = 0  # torch threads per rank on CPU; 0: cores / tp_size (under Triton: one core fewer)
 
     def validate(self) -> None:
         _require(self.tp_size >= 1, "tp_size must be >= 1")

@@ -309,3 +309,11 @@ def test_initialize_requires_decoupled():
     with pytest.raises(ValueError, match="decoupled"):
         adapter.initialize({"model_config": json.dumps({"parameters": {}}), "model_name": "m",
                             "model_version": "1"})
+
+
+@pytest.mark.parametrize("cores,tp,threads", [(2, 1, 1), (1, 1, 1), (16, 1, 15), (16, 2, 7), (3, 4, 1)])
+def test_serving_cpu_threads_leave_a_core_to_the_serving_layer(monkeypatch, cores, tp, threads):
+    from minisgl_backend.triton import adapter
+
+    monkeypatch.setattr(adapter.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert adapter.serving_cpu_threads(tp) == threads
