@@ -311,6 +311,40 @@ def test_initialize_requires_decoupled():
                             "model_version": "1"})
 
 
+@pytest.mark.parametrize("nice", ["-1", "20", "x"])
+def test_initialize_rejects_a_bad_sender_nice(nice):
+    adapter = TritonAdapter(FakePb)
+    config = {"model_transaction_policy": {"decoupled": True},
+              "parameters": {"model_path": {"string_value": "/m"}, "sender_nice": {"string_value": nice}}}
+    with pytest.raises(ValueError):
+        adapter.initialize({"model_config": json.dumps(config), "model_name": "m", "model_version": "1"})
+
+
+def test_sender_thread_runs_at_the_configured_nice_value():
+    import os
+    import threading
+
+    adapter, seen = TritonAdapter(FakePb), []
+    adapter.sender_nice = 7
+    adapter._sender_stop.set()  # the loop checks in once and returns
+    adapter._ready.clear()
+    original = os.setpriority
+
+    def record(which, who, value):
+        seen.append((who, value))
+        original(which, who, value)
+
+    os.setpriority = record
+    try:
+        worker = threading.Thread(target=adapter._send_loop)
+        worker.start()
+        adapter._wake.set()
+        worker.join(5)
+    finally:
+        os.setpriority = original
+    assert seen and seen[0][1] == 7 and seen[0][0] != os.getpid()  # the thread, not the process
+
+
 @pytest.mark.parametrize("cores,tp,threads", [(2, 1, 1), (1, 1, 1), (16, 1, 15), (16, 2, 7), (3, 4, 1)])
 def test_serving_cpu_threads_leave_a_core_to_the_serving_layer(monkeypatch, cores, tp, threads):
     from minisgl_backend.triton import adapter

@@ -128,6 +128,7 @@ class TritonAdapter:
         self._sender: threading.Thread | None = None
         self._finalized = False
         self._counters_flushed_at = 0.0
+        self.sender_nice = 0
         self.stats_interval_s = 0.5
         self._engine_down_reported = False
         self.model_name = "minisgl"
@@ -166,6 +167,9 @@ class TritonAdapter:
         self.cancel_poll_s = float(adapter["cancel_poll_interval_ms"]) / 1000.0
         self.stats_interval_s = float(adapter["stats_interval_ms"]) / 1000.0
         self.cancel_grace_s = float(adapter["cancel_grace_s"])
+        self.sender_nice = int(adapter["sender_nice"])
+        if not 0 <= self.sender_nice <= 19:
+            raise ValueError(f"sender_nice must be in [0, 19], got {self.sender_nice}")
         config = EngineConfig.from_flat(engine)
         if config.parallel.cpu_threads == 0:
             config.parallel.cpu_threads = serving_cpu_threads(config.parallel.tp_size)
@@ -303,6 +307,8 @@ class TritonAdapter:
             self._wake.set()
 
     def _send_loop(self) -> None:
+        if self.sender_nice:  # this thread only: execute() and the receiver keep their priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.sender_nice)
         ready = self._ready
         while True:
             self._wake.wait(0.5)

@@ -75,6 +75,10 @@ ADAPTER_PARAMETERS: dict[str, str] = {
     "cancel_poll_interval_ms": "50",  # how often live requests are checked for cancellation
     "stats_interval_ms": "500",  # how often the running/pending/KV gauges are refreshed
     "cancel_grace_s": "10",  # a cancelled request gets its CANCELLED final at the latest after this
+    # nice value of the response sender thread (0-19): when the CPU is short, the engine's steps
+    # get it first and responses coalesce more ids each (2 cores, 64 streams: 14.0k -> 16.2k tok/s,
+    # mean of 9 and 6 runs); where cores are idle it changes nothing
+    "sender_nice": "19",
 }
 
 # Environment variable consulted when the model_path parameter is empty.
