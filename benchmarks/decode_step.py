@@ -198,7 +198,10 @@ def main() -> None:
     max_bs = max(args.batch_sizes)
     cuda = args.device.startswith("cuda")
     llm = LLM(model, device=args.device, dtype=args.dtype, max_running_requests=max_bs,
-              max_total_tokens=max_bs * (args.context + args.steps + 16), enable_prefix_cache=False)
+              max_total_tokens=max_bs * (args.context + args.steps + 16), enable_prefix_cache=False,
+              # every prompt prefilled before the first decode step: each measured step decodes
+              # the whole batch (mixed steps would finish early requests before the last joins)
+              enable_mixed_batches=False, max_prefill_steps_in_a_row=1 << 20)
     bandwidth = copy_bandwidth(args.device)
     rows = []
     for bs in args.batch_sizes:
