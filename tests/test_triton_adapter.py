@@ -187,6 +187,23 @@ def test_streaming_request_gets_all_pieces_and_one_final():
     adapter.finalize()
 
 
+def test_counters_are_complete_once_the_last_request_in_flight_ends():
+    """Counters are summed between flushes; none may be missing once nothing is in flight, even
+    with a flush interval far longer than the run."""
+    FakeFamily.families.clear()
+    adapter = make_adapter(FakeFrontend(pieces=4, delay=0.002))
+    adapter.stats_interval_s = 3600.0
+    requests = [FakeRequest({"text_input": text(f"p{i}"), "stream": np.array([True])}) for i in range(6)]
+    adapter.execute(requests)
+    for req in requests:
+        assert req.sender.done.wait(5)
+    labels = (("model", "minisgl"), ("version", "1"))
+    assert FakeFamily.families["minisgl_requests_total"].metrics[(("finish_reason", "length"),) + labels].value == 6
+    assert FakeFamily.families["minisgl_generation_tokens_total"].metrics[labels].value == 6 * 4
+    assert FakeFamily.families["minisgl_prompt_tokens_total"].metrics[labels].value == 6 * 2
+    adapter.finalize()
+
+
 def test_bad_and_broken_inputs_get_one_invalid_arg_and_never_raise():
     adapter = make_adapter(FakeFrontend())
     broken = struct.error("unpack_from requires a buffer of at least 252645139 bytes")

@@ -396,10 +396,11 @@ class TritonAdapter:
                     self._report_engine_down()
                 self._poll_cancellations()
                 now = time.monotonic()
-                with self._live_lock:
-                    in_flight = bool(self._live)
-                if in_flight:  # counters summed by finished requests while others still run
-                    self._flush_counters(now, last=False)
+                with self._ipc:  # no FINAL goes out meanwhile: a request seen live stays in flight
+                    with self._live_lock:
+                        in_flight = bool(self._live)
+                    if in_flight:  # counters summed by finished requests while others still run
+                        self._flush_counters(now, last=False)
                 stats = self.fe.stats() if self.fe is not None else None
                 if now - last_stats >= self.stats_interval_s and stats is not None:
                     last_stats = now
