@@ -204,6 +204,22 @@ def test_counters_are_complete_once_the_last_request_in_flight_ends():
     adapter.finalize()
 
 
+def test_paced_sender_delivers_every_piece_and_ends_promptly():
+    """A long pause between rounds (pacing 50) merges pieces into fewer responses, never loses one,
+    and a request's end cuts the pause short."""
+    adapter = make_adapter(FakeFrontend(pieces=6, delay=0.003))
+    adapter.sender_pacing = 50.0
+    requests = [FakeRequest({"text_input": text(f"p{i}"), "stream": np.array([True])}) for i in range(4)]
+    started = time.monotonic()
+    adapter.execute(requests)
+    for req in requests:
+        assert req.sender.done.wait(10)
+        assert b"".join(r.outputs["text_output"][0] for r, _ in req.sender.sent) == b"t0t1t2t3t4t5"
+        assert [f for _, f in req.sender.sent][-1] == 1 and sum(f for _, f in req.sender.sent) == 1
+    assert time.monotonic() - started < 5
+    adapter.finalize()
+
+
 def test_bad_and_broken_inputs_get_one_invalid_arg_and_never_raise():
     adapter = make_adapter(FakeFrontend())
     broken = struct.error("unpack_from requires a buffer of at least 252645139 bytes")
@@ -328,11 +344,12 @@ def test_initialize_requires_decoupled():
                             "model_version": "1"})
 
 
-@pytest.mark.parametrize("nice", ["-1", "20", "x"])
-def test_initialize_rejects_a_bad_sender_nice(nice):
+@pytest.mark.parametrize("key,value", [("sender_nice", "-1"), ("sender_nice", "20"), ("sender_nice", "x"),
+                                       ("sender_pacing", "-0.5"), ("sender_pacing", "nan"), ("sender_pacing", "y")])
+def test_initialize_rejects_a_bad_sender_setting(key, value):
     adapter = TritonAdapter(FakePb)
     config = {"model_transaction_policy": {"decoupled": True},
-              "parameters": {"model_path": {"string_value": "/m"}, "sender_nice": {"string_value": nice}}}
+              "parameters": {"model_path": {"string_value": "/m"}, key: {"string_value": value}}}
     with pytest.raises(ValueError):
         adapter.initialize({"model_config": json.dumps(config), "model_name": "m", "model_version": "1"})
 

@@ -2,9 +2,10 @@
 
 `execute` parses each request, submits it to the `Frontend` and returns at once (decoupled).
 The frontend's receiver thread only routes each step's tokens to their streams and queues the
-streams that have news; one sender thread turns a queued stream's news into one response
-(detokenizing every id that arrived since its last response: when the sender falls behind,
-responses carry more ids each, so no client waits on a backlog) and sends it.
+streams that have news (a request's first tokens and its end at the front); one sender thread
+turns a queued stream's news into one response (detokenizing every id that arrived since its
+last response: when the sender falls behind, responses carry more ids each, so no client waits
+on a backlog) and sends it, in rounds paced by `sender_pacing`, at the nice value `sender_nice`.
 A watcher thread polls live requests for cancellation (gRPC stop_stream(cancel_requests=True),
 client disconnect) and aborts them in the engine, and refreshes the gauges.
 
@@ -129,6 +130,8 @@ class TritonAdapter:
         self._finalized = False
         self._counters_flushed_at = 0.0
         self.sender_nice = 0
+        self.sender_pacing = 0.0
+        self._urgent_news = threading.Event()  # a first output or an end was queued: the pause ends
         self.stats_interval_s = 0.5
         self._engine_down_reported = False
         self.model_name = "minisgl"
@@ -167,6 +170,9 @@ class TritonAdapter:
         self.cancel_poll_s = float(adapter["cancel_poll_interval_ms"]) / 1000.0
         self.stats_interval_s = float(adapter["stats_interval_ms"]) / 1000.0
         self.cancel_grace_s = float(adapter["cancel_grace_s"])
+        self.sender_pacing = float(adapter["sender_pacing"])
+        if not 0 <= self.sender_pacing <= 100:
+            raise ValueError(f"sender_pacing must be in [0, 100], got {self.sender_pacing}")
         self.sender_nice = int(adapter["sender_nice"])
         if not 0 <= self.sender_nice <= 19:
             raise ValueError(f"sender_nice must be in [0, 19], got {self.sender_nice}")
@@ -202,6 +208,7 @@ class TritonAdapter:
                 logger.exception("frontend shutdown failed")
         self._sender_stop.set()
         self._wake.set()
+        self._urgent_news.set()
         if self._sender is not None:
             self._sender.join(timeout=10)
         with self._live_lock:
@@ -300,13 +307,20 @@ class TritonAdapter:
         """The receiver thread: queue a stream with news for the sender (once at a time)."""
         if not stream.queued:
             stream.queued = True
-            if stream.end is not None:  # a request's end goes first: its client can send the next one
+            # a request's first tokens (TTFT) and its end (its client sends the next request) go
+            # first and cut the sender's pause short
+            if stream.end is not None or stream.num_output_tokens == 0:
                 self._ready.appendleft(stream)
+                self._urgent_news.set()
             else:
                 self._ready.append(stream)
             self._wake.set()
 
     def _send_loop(self) -> None:
+        """Rounds: every stream queued at the start of a round gets one response with all its news.
+        After a round that took t, the next waits `sender_pacing` * t (cut short by a request's
+        first tokens or its end): at low load rounds take microseconds and nothing changes; when sends pile up, the
+        sender keeps to a share of the CPU and each response carries the ids of more steps."""
         if self.sender_nice:  # this thread only: execute() and the receiver keep their priority
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.sender_nice)
         ready = self._ready
@@ -314,16 +328,24 @@ class TritonAdapter:
             self._wake.wait(0.5)
             self._wake.clear()
             while ready:
-                stream = ready.popleft()
-                stream.queued = False
-                try:
-                    out = self.fe.take(stream)
-                    if out is not None:
-                        deliver_to(stream, out)
-                except Exception:
-                    logger.exception("sending the output of request %d failed", stream.rid)
+                started = time.monotonic()
+                for _ in range(len(ready)):
+                    self._send_news(ready.popleft())
+                pause = (time.monotonic() - started) * self.sender_pacing
+                if pause > 0 and not self._sender_stop.is_set():
+                    self._urgent_news.wait(pause)
+                    self._urgent_news.clear()
             if self._sender_stop.is_set():
                 return
+
+    def _send_news(self, stream: Any) -> None:
+        stream.queued = False
+        try:
+            out = self.fe.take(stream)
+            if out is not None:
+                deliver_to(stream, out)
+        except Exception:
+            logger.exception("sending the output of request %d failed", stream.rid)
 
     def _on_output(self, live: _Live, out: Any) -> None:
         now = time.monotonic()

@@ -79,6 +79,9 @@ ADAPTER_PARAMETERS: dict[str, str] = {
     # get it first and responses coalesce more ids each (2 cores, 64 streams: 14.0k -> 16.2k tok/s,
     # mean of 9 and 6 runs); where cores are idle it changes nothing
     "sender_nice": "19",
+    # after a round of responses that took t, the sender waits this many t before the next one
+    # (a request's end cuts the wait short): bounds the serving layer's share of the CPU under load
+    "sender_pacing": "1",
 }
 
 # Environment variable consulted when the model_path parameter is empty.
