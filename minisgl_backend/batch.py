@@ -50,10 +50,6 @@ class Req:
         return self.input_ids + self.output_ids
 
     @property
-    def num_scheduled_outputs(self) -> int:
-        return max(self.device_len - len(self.input_ids), 0)
-
-    @property
     def wants_more(self) -> bool:
         """Whether another decode step may be scheduled (length limit not yet reached)."""
         return not self.finished and self.device_len < self.max_device_len

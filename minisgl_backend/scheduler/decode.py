@@ -19,7 +19,7 @@ class DecodeManager:
             self.running.remove(req)
 
     def decodable(self) -> list[Req]:
-        return [r for r in self.running if not r.finished and r.device_len < r.max_device_len]  # wants_more
+        return [r for r in self.running if r.wants_more]
 
     def pages_needed(self) -> int:
         """New pages the next decode step needs (a request crossing into a fresh page needs one)."""
