@@ -75,10 +75,11 @@ ADAPTER_PARAMETERS: dict[str, str] = {
     "cancel_poll_interval_ms": "50",  # how often live requests are checked for cancellation
     "stats_interval_ms": "500",  # how often the running/pending/KV gauges are refreshed
     "cancel_grace_s": "10",  # a cancelled request gets its CANCELLED final at the latest after this
-    # nice value of the response sender thread (0-19): when the CPU is short, the engine's steps
-    # get it first and responses coalesce more ids each (2 cores, 64 streams: 14.0k -> 16.2k tok/s,
-    # mean of 9 and 6 runs); where cores are idle it changes nothing
-    "sender_nice": "19",
+    # nice value of the response sender thread (0-19): above 0, on a machine short of CPU the
+    # engine's steps come first (without pacing: 14.0k -> 16.2k tok/s at 64 streams on 2 cores),
+    # but a starved sender can hold a short request's first tokens until its end; with pacing
+    # the gain is within noise, so 0
+    "sender_nice": "0",
     # after a round of responses that took t, the sender waits this many t before the next one
     # (a request's end cuts the wait short): bounds the serving layer's share of the CPU under load
     "sender_pacing": "1",
