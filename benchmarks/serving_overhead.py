@@ -161,31 +161,42 @@ def write_input_data(work: Path, prompt: list[int], output_len: int) -> Path:
     return data_file
 
 
-def run_triton(model: str, settings: dict[str, str], prompt: list[int], output_len: int,
-               concurrencies: list[int], per_stream: int) -> list[dict[str, Any]]:
-    from minisgl_backend.triton.repository import make_model_repository
+def sweep(repo: Path, work: Path, data_file: Path, concurrencies: list[int], per_stream: int):
+    """Start tritonserver on `repo`, warm up, then for each concurrency c yield (c, server, run):
+    `run()` drives perf_analyzer at c streams and returns its measured requests and seconds."""
     from minisgl_backend.triton.server import TritonServer
 
-    work = Path(tempfile.mkdtemp(prefix="minisgl-serving-"))
-    repo = make_model_repository(work / "repo", {"model_path": model, **settings})
-    data_file = write_input_data(work, prompt, output_len)
     server = TritonServer(repo, work / "server.log").start()
-    rows = []
     try:
-        procs = server_processes(server.proc.pid)
         perf_analyzer_run(server.grpc_url, data_file, 4, 4, work / "warmup.json")
         for c in concurrencies:
             export = work / f"profile_{c}.json"
-            cpu0, tok0 = cpu_snapshot(procs), server.metric("minisgl_generation_tokens_total")
-            perf_analyzer_run(server.grpc_url, data_file, c, max(c * per_stream // 3, 8), export)
-            time.sleep(0.6)  # the metrics port refreshes its counters every few hundred ms
-            cpu1, tok1 = cpu_snapshot(procs), server.metric("minisgl_generation_tokens_total")
-            requests, seconds = read_profile(export)
-            # CPU over the whole run (perf_analyzer's ramp-up and drain too), per token generated in it
-            rows.append({"concurrency": c, **summarize(requests, output_len, seconds,
-                                                       {k: cpu1[k] - cpu0[k] for k in cpu0}, int(tok1 - tok0))})
+
+            def run(c: int = c, export: Path = export) -> tuple[list[tuple[float, list[float]]], float]:
+                perf_analyzer_run(server.grpc_url, data_file, c, max(c * per_stream // 3, 8), export)
+                return read_profile(export)
+
+            yield c, server, run
     finally:
         server.stop()
+
+
+def run_triton(model: str, settings: dict[str, str], prompt: list[int], output_len: int,
+               concurrencies: list[int], per_stream: int) -> list[dict[str, Any]]:
+    from minisgl_backend.triton.repository import make_model_repository
+
+    work = Path(tempfile.mkdtemp(prefix="minisgl-serving-"))
+    repo = make_model_repository(work / "repo", {"model_path": model, **settings})
+    rows = []
+    for c, server, run in sweep(repo, work, write_input_data(work, prompt, output_len), concurrencies, per_stream):
+        procs = server_processes(server.proc.pid)
+        cpu0, tok0 = cpu_snapshot(procs), server.metric("minisgl_generation_tokens_total")
+        requests, seconds = run()
+        time.sleep(0.6)  # the metrics port refreshes its counters every few hundred ms
+        cpu1, tok1 = cpu_snapshot(procs), server.metric("minisgl_generation_tokens_total")
+        # CPU over the whole run (perf_analyzer's ramp-up and drain too), per token generated in it
+        rows.append({"concurrency": c, **summarize(requests, output_len, seconds,
+                                                   {k: cpu1[k] - cpu0[k] for k in cpu0}, int(tok1 - tok0))})
     return rows
 
 
@@ -231,7 +242,6 @@ class TritonPythonModel:
 def run_floor(prompt: list[int], output_len: int, concurrencies: list[int], per_stream: int) -> list[dict[str, Any]]:
     """The floor model through the same tritonserver, perf_analyzer and workload."""
     from minisgl_backend.triton.repository import SOURCE, MODEL_NAME
-    from minisgl_backend.triton.server import TritonServer
 
     work = Path(tempfile.mkdtemp(prefix="minisgl-floor-"))
     folder = work / "repo" / MODEL_NAME  # the same name: the launcher waits for that model
@@ -240,25 +250,18 @@ def run_floor(prompt: list[int], output_len: int, concurrencies: list[int], per_
     (folder / "config.pbtxt").write_text(
         config + f'\nparameters: {{ key: "floor_responses" value: {{ string_value: "{output_len}" }} }}\n')
     (folder / "1" / "model.py").write_text(FLOOR_MODEL)
-    data_file = write_input_data(work, prompt, output_len)
-    server = TritonServer(work / "repo", work / "server.log").start()
     rows = []
-    try:
+    for c, server, run in sweep(work / "repo", work, write_input_data(work, prompt, output_len), concurrencies,
+                                per_stream):
         procs = {k: v for k, v in server_processes(server.proc.pid).items() if k != "scheduler"}
-        perf_analyzer_run(server.grpc_url, data_file, 4, 4, work / "warmup.json")
-        for c in concurrencies:
-            export = work / f"profile_{c}.json"
-            cpu0, t0 = cpu_snapshot(procs), time.monotonic()
-            perf_analyzer_run(server.grpc_url, data_file, c, max(c * per_stream // 3, 8), export)
-            cpu1, elapsed = cpu_snapshot(procs), time.monotonic() - t0
-            requests, seconds = read_profile(export)
-            responses = sum(len(resp) for _, resp in requests)
-            # CPU per response over the whole perf_analyzer run (it sends output_len per request)
-            sent = responses / seconds * elapsed
-            rows.append({"concurrency": c, "responses_per_s": responses / seconds,
-                         "cpu_us_per_response": {k: 1e6 * (cpu1[k] - cpu0[k]) / max(sent, 1) for k in cpu0}})
-    finally:
-        server.stop()
+        cpu0, t0 = cpu_snapshot(procs), time.monotonic()
+        requests, seconds = run()
+        cpu1, elapsed = cpu_snapshot(procs), time.monotonic() - t0
+        responses = sum(len(resp) for _, resp in requests)
+        # CPU per response over the whole perf_analyzer run (it sends output_len per request)
+        sent = responses / seconds * elapsed
+        rows.append({"concurrency": c, "responses_per_s": responses / seconds,
+                     "cpu_us_per_response": {k: 1e6 * (cpu1[k] - cpu0[k]) / max(sent, 1) for k in cpu0}})
     return rows
 
 
