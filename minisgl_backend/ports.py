@@ -1,8 +1,10 @@
-"""Free TCP ports on the loopback interface (TP rendezvous, test and benchmark servers)."""
+"""Free TCP ports on the loopback interface (TP rendezvous, test and benchmark servers), and the
+readiness probe of the HTTP servers started on them."""
 
 from __future__ import annotations
 
 import socket
+import urllib.request
 
 
 def free_ports(n: int) -> list[int]:
@@ -19,6 +21,15 @@ def free_ports(n: int) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+def answers_ok(url: str, timeout: float = 2.0) -> bool:
+    """Whether a GET of `url` answers 200 now (a refused or failed connection: False)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status == 200
+    except OSError:  # URLError, HTTPError (non-2xx), refused, reset, timeout
+        return False
 
 
 if __name__ == "__main__":  # `python -m minisgl_backend.ports N` prints N free ports (shell scripts)

@@ -9,12 +9,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from minisgl_backend.openai.app import ServerSettings, create_app
-from minisgl_backend.ports import free_port
+from minisgl_backend.ports import answers_ok, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,11 +96,7 @@ def wait_healthy(base_url: str, timeout: float, proc: subprocess.Popen | None = 
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the OpenAI frontend exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, OSError):
-            pass
+        if answers_ok(f"{base_url}/health"):
+            return
         time.sleep(0.3)
     raise TimeoutError(f"{base_url}/health not 200 after {timeout:.0f} s")

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from minisgl_backend import procinfo
-from minisgl_backend.ports import free_ports
+from minisgl_backend.ports import answers_ok, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 TRITON_HOME = Path(os.environ.get("MINISGL_TRITON_HOME", ROOT / "build" / "triton"))
@@ -78,12 +78,8 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
+            if answers_ok(url):
+                return
             time.sleep(0.5)
         raise TimeoutError(f"model {model} not READY after {timeout:.0f} s:\n{self.log_tail()}")
 

@@ -28,8 +28,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from minisgl_backend import procinfo
+from minisgl_backend.ports import answers_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 WRAPPER = ROOT / "scripts" / "tritonserver"
@@ -127,7 +129,7 @@ class Supervisor:
             if self.server.poll() is not None:
                 say(f"tritonserver exited ({self.server.returncode}) before the model was ready")
                 return 1
-            if _is_ready(url):
+            if answers_ok(url):
                 return None
             if time.monotonic() > deadline:
                 say(f"model not ready after {self.args.ready_timeout:.0f} s")
@@ -202,49 +204,19 @@ class Supervisor:
 _CRASH_SIGNALS = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 
 
-def _is_ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 def _has_stub(server_pid: int) -> bool:
-    for pid in _children(server_pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"triton_python_backend_stub" in f.read():
-                    return True
-        except OSError:
-            continue
-    return False
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-                found.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
+    return any("triton_python_backend_stub" in procinfo.cmdline(pid) for pid in procinfo.children(server_pid))
 
 
 def _kill_adopted() -> None:
     """SIGKILL and reap everything below us (stubs, scheduler processes orphaned by the server)."""
     me = os.getpid()
     for _ in range(50):
-        below, todo = [], _children(me)
+        below, todo = [], procinfo.children(me)
         while todo:
             pid = todo.pop()
             below.append(pid)
-            todo.extend(_children(pid))
+            todo.extend(procinfo.children(pid))
         for pid in below:
             try:
                 os.kill(pid, signal.SIGKILL)
