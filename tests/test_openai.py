@@ -20,7 +20,7 @@ import pytest
 from minisgl_backend.openai.app import ServerSettings
 from minisgl_backend.openai.launcher import InProcessFrontend, OpenAIFrontend
 from minisgl_backend.ports import free_port
-from tests.triton_server import TritonServer, parse_metric, require_triton
+from tests.triton_server import TritonServer, parse_metric, require_triton, wait_idle
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
@@ -454,20 +454,6 @@ def test_64_concurrent_streams(frontend, offline, chat_prompts):
         assert usage.completion_tokens == MAX_TOKENS
 
 
-def _wait_idle(triton: TritonServer, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = triton.metrics_text()
-        if (parse_metric(text, "minisgl_num_requests_running") == 0
-                and parse_metric(text, "minisgl_num_requests_pending") == 0
-                and parse_metric(text, "minisgl_kv_pages", {"state": "locked"}) == 0):
-            return
-        time.sleep(0.2)
-    raise AssertionError("the engine did not return to idle:\n" + "\n".join(
-        line for line in text.splitlines() if line.startswith(("minisgl_num", "minisgl_kv"))))
-
-
 def _wait_busy(triton: TritonServer, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -492,7 +478,7 @@ LONG = {"model": MODEL, "messages": CONVERSATIONS[0], "max_tokens": 3000, "ignor
 
 
 def test_disconnect_mid_stream_frees_pages(triton, frontend):
-    _wait_idle(triton)
+    wait_idle(triton)
     aborted = triton.metric("minisgl_requests_total", {"finish_reason": "abort"})
     with httpx.stream("POST", f"{frontend.base_url}/v1/chat/completions", json={**LONG, "stream": True},
                       timeout=60) as resp:
@@ -503,11 +489,11 @@ def test_disconnect_mid_stream_frees_pages(triton, frontend):
         _wait_busy(triton)
     # leaving the block closed the connection mid-stream
     _wait_aborted(triton, aborted)
-    _wait_idle(triton)
+    wait_idle(triton)
 
 
 def test_disconnect_while_waiting_for_whole_answer_frees_pages(triton, frontend):
-    _wait_idle(triton)
+    wait_idle(triton)
     aborted = triton.metric("minisgl_requests_total", {"finish_reason": "abort"})
     body = json.dumps(LONG).encode()
     with socket.create_connection(("127.0.0.1", frontend.port), timeout=30) as sock:
@@ -515,7 +501,7 @@ def test_disconnect_while_waiting_for_whole_answer_frees_pages(triton, frontend)
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         _wait_busy(triton)
     _wait_aborted(triton, aborted)
-    _wait_idle(triton)
+    wait_idle(triton)
 
 
 def test_model_not_ready_is_503(triton, tiny_llama):

@@ -12,7 +12,7 @@ import pytest
 
 from minisgl_backend.procinfo import alive, children, cmdline
 from minisgl_backend.triton.repository import make_model_repository
-from tests.triton_server import GrpcStream, TritonServer, grpc_inputs, parse_metric, require_triton
+from tests.triton_server import GrpcStream, TritonServer, grpc_inputs, parse_metric, require_triton, wait_idle
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
@@ -51,18 +51,6 @@ def run_each_on_its_own_stream(server: TritonServer, requests: list[tuple[str, i
     finally:
         for client in clients:
             client.close()
-
-
-def wait_idle(server: TritonServer, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        text = server.metrics_text()
-        pages = {s: parse_metric(text, "minisgl_kv_pages", {"state": s}) for s in ("total", "free", "cached", "locked")}
-        if (parse_metric(text, "minisgl_num_requests_running") == 0 and pages["locked"] == 0
-                and pages["free"] + pages["cached"] == pages["total"] > 0):
-            return
-        assert time.monotonic() < deadline, f"not idle: {pages}"
-        time.sleep(0.2)
 
 
 def test_injected_fault_fails_only_its_request(server):

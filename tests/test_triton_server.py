@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from tests.triton_server import GrpcStream, TritonServer, grpc_inputs, parse_metric, require_tool, require_triton
+from tests.triton_server import (GrpcStream, TritonServer, grpc_inputs, parse_metric, require_tool, require_triton,
+                                 wait_idle)
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
@@ -193,21 +194,6 @@ def test_64_concurrent_streams(server, offline):
 # ---------------------------------------------------------------- cancellation
 
 
-def _wait_idle(server: TritonServer, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = server.metrics_text()
-        if (parse_metric(text, "minisgl_num_requests_running") == 0
-                and parse_metric(text, "minisgl_num_requests_pending") == 0
-                and parse_metric(text, "minisgl_kv_pages", {"state": "locked"}) == 0
-                and parse_metric(text, "minisgl_kv_cache_usage_ratio") == 0):
-            return text
-        time.sleep(0.2)
-    raise AssertionError("the engine did not return to idle:\n" + "\n".join(
-        line for line in text.splitlines() if line.startswith("minisgl_num") or line.startswith("minisgl_kv")))
-
-
 def test_cancellation_frees_pages(server):
     aborted_before = server.metric("minisgl_requests_total", {"finish_reason": "abort"})
     client = GrpcStream(server.grpc_url)
@@ -234,7 +220,7 @@ def test_cancellation_frees_pages(server):
         time.sleep(0.2)
     assert server.metric("minisgl_requests_total", {"finish_reason": "abort"}) == aborted_before + 4
     assert parse_metric(busy, "minisgl_kv_pages", {"state": "total"}) > 0
-    _wait_idle(server)
+    wait_idle(server)
     # the server still serves
     status, body = server.generate(greedy_payload(PROMPTS[0]))
     assert status == 200, body
@@ -263,7 +249,7 @@ def test_client_disconnect_aborts(server):
         time.sleep(0.2)
     else:
         pytest.fail("an HTTP client that disconnected mid-stream was not aborted")
-    _wait_idle(server)
+    wait_idle(server)
 
 
 # ---------------------------------------------------------------- bad input
@@ -428,4 +414,4 @@ def test_perf_analyzer_streaming_profile(server, tmp_path):
     assert "Response Throughput" in proc.stdout
     assert (tmp_path / "pa.csv").read_text().count("\n") >= 2
     assert server.is_alive()
-    _wait_idle(server)
+    wait_idle(server)
