@@ -1,11 +1,12 @@
 """The Triton Python-backend adapter behind `model_repository/minisgl/1/model.py`.
 
 `execute` parses each request, submits it to the `Frontend` and returns at once (decoupled).
-The frontend's receiver thread only routes each step's tokens to their streams and queues the
-streams that have news (a request's first tokens and its end at the front); one sender thread
-turns a queued stream's news into one response (detokenizing every id that arrived since its
-last response: when the sender falls behind, responses carry more ids each, so no client waits
-on a backlog) and sends it, in rounds paced by `sender_pacing`, at the nice value `sender_nice`.
+The frontend's receiver thread routes each step's tokens to their streams, sends a request's
+first tokens at once, and queues the other streams that have news (a request's end at the
+front). One sender thread turns a queued stream's news into one response (detokenizing every
+id that arrived since its last response: when the sender falls behind, responses carry more ids
+each, so no client waits on a backlog) and sends it, in rounds paced by `sender_pacing`, at the
+nice value `sender_nice`.
 A watcher thread polls live requests for cancellation (gRPC stop_stream(cancel_requests=True),
 client disconnect) and aborts them in the engine, and refreshes the gauges.
 
@@ -131,7 +132,7 @@ class TritonAdapter:
         self._counters_flushed_at = 0.0
         self.sender_nice = 0
         self.sender_pacing = 0.0
-        self._urgent_news = threading.Event()  # a first output or an end was queued: the pause ends
+        self._urgent_news = threading.Event()  # a request's end was queued: the sender's pause ends
         self.stats_interval_s = 0.5
         self._engine_down_reported = False
         self.model_name = "minisgl"
@@ -304,22 +305,27 @@ class TritonAdapter:
     # ------------------------------------------------------------ streaming back (sender thread)
 
     def _on_news(self, stream: Any) -> None:
-        """The receiver thread: queue a stream with news for the sender (once at a time)."""
-        if not stream.queued:
-            stream.queued = True
-            # a request's first tokens (TTFT) and its end (its client sends the next request) go
-            # first and cut the sender's pause short
-            if stream.end is not None or stream.num_output_tokens == 0:
-                self._ready.appendleft(stream)
-                self._urgent_news.set()
-            else:
-                self._ready.append(stream)
-            self._wake.set()
+        """The receiver thread: a request's first tokens are sent from here at once (TTFT; no
+        round of the sender to wait for, so even a request that ends a few steps later streams);
+        other news queues the stream for the sender (once at a time), a request's end at the
+        front, cutting the sender's pause short (its client sends the next request)."""
+        if stream.queued:
+            return
+        if stream.num_output_tokens == 0 and stream.end is None:
+            self._send_news(stream)
+            return
+        stream.queued = True
+        if stream.end is not None:
+            self._ready.appendleft(stream)
+            self._urgent_news.set()
+        else:
+            self._ready.append(stream)
+        self._wake.set()
 
     def _send_loop(self) -> None:
         """Rounds: every stream queued at the start of a round gets one response with all its news.
         After a round that took t, the next waits `sender_pacing` * t (cut short by a request's
-        first tokens or its end): at low load rounds take microseconds and nothing changes; when sends pile up, the
+        end): at low load rounds take microseconds and nothing changes; when sends pile up, the
         sender keeps to a share of the CPU and each response carries the ids of more steps."""
         if self.sender_nice:  # this thread only: execute() and the receiver keep their priority
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.sender_nice)
