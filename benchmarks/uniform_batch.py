@@ -36,9 +36,13 @@ def build_tiny_llama() -> str:
                            num_heads=4, num_kv_heads=2, num_layers=4, intermediate_size=256)
 
 
-def workload(vocab: int, seed: int = 0) -> list[list[int]]:
+def workload(vocab: int, seed: int = 0, lengths_seed: int = 0) -> list[list[int]]:
+    """Prompt lengths come from `lengths_seed`, their tokens from `seed`: every repeat gets fresh
+    tokens at the same lengths, so no repeat is served from the radix cache of an earlier one."""
+    lengths = random.Random(lengths_seed)
+    lens = [lengths.randint(*PROMPT_LEN) for _ in range(NUM_PROMPTS)]
     rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(rng.randint(*PROMPT_LEN))] for _ in range(NUM_PROMPTS)]
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lens]
 
 
 def time_engine(llm: LLM, prompts: list[list[int]]) -> float:
@@ -72,13 +76,18 @@ def main() -> None:
 
     path = build_tiny_llama()
     llm = LLM(path, device="cpu", dtype="float32", max_running_requests=NUM_PROMPTS, page_size=16)
-    prompts = workload(llm.scheduler.vocab_size)
+    vocab = llm.scheduler.vocab_size
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     pad = hf.generation_config.pad_token_id or 0
-    time_engine(llm, prompts[:4])  # warm-up both sides
-    time_transformers(hf, prompts[:4], pad)
-    # interleaved, best of N each: a noisy neighbour slows both sides alike
-    runs = [(time_engine(llm, prompts), time_transformers(hf, prompts, pad)) for _ in range(args.repeats)]
+    warm = workload(vocab, seed=10_000)[:4]
+    time_engine(llm, warm)  # warm-up both sides
+    time_transformers(hf, warm, pad)
+    # interleaved, best of N each: a noisy neighbour slows both sides alike. Each repeat has fresh
+    # prompt tokens (same lengths): a repeated prompt would be a prefix-cache hit for the engine only
+    runs = []
+    for r in range(args.repeats):
+        prompts = workload(vocab, seed=r + 1)
+        runs.append((time_engine(llm, prompts), time_transformers(hf, prompts, pad)))
     engine_s, hf_s = min(r[0] for r in runs), min(r[1] for r in runs)
     steps = OUTPUT_LEN  # one prefill (that samples the first token) + 47 decode steps
     tokens = NUM_PROMPTS * OUTPUT_LEN
@@ -92,7 +101,7 @@ def main() -> None:
               "ratio_vs_transformers": hf_s / engine_s}
     if args.profile:
         prof = cProfile.Profile()
-        prof.runcall(time_engine, llm, prompts)
+        prof.runcall(time_engine, llm, workload(vocab, seed=args.repeats + 1))
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
         report["profile_top"] = buf.getvalue().splitlines()[:60]
