@@ -24,7 +24,7 @@ from minisgl_backend.kvcache import KVCache
 @dataclass
 class _Group:
     page_ids: torch.Tensor  # [B * P] the pages holding each row's keys, row after row
-    mask: torch.Tensor  # [B, 1, E, P * page_size]
+    mask: torch.Tensor  # [B, 1, E, P * page_size] additive: 0 where a query may attend, -inf elsewhere
     q_valid: torch.Tensor | None  # [B, E] which padded query slots hold a token (None: decode rows)
     token_index: torch.Tensor  # [T_g] the group's tokens in the batch's flat token order
     shape: tuple[int, int]
@@ -61,7 +61,7 @@ class TorchAttentionBackend:
         key_valid = key_pos[None, :] < seq_lens[:, None]
         if max_ext == 1:  # decode rows: one query each, at the last position
             token_index = torch.tensor([starts[i] for i in members], dtype=torch.int64, device=device)
-            return _Group(page_ids, key_valid[:, None, None, :], None, token_index, (len(members), 1))
+            return _Group(page_ids, self._additive(key_valid[:, None, None, :]), None, token_index, (len(members), 1))
         ext_lens = pick(layout.extend_lens)
         q_off = torch.arange(max_ext, device=device)
         q_valid = q_off[None, :] < ext_lens[:, None]
@@ -69,7 +69,13 @@ class TorchAttentionBackend:
         allowed = (key_pos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
         first = torch.tensor([starts[i] for i in members], dtype=torch.int64, device=device)
         token_index = (first[:, None] + q_off[None, :])[q_valid]
-        return _Group(page_ids, allowed[:, None, :, :], q_valid, token_index, (len(members), max_ext))
+        return _Group(page_ids, self._additive(allowed[:, None, :, :]), q_valid, token_index, (len(members), max_ext))
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean mask in SDPA's float form, built once per batch: SDPA would convert a boolean
+        mask in every layer's call (same values, so the outputs are bit-equal)."""
+        mask = torch.zeros(allowed.shape, dtype=self.kv_cache.k[0].dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, float("-inf"))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         assert self._layout is not None, "prepare() must run before forward()"
@@ -94,7 +100,7 @@ class TorchAttentionBackend:
         values = self._gather(self.kv_cache.v[layer_id], g).to(q.dtype)
         out = F.scaled_dot_product_attention(
             q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=g.mask, enable_gqa=num_heads != num_kv_heads,
+            attn_mask=g.mask.to(q.dtype), enable_gqa=num_heads != num_kv_heads,
         ).transpose(1, 2)
         return out.reshape(q.shape) if decode else out[g.q_valid]
 
