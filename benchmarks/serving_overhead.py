@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import resource
 import statistics
 import subprocess
 import tempfile
@@ -128,7 +130,19 @@ def server_processes(server_pid: int) -> dict[str, list[int]]:
 
 
 def cpu_snapshot(procs: dict[str, list[int]]) -> dict[str, float]:
-    return {name: sum(cpu_seconds(p) for p in pids) for name, pids in procs.items()}
+    """CPU seconds of each server process group, of perf_analyzer (this process's finished
+    children) and of the whole machine (`machine_busy`: every core's non-idle time)."""
+    snap = {name: sum(cpu_seconds(p) for p in pids) for name, pids in procs.items()}
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    snap["perf_analyzer"] = child.ru_utime + child.ru_stime
+    snap["machine_busy"] = machine_busy_seconds()
+    return snap
+
+
+def machine_busy_seconds() -> float:
+    """Non-idle CPU seconds of all cores since boot (/proc/stat; idle and iowait excluded)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def perf_analyzer_run(url: str, data_file: Path, concurrency: int, count: int, export: Path,
