@@ -9,8 +9,12 @@ For each concurrency c: c streams are kept busy, each request a fixed prompt of 
 `--output-len` greedy tokens with `ignore_eos`. Reported per path: output tokens/s,
 responses/s, TTFT and inter-token latency (ITL: per request, (last - first response) /
 (tokens - 1)) p50 / p99, and CPU seconds per 1,000 output tokens of every process involved
-(in-process: this process; served: tritonserver, the stub, the scheduler); and the ratio of the
-served tokens/s to the in-process one.
+(in-process: this process; served: tritonserver, the stub, the scheduler, perf_analyzer, and the
+whole machine's busy time); and the ratio of the served tokens/s to the in-process one.
+
+Timings on a small shared machine swing by tens of percent from minute to minute: `--rounds N`
+keeps both paths up and runs each concurrency in-process then served, N rounds over; the report
+gives every round's ratio (`ratio_per_round`) and their median (`ratio_tok_per_s`).
 
 With `--floor` it also runs a no-op decoupled Python model (one sender thread streaming
 `--output-len` one-character responses per request) through the same tritonserver and client:
@@ -18,12 +22,14 @@ what tritonserver and the stub cost per response before any of our code runs.
 
     python benchmarks/serving_overhead.py                        # micro model, 1 16 64 256 streams
     python benchmarks/serving_overhead.py --concurrency 64 --floor
+    python benchmarks/serving_overhead.py --concurrency 64 256 --rounds 3
     python benchmarks/serving_overhead.py --model DIR --settings device=cuda --concurrency 1 64
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -33,7 +39,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from minisgl_backend.procinfo import children, cpu_seconds
 
@@ -49,6 +55,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--requests-per-stream", type=int, default=2, help="requests measured per stream")
     p.add_argument("--settings", nargs="*", default=[], help="engine settings as key=value (both paths)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate the paths round after round (each concurrency in-process, then served; "
+                        "both stay up, so on a GPU they share its memory) and report the median ratio")
     p.add_argument("--skip-triton", action="store_true")
     p.add_argument("--skip-in-process", action="store_true")
     p.add_argument("--floor", action="store_true",
@@ -175,43 +184,38 @@ def write_input_data(work: Path, prompt: list[int], output_len: int) -> Path:
     return data_file
 
 
-def sweep(repo: Path, work: Path, data_file: Path, concurrencies: list[int], per_stream: int):
-    """Start tritonserver on `repo`, warm up, then for each concurrency c yield (c, server, run):
-    `run()` drives perf_analyzer at c streams and returns its measured requests and seconds."""
+@contextlib.contextmanager
+def started_server(repo: Path, work: Path, data_file: Path) -> Iterator[Any]:
+    """tritonserver on `repo`, warmed up by a short perf_analyzer run; stopped on exit."""
     from minisgl_backend.triton.server import TritonServer
 
     server = TritonServer(repo, work / "server.log").start()
     try:
         perf_analyzer_run(server.grpc_url, data_file, 4, 4, work / "warmup.json")
-        for c in concurrencies:
-            export = work / f"profile_{c}.json"
-
-            def run(c: int = c, export: Path = export) -> tuple[list[tuple[float, list[float]]], float]:
-                perf_analyzer_run(server.grpc_url, data_file, c, max(c * per_stream // 3, 8), export)
-                return read_profile(export)
-
-            yield c, server, run
+        yield server
     finally:
         server.stop()
 
 
-def run_triton(model: str, settings: dict[str, str], prompt: list[int], output_len: int,
-               concurrencies: list[int], per_stream: int) -> list[dict[str, Any]]:
-    from minisgl_backend.triton.repository import make_model_repository
+def profile_streams(server: Any, work: Path, data_file: Path, concurrency: int,
+                    per_stream: int) -> tuple[list[tuple[float, list[float]]], float]:
+    """perf_analyzer at `concurrency` streams: its measured requests and their seconds."""
+    export = work / f"profile_{concurrency}.json"
+    export.unlink(missing_ok=True)  # perf_analyzer refuses to overwrite an export
+    perf_analyzer_run(server.grpc_url, data_file, concurrency, max(concurrency * per_stream // 3, 8), export)
+    return read_profile(export)
 
-    work = Path(tempfile.mkdtemp(prefix="minisgl-serving-"))
-    repo = make_model_repository(work / "repo", {"model_path": model, **settings})
-    rows = []
-    for c, server, run in sweep(repo, work, write_input_data(work, prompt, output_len), concurrencies, per_stream):
-        procs = server_processes(server.proc.pid)
-        cpu0, tok0 = cpu_snapshot(procs), server.metric("minisgl_generation_tokens_total")
-        requests, seconds = run()
-        time.sleep(0.6)  # the metrics port refreshes its counters every few hundred ms
-        cpu1, tok1 = cpu_snapshot(procs), server.metric("minisgl_generation_tokens_total")
-        # CPU over the whole run (perf_analyzer's ramp-up and drain too), per token generated in it
-        rows.append({"concurrency": c, **summarize(requests, output_len, seconds,
-                                                   {k: cpu1[k] - cpu0[k] for k in cpu0}, int(tok1 - tok0))})
-    return rows
+
+def measure_served(server: Any, work: Path, data_file: Path, concurrency: int, per_stream: int,
+                   output_len: int) -> dict[str, Any]:
+    procs = server_processes(server.proc.pid)
+    cpu0, tok0 = cpu_snapshot(procs), server.metric("minisgl_generation_tokens_total")
+    requests, seconds = profile_streams(server, work, data_file, concurrency, per_stream)
+    time.sleep(0.6)  # the metrics port refreshes its counters every few hundred ms
+    cpu1, tok1 = cpu_snapshot(procs), server.metric("minisgl_generation_tokens_total")
+    # CPU over the whole run (perf_analyzer's ramp-up and drain too), per token generated in it
+    return {"concurrency": concurrency, **summarize(requests, output_len, seconds,
+                                                    {k: cpu1[k] - cpu0[k] for k in cpu0}, int(tok1 - tok0))}
 
 
 # ---------------------------------------------------------------- the serving layer's floor
@@ -265,17 +269,18 @@ def run_floor(prompt: list[int], output_len: int, concurrencies: list[int], per_
         config + f'\nparameters: {{ key: "floor_responses" value: {{ string_value: "{output_len}" }} }}\n')
     (folder / "1" / "model.py").write_text(FLOOR_MODEL)
     rows = []
-    for c, server, run in sweep(work / "repo", work, write_input_data(work, prompt, output_len), concurrencies,
-                                per_stream):
-        procs = {k: v for k, v in server_processes(server.proc.pid).items() if k != "scheduler"}
-        cpu0, t0 = cpu_snapshot(procs), time.monotonic()
-        requests, seconds = run()
-        cpu1, elapsed = cpu_snapshot(procs), time.monotonic() - t0
-        responses = sum(len(resp) for _, resp in requests)
-        # CPU per response over the whole perf_analyzer run (it sends output_len per request)
-        sent = responses / seconds * elapsed
-        rows.append({"concurrency": c, "responses_per_s": responses / seconds,
-                     "cpu_us_per_response": {k: 1e6 * (cpu1[k] - cpu0[k]) / max(sent, 1) for k in cpu0}})
+    data_file = write_input_data(work, prompt, output_len)
+    with started_server(work / "repo", work, data_file) as server:
+        for c in concurrencies:
+            procs = {k: v for k, v in server_processes(server.proc.pid).items() if k != "scheduler"}
+            cpu0, t0 = cpu_snapshot(procs), time.monotonic()
+            requests, seconds = profile_streams(server, work, data_file, c, per_stream)
+            cpu1, elapsed = cpu_snapshot(procs), time.monotonic() - t0
+            responses = sum(len(resp) for _, resp in requests)
+            # CPU per response over the whole perf_analyzer run (it sends output_len per request)
+            sent = responses / seconds * elapsed
+            rows.append({"concurrency": c, "responses_per_s": responses / seconds,
+                         "cpu_us_per_response": {k: 1e6 * (cpu1[k] - cpu0[k]) / max(sent, 1) for k in cpu0}})
     return rows
 
 
@@ -287,26 +292,59 @@ def main() -> None:
     prompt = [random.Random(0).randrange(3, 500) for _ in range(args.prompt_len)]
     report: dict[str, Any] = {"model": args.model or "micro llama (hidden 64, 2 layers, vocab 512)",
                               "settings": settings, "output_len": args.output_len, "prompt_len": args.prompt_len,
-                              "in_process": [], "triton": [], "ratio_tok_per_s": {}}
-    if not args.skip_in_process:
-        from minisgl_backend import LLM
+                              "rounds": args.rounds, "in_process": [], "triton": []}
+    if not args.skip_triton and not PERF_ANALYZER.exists():
+        raise SystemExit(f"{PERF_ANALYZER} is missing: run 'make perf-analyzer'")
+    with contextlib.ExitStack() as stack:
+        llm = None if args.skip_in_process else stack.enter_context(in_process_llm(model, settings, prompt,
+                                                                                  args.output_len))
+        server = work = data_file = None
+        if not args.skip_triton:
+            from minisgl_backend.triton.repository import make_model_repository
 
-        llm = LLM(model, **settings)
-        run_in_process(llm, prompt, args.output_len, 4, 8)  # warm-up
-        for c in args.concurrency:
-            row = run_in_process(llm, prompt, args.output_len, c, max(c * args.requests_per_stream, 16))
-            report["in_process"].append({"concurrency": c, **row})
-        llm.shutdown()
-    if not args.skip_triton:
-        if not PERF_ANALYZER.exists():
-            raise SystemExit(f"{PERF_ANALYZER} is missing: run 'make perf-analyzer'")
-        report["triton"] = run_triton(model, settings, prompt, args.output_len, args.concurrency,
-                                      args.requests_per_stream)
+            work = Path(tempfile.mkdtemp(prefix="minisgl-serving-"))
+            repo = make_model_repository(work / "repo", {"model_path": model, **settings})
+            data_file = write_input_data(work, prompt, args.output_len)
+            server = stack.enter_context(started_server(repo, work, data_file))
+        # round after round, each concurrency in-process then served: a slow minute of the
+        # machine hits both paths of a pair
+        for r in range(args.rounds):
+            for c in args.concurrency:
+                if llm is not None:
+                    total = max(c * args.requests_per_stream, 16)
+                    report["in_process"].append({"round": r, "concurrency": c,
+                                                 **run_in_process(llm, prompt, args.output_len, c, total)})
+                if server is not None:
+                    report["triton"].append({"round": r, **measure_served(server, work, data_file, c,
+                                                                         args.requests_per_stream, args.output_len)})
+    report.update(ratios(report["in_process"], report["triton"]))
     if args.floor and PERF_ANALYZER.exists():
         report["floor"] = run_floor(prompt, args.output_len, args.concurrency, args.requests_per_stream)
-    for inproc, served in zip(report["in_process"], report["triton"]):
-        report["ratio_tok_per_s"][str(served["concurrency"])] = served["output_tok_per_s"] / inproc["output_tok_per_s"]
     print(json.dumps(report, indent=2))
+
+
+@contextlib.contextmanager
+def in_process_llm(model: str, settings: dict[str, str], prompt: list[int], output_len: int) -> Iterator[Any]:
+    from minisgl_backend import LLM
+
+    llm = LLM(model, **settings)
+    try:
+        run_in_process(llm, prompt, output_len, 4, 8)  # warm-up
+        yield llm
+    finally:
+        llm.shutdown()
+
+
+def ratios(in_process: list[dict[str, Any]], served: list[dict[str, Any]]) -> dict[str, Any]:
+    """Served / in-process tokens/s per round and concurrency, and their median per concurrency."""
+    inproc = {(row["round"], row["concurrency"]): row["output_tok_per_s"] for row in in_process}
+    per_round: dict[str, list[float]] = {}
+    for row in served:
+        base = inproc.get((row["round"], row["concurrency"]))
+        if base:
+            per_round.setdefault(str(row["concurrency"]), []).append(round(row["output_tok_per_s"] / base, 3))
+    return {"ratio_tok_per_s": {c: statistics.median(v) for c, v in per_round.items()},
+            "ratio_per_round": per_round}
 
 
 if __name__ == "__main__":
