@@ -121,3 +121,5 @@ def test_integrity_check_catches_double_free_and_shared_pages():
     cache._free.pop()
     cache._free.pop()
     assert "with nothing running, some page is neither free nor cached" in cache.integrity_problems(idle=True)
+    cache._free.append(cache.num_pages)  # an id past the pool's last page
+    assert "a page id is outside the pool" in cache.integrity_problems(idle=False)

@@ -61,18 +61,18 @@ class CacheManager:
         it runs at every drain, and Python sets over a large pool's pages took tens of ms."""
         free = np.asarray(self._free, dtype=np.int64)
         tree = np.asarray(self.tree.all_pages(), dtype=np.int64)
-        in_free = np.bincount(free, minlength=self.num_pages)
-        in_tree = np.bincount(tree, minlength=self.num_pages)
-        problems = []
-        if in_free.max(initial=0) > 1:
-            problems.append("a page is on the free list twice")
-        if in_tree.max(initial=0) > 1 or tree.size != self.tree.total_pages:
-            problems.append("the radix tree holds a page twice or miscounts its pages")
-        if ((in_free > 0) & (in_tree > 0)).any():
-            problems.append("a page is both free and in the radix tree")
-        if idle and ((in_free + in_tree) == 0).any():
-            problems.append("with nothing running, some page is neither free nor cached")
-        return problems
+        in_pool = lambda ids: ids[(ids >= 0) & (ids < self.num_pages)]  # noqa: E731
+        in_free = np.bincount(in_pool(free), minlength=self.num_pages)
+        in_tree = np.bincount(in_pool(tree), minlength=self.num_pages)
+        checks = [
+            (in_free.max(initial=0) > 1, "a page is on the free list twice"),
+            (in_tree.max(initial=0) > 1 or tree.size != self.tree.total_pages,
+             "the radix tree holds a page twice or miscounts its pages"),
+            (((in_free > 0) & (in_tree > 0)).any(), "a page is both free and in the radix tree"),
+            (in_free.sum() + in_tree.sum() != free.size + tree.size, "a page id is outside the pool"),
+            (idle and ((in_free + in_tree) == 0).any(), "with nothing running, some page is neither free nor cached"),
+        ]
+        return [message for failed, message in checks if failed]
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
