@@ -175,16 +175,30 @@ def paged_attention_from_metadata(q, k_pages, v_pages, md: PagedMetadata, page_s
 def test_metadata_semantics_match_torch_backend(page_size, decode):
     """The metadata + NHD page view give the torch reference backend's attention (fp32, CPU)."""
     rng = random.Random(page_size)
+    seq_lens, extend = random_batch(rng, page_size, 4, decode, max_len=40)
+    check_torch_backend_against_metadata(rng, page_size, seq_lens, extend, [2, 0, 3, 1])
+
+
+def test_prefill_rows_of_very_different_lengths_attend_in_groups():
+    """Rows with extends are grouped by key length (no row padded past twice its own): the
+    groups, decode rows beside them and cached prefixes still give the reference attention."""
+    rng = random.Random(7)
+    seq_lens, extend = [90, 6, 40, 23, 11, 70, 33], [90, 6, 1, 20, 11, 1, 9]  # rows 2 and 5 decode
+    backend = check_torch_backend_against_metadata(rng, 4, seq_lens, extend, [3, 0, 6, 2, 5, 1, 4])
+    sizes = sorted(g.shape[0] for g in backend._groups)
+    assert sizes == [1, 2, 2, 2], sizes  # decode pair; prefill 90 | 33 23 | 11 6
+
+
+def check_torch_backend_against_metadata(rng, page_size, seq_lens, extend, rows):
     torch.manual_seed(page_size)
-    bsz, hq, hkv, dim = 4, 4, 2, 8
-    seq_lens, extend = random_batch(rng, page_size, bsz, decode, max_len=40)
+    bsz, hq, hkv, dim = len(seq_lens), 4, 2, 8
+    decode = all(e == 1 for e in extend)
     width = -(-max(seq_lens) // page_size) * page_size
     num_pages = bsz * width // page_size + 4
     table = make_page_table(seq_lens, page_size, num_pages, width, rng, shared_prefix_pages=1)
     cache = KVCache(1, num_pages, page_size, hkv, dim, torch.float32, torch.device("cpu"))
     cache.k[0].normal_()
     cache.v[0].normal_()
-    rows = [2, 0, 3, 1]
     lens, ext = [seq_lens[r] for r in rows], [extend[r] for r in rows]
     out_loc = torch.cat([table[r, s - e:s].long() for r, s, e in zip(rows, lens, ext)])
     layout = BatchLayout(decode, torch.tensor(rows), torch.tensor(lens), torch.tensor(ext), out_loc, lens, ext)
@@ -197,6 +211,7 @@ def test_metadata_semantics_match_torch_backend(page_size, decode):
     got = paged_attention_from_metadata(q, paged_view(cache.k[0], page_size), paged_view(cache.v[0], page_size),
                                         md, page_size)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    return ref
 
 
 def test_paged_view_is_a_view():

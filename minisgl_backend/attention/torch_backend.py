@@ -4,9 +4,10 @@ K/V are gathered a page at a time (`index_select` over whole pages is several ti
 than indexing token by token); positions past a request's length are masked.
 
 The CPU path and the correctness reference for the flashinfer backend. Requests are padded to
-the longest one of their group and masked: decode rows (1 new token) form one group and the
-rows with longer extends another, so a mixed batch does not pad every decode row to the longest
-prefill chunk. A batch costs one SDPA call per group per layer.
+the longest one of their group and masked: decode rows (1 new token) form one group, and the
+rows with longer extends are grouped by key length (no row padded past twice its own), so a
+mixed batch does not pad every decode row to the longest prefill chunk, nor a short prompt to
+the longest one. A batch costs one SDPA call per group per layer.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ class TorchAttentionBackend:
         decode = [i for i, n in enumerate(ext) if n == 1]
         other = [i for i, n in enumerate(ext) if n != 1]
         starts = list(itertools.accumulate(ext, initial=0))
-        self._groups = [self._plan(layout, rows, starts) for rows in (decode, other) if rows]
+        # decode rows stay one group: split by length they measured no faster (the saved padding
+        # costs as much as the extra gather / SDPA / scatter ops of another group)
+        groups = [decode, *_by_key_length(layout.seq_lens_cpu, other)]
+        self._groups = [self._plan(layout, rows, starts) for rows in groups if rows]
         self._layout = layout
 
     def _plan(self, layout: BatchLayout, members: list[int], starts: list[int]) -> _Group:
@@ -109,3 +113,17 @@ class TorchAttentionBackend:
         slots, heads, dim = pool.shape
         pages = pool.view(slots // self.kv_cache.page_size, -1).index_select(0, g.page_ids)
         return pages.view(g.shape[0], -1, heads, dim)
+
+
+def _by_key_length(seq_lens: list[int], members: list[int]) -> list[list[int]]:
+    """Rows with longer extends, grouped so that no row is padded past twice its key length:
+    a group's rows are padded to its longest, and a 16-token prompt padded to 128 costs 64x its
+    own attention. 48 fresh prompts of 16..128 tokens make 3 groups: their attention over 4
+    layers took 31 -> 22 ms (2 threads), with bit-equal outputs."""
+    groups: list[list[int]] = []
+    for i in sorted(members, key=lambda i: -seq_lens[i]):
+        if groups and 2 * seq_lens[i] >= seq_lens[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
