@@ -15,6 +15,7 @@ from minisgl_backend.batch import Batch
 from minisgl_backend.config import EngineConfig
 from minisgl_backend.distributed.group import destroy_distributed
 from minisgl_backend.engine.graph import build_graph_runner
+from minisgl_backend.engine.host_malloc import keep_freed_memory
 from minisgl_backend.engine.sampling import PenaltyInputs, Sampler, SamplingTensors
 from minisgl_backend.engine.metadata import DeviceBatchIndices, HostBatchIndices
 from minisgl_backend.grammar.bitmask import apply_mask
@@ -46,6 +47,8 @@ class Engine:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype_name)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # the step's temporaries are not page-faulted in again every step
         torch.manual_seed(config.seed)
         self.model = load_model(config.model.model_path, self.dtype, self.device)
         self.arch = self.model.arch
