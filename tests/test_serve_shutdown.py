@@ -197,7 +197,8 @@ def test_stub_death_under_make_serve_fails_streams_and_serves_again(tiny_llama, 
         for i, client in enumerate(clients):
             client.send(f"s{i}", grpc_inputs(f"stream {i}", stream=True), parameters={"max_tokens": 3000,
                                                                                    "ignore_eos": True})
-        time.sleep(2)
+        for i, client in enumerate(clients):  # every stream runs (its ~2,000 tokens take a second or more)
+            client.wait_started([f"s{i}"])
         os.kill(stub, signal.SIGKILL)
         killed = time.monotonic()
         while any(is_alive(*p[:2]) for p in schedulers):

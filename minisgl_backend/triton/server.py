@@ -246,11 +246,25 @@ class GrpcStream:
         self.model = model
         self.client = grpcclient.InferenceServerClient(url)
         self.queue: "queue.Queue" = queue.Queue()
+        self._seen: list = []  # (result, error) read by wait_started, still owed to collect
         self.client.start_stream(callback=lambda result, error: self.queue.put((result, error)))
 
     def send(self, request_id: str, inputs: list, parameters: dict | None = None) -> None:
         self.client.async_stream_infer(self.model, inputs, request_id=request_id, parameters=parameters,
                                        enable_empty_final_response=True)
+
+    def wait_started(self, request_ids: list[str], timeout: float = 60.0) -> None:
+        """Block until every id got a response (a stream is running); `collect` still sees them all."""
+        import queue
+
+        waiting, deadline = set(request_ids), time.monotonic() + timeout
+        while waiting:
+            try:
+                result, error = self.queue.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise TimeoutError(f"no response yet for {sorted(waiting)}") from None
+            self._seen.append((result, error))
+            waiting.discard(None if result is None else result.get_response().id)
 
     def collect(self, request_ids: list[str], timeout: float = 120.0) -> dict[str, dict]:
         """Wait until every id got its final response (or an error): {id: {texts, error, final, responses}}."""
@@ -264,7 +278,7 @@ class GrpcStream:
             if remaining <= 0:
                 raise TimeoutError(f"no final response for {sorted(pending)}")
             try:
-                result, error = self.queue.get(timeout=remaining)
+                result, error = self._seen.pop(0) if self._seen else self.queue.get(timeout=remaining)
             except queue.Empty:
                 continue
             if error is not None:
