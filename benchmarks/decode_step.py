@@ -181,7 +181,20 @@ def measure(llm: LLM, batch_size: int, context: int, steps: int, cuda: bool) -> 
     row = {"batch_size": batch_size, "context": context, "step_ms": 1000 * step, "host_ms": 1000 * host,
            "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}
     row.update(probe.kernels())
+    _print_profile_tables(probe, batch_size, cuda)
     return row
+
+
+def _print_profile_tables(probe: DecodeProbe, batch_size: int, cuda: bool) -> None:
+    """Where one step's time goes, to stderr: the eager step's ops by device time, and the
+    graph-replayed step's host ops by CPU time (what `host_ms` is made of)."""
+    device_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    tables = [("eager step, by device time", probe.layer_profile, device_key)]
+    if probe.step_profile is not probe.layer_profile:  # on the CPU (no graph) they are one profile
+        tables.append(("step as run, by host time", probe.step_profile, "self_cpu_time_total"))
+    for title, prof, key in tables:
+        print(f"=== batch {batch_size}: {title}", file=sys.stderr)
+        print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70), file=sys.stderr)
 
 
 def main() -> None:
