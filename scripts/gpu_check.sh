@@ -3,6 +3,7 @@
 # from inside the folder `make gpu-bundle` built:
 #
 #   bash gpu-check.sh [RESULTS_DIR]          (default: ./results)
+#   MINISGL_GPU_STAGES="gpu_tests serving" MINISGL_GPU_TESTS=fused bash gpu-check.sh   (a subset)
 #
 # Installs the bundled wheels and flashinfer into a scratch site dir, unpacks tritonserver, then
 # runs the gpu tests and every GPU benchmark, one process each, within a total of 8 minutes
@@ -17,6 +18,8 @@ SITE="${MINISGL_GPU_SITE:-/tmp/minisgl-gpu-site}"
 MODEL="${MINISGL_GPU_MODEL:-/tmp/minisgl-qwen3-0.6b-random}"
 BUDGET_S="${MINISGL_GPU_BUDGET_S:-470}"
 PY="${PYTHON:-python3}"
+STAGES="${MINISGL_GPU_STAGES:-}"     # e.g. "gpu_tests serving": run only these stages
+TESTS="${MINISGL_GPU_TESTS:-}"       # a pytest -k expression for the gpu_tests stage
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MAX_JOBS="${MAX_JOBS:-16}"
 # the CUDA JIT norm kernels (the CuTe-DSL ones need nvidia-cutlass-dsl, which is not bundled)
@@ -27,6 +30,9 @@ summary() { echo "{\"stage\": \"$1\", \"rc\": $2, \"seconds\": $3}" >> "$R/summa
 # stage NAME LIMIT_S OUTFILE CMD...: run with min(LIMIT_S, what is left), stdout -> OUTFILE
 stage() {
   local name=$1 limit=$2 out=$3; shift 3
+  if [ -n "$STAGES" ] && [[ " $STAGES " != *" $name "* ]]; then
+    echo "=== $name not selected"; summary "$name" '"not selected"' 0; return
+  fi
   local budget; budget=$(left)
   [ "$budget" -lt "$limit" ] && limit=$budget
   if [ "$limit" -lt 15 ]; then
@@ -48,17 +54,19 @@ rm -rf "$SITE" && mkdir -p "$SITE"
 tar -C "$SITE" -xJf "$G/flashinfer.tar.xz" || exit 1
 rm -rf "$G/triton" && tar -C "$G" -xJf "$G/triton.tar.xz" || exit 1
 export PYTHONPATH="$G/proj:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-read -r ARCH LIBPY < <("$PY" - <<'PYEOF'
+read -r ARCH LIBPY PURELIB < <("$PY" - <<'PYEOF'
 import sysconfig, torch
 major, minor = torch.cuda.get_device_capability()
-print(f"{major}.{minor}" + ("a" if major >= 9 else ""), sysconfig.get_config_var("LIBDIR"))
+print(f"{major}.{minor}" + ("a" if major >= 9 else ""), sysconfig.get_config_var("LIBDIR"),
+      sysconfig.get_paths()["purelib"])
 PYEOF
 )
 export FLASHINFER_CUDA_ARCH_LIST="${FLASHINFER_CUDA_ARCH_LIST:-$ARCH}"
 cat > "$G/triton/env.sh" <<ENVEOF
 export MINISGL_TRITON_HOME="$G/triton"
 export LD_LIBRARY_PATH="$G/triton/lib:$LIBPY\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
-export PYTHONPATH="$PYTHONPATH"
+export PYTHONPATH="$PYTHONPATH:$PURELIB"
+export MINISGL_PYTHONPATH="$PYTHONPATH:$PURELIB"
 export PATH="$(dirname "$(command -v "$PY")"):\$PATH"
 ENVEOF
 export MINISGL_TRITON_HOME="$G/triton"
@@ -67,7 +75,7 @@ nvidia-smi -L
 cd "$G/proj"
 
 stage gpu_tests 240 "$R/gpu_tests.log" \
-  "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider -o addopts=""
+  "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider -o addopts="" ${TESTS:+-k "$TESTS"}
 stage build 60 "$R/build.json" "$PY" benchmarks/gpu_drive.py build "$MODEL"
 stage decode_step 90 "$R/decode_step.json" \
   "$PY" benchmarks/decode_step.py --model "$MODEL" --device cuda --dtype bfloat16
@@ -75,7 +83,7 @@ stage engine 75 "$R/engine.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL"
 stage hf 70 "$R/hf.json" "$PY" benchmarks/gpu_drive.py hf "$MODEL" --max-new 256
 if ls "$LIBPY"/libpython3.12.so* > /dev/null 2>&1; then
   stage serving 120 "$R/serving.json" "$PY" benchmarks/triton_latency.py --model "$MODEL" \
-    --concurrency 1 16 64 --settings device=cuda dtype=bfloat16
+    --concurrency 1 16 64 256 --output-len 64 --settings device=cuda dtype=bfloat16
 else
   echo "=== serving skipped: $LIBPY has no libpython3.12.so (the Python backend stub links it)"
   summary serving '"no libpython3.12.so"' 0

@@ -49,6 +49,8 @@ export MINISGL_TRITON_HOME="$OUT"
 export LD_LIBRARY_PATH="$LIBS:$LIBDIR\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 # the Python-backend stub embeds libpython; it must see the venv's packages and the repo
 export PYTHONPATH="$ROOT:$SITE\${PYTHONPATH:+:\$PYTHONPATH}"
+# again under a name no shell set-up rewrites (model.py reads it if PYTHONPATH was replaced)
+export MINISGL_PYTHONPATH="$ROOT:$SITE"
 export PATH="$VENV/bin:\$PATH"
 ENVEOF
 rm -rf "$OUT"

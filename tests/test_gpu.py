@@ -249,33 +249,40 @@ def test_qwen3_cuda_graph_generation_equals_eager(gpu_qwen3):
 
 
 def test_fused_model_logits_match_the_torch_ops_model(gpu_qwen3):
-    """The same weights through the fused kernels and through the torch reference ops."""
+    """The same weights through the fused kernels and through the torch reference ops, both in
+    bf16, against the torch ops in float32. The two bf16 paths round at different places (the
+    fused kernels keep float32 inside a kernel, the torch ops round after every op, as HF
+    does), so on a random model they differ by a few bf16 steps in some logits; what must hold
+    is that the fused path is no farther from the float32 logits than the torch path is."""
     from minisgl_backend.models.fused import FlashInferOps, TorchOps
     from minisgl_backend.models.hf_config import read_arch_config
     from minisgl_backend.models.llama import LlamaForCausalLM
     from minisgl_backend.models.loader import load_weights, safetensors_files
 
     arch = read_arch_config(gpu_qwen3)
-    models = []
-    for ops in (TorchOps(), FlashInferOps()):
-        with torch.device("cuda"):
-            m = LlamaForCausalLM(arch, DTYPE, ops)
-        load_weights(m, gpu_qwen3, safetensors_files(gpu_qwen3))
-        models.append(m.eval())
     seq_lens = [5, 17, 9]
-    page_size, hq, hkv, dim = 16, models[0].num_heads_per_rank, models[0].num_kv_heads_per_rank, models[0].head_dim
-    logits = []
-    for m in models:
+    logits = {}
+    for name, ops, dtype in (("fp32", TorchOps(), torch.float32), ("torch", TorchOps(), DTYPE),
+                             ("fused", FlashInferOps(), DTYPE)):
+        with torch.device("cuda"):
+            m = LlamaForCausalLM(arch, dtype, ops)
+        load_weights(m, gpu_qwen3, safetensors_files(gpu_qwen3))
+        m.eval()
+        page_size, hq, hkv, dim = 16, m.num_heads_per_rank, m.num_kv_heads_per_rank, m.head_dim
         table, cache, layout, _ = _setup(seq_lens, seq_lens, page_size, hq, hkv, dim, seed=3)
-        cache = KVCache(arch.num_hidden_layers, cache.num_pages, page_size, hkv, dim, DTYPE, torch.device("cuda"))
+        cache = KVCache(arch.num_hidden_layers, cache.num_pages, page_size, hkv, dim, dtype, torch.device("cuda"))
         attn = TorchAttentionBackend(cache, table)
         attn.prepare(layout)
         ids = torch.arange(3, 3 + sum(seq_lens), device="cuda") % arch.vocab_size
         pos = torch.cat([torch.arange(n, device="cuda") for n in layout.seq_lens_cpu])
         last = torch.cumsum(layout.extend_lens, 0) - 1
         with torch.inference_mode():
-            logits.append(m(ids, pos, ForwardBatch(attn, last)))
-    torch.testing.assert_close(logits[1], logits[0], atol=5e-2, rtol=5e-2)
+            logits[name] = m(ids, pos, ForwardBatch(attn, last)).float()
+    ref = logits["fp32"]
+    error = {name: ((logits[name] - ref).norm() / ref.norm()).item() for name in ("torch", "fused")}
+    assert error["torch"] < 0.05, error  # the bf16 reference itself is close to float32
+    # measured on CPU for this model: bf16 torch ops 1.6 %, rope with the wrong sign 59 %
+    assert error["fused"] <= max(2 * error["torch"], 0.02), error
 
 
 def test_host_staging_copies_without_waiting():
