@@ -82,7 +82,7 @@ stage decode_step 90 "$R/decode_step.json" \
 stage engine 75 "$R/engine.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL"
 stage hf 70 "$R/hf.json" "$PY" benchmarks/gpu_drive.py hf "$MODEL" --max-new 256
 if ls "$LIBPY"/libpython3.12.so* > /dev/null 2>&1; then
-  stage serving 120 "$R/serving.json" "$PY" benchmarks/triton_latency.py --model "$MODEL" \
+  stage serving 180 "$R/serving.json" "$PY" benchmarks/triton_latency.py --model "$MODEL" \
     --concurrency 1 16 64 256 --output-len 64 --settings device=cuda dtype=bfloat16
 else
   echo "=== serving skipped: $LIBPY has no libpython3.12.so (the Python backend stub links it)"
