@@ -47,6 +47,7 @@ from minisgl_backend.triton.contract import ADAPTER_PARAMETERS, INPUTS, MODEL_PA
 from minisgl_backend.triton.metrics import EngineMetrics
 from minisgl_backend.triton.parsing import ParsedRequest, RequestError, parse_request
 from minisgl_backend.triton.responses import Reply, ResponseAssembler, error_reply
+from minisgl_backend.triton.stub_check import stub_numpy_problem
 
 logger = logging.getLogger("minisgl.triton")
 
@@ -163,6 +164,9 @@ class TritonAdapter:
 
         logging.basicConfig(level=os.environ.get("MINISGL_LOG_LEVEL", "INFO"),
                             format="[minisgl] %(levelname)s %(name)s: %(message)s")
+        problem = stub_numpy_problem(self.pb)
+        if problem:
+            raise RuntimeError(problem)
         model_config = json.loads(args["model_config"])
         if not self.pb.using_decoupled_model_transaction_policy(model_config):
             raise ValueError("the minisgl model streams: set model_transaction_policy { decoupled: true }")
