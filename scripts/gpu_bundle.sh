@@ -15,6 +15,8 @@
 #   triton.tar.xz    tritonserver from the nvidia-pytriton wheel: the binary, the shared libraries
 #                    it and the Python backend load (found with readelf), the Python backend with
 #                    its stub for Python 3.12, the local response cache
+#   stub-numpy.tar.xz  numpy 1.26.4 for CPython 3.12 (tests stripped): the Python-backend stub
+#                    needs numpy<2, and a host Python may have numpy 2 (scripts/stub_python.sh)
 #   gpu-check.sh     the one command to run there
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,6 +26,7 @@ PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute: the script c
 LIMIT_MB=60
 FLASHINFER=flashinfer-python==0.7.2.post1
 ENGINE_WHEELS="apache-tvm-ffi==0.1.15.post2 nvidia-ml-py==13.615.71 pyzmq==27.3.0 msgspec==0.22.0"
+STUB_NUMPY=numpy==1.26.4
 CLIENT_WHEELS="tritonclient==2.73.0 grpcio==1.85.3 protobuf==6.33.6 python-rapidjson==1.25"
 
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
@@ -63,6 +66,13 @@ for needed in norm.cu rope.cu page.cu batch_decode.cu batch_prefill.cu; do
 done
 # xz: the sources and headers compress about twice as well as in a zip
 tar -C "$TMP/fi" -cf - . | xz -T2 -6 > "$OUT/flashinfer.tar.xz"  # with its dist-info
+
+echo "gpu_bundle: numpy<2 for the Python-backend stub"
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$TMP/np" $STUB_NUMPY
+mkdir "$TMP/np/x" && (cd "$TMP/np/x" && "$PY" -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall('.')" "$TMP"/np/numpy-*.whl)
+rm -rf "$TMP"/np/x/numpy/tests "$TMP"/np/x/numpy/*/tests
+tar -C "$TMP/np/x" -cf - . | xz -T2 -9 > "$OUT/stub-numpy.tar.xz"
 
 echo "gpu_bundle: tritonserver + the libraries it loads, xz-compressed"
 T="$TMP/triton"

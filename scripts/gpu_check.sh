@@ -62,12 +62,18 @@ print(f"{major}.{minor}" + ("a" if major >= 9 else ""), sysconfig.get_config_var
 PYEOF
 )
 export FLASHINFER_CUDA_ARCH_LIST="${FLASHINFER_CUDA_ARCH_LIST:-$ARCH}"
+# the stub takes its site-packages from the python3 first on PATH and needs numpy<2 there
+STUB_BIN="$(dirname "$(command -v "$PY")")"
+if ! "$PY" -c 'import sys, numpy; sys.exit(int(numpy.__version__.split(".")[0]) >= 2)'; then
+  "$G/proj/scripts/stub_python.sh" "$PY" /tmp/minisgl-stub-python "$G/stub-numpy.tar.xz" "$G/proj" "$SITE" || exit 1
+  STUB_BIN=/tmp/minisgl-stub-python/bin
+fi
 cat > "$G/triton/env.sh" <<ENVEOF
 export MINISGL_TRITON_HOME="$G/triton"
 export LD_LIBRARY_PATH="$G/triton/lib:$LIBPY\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 export PYTHONPATH="$PYTHONPATH:$PURELIB"
 export MINISGL_PYTHONPATH="$PYTHONPATH:$PURELIB"
-export PATH="$(dirname "$(command -v "$PY")"):\$PATH"
+export PATH="$STUB_BIN:\$PATH"
 ENVEOF
 export MINISGL_TRITON_HOME="$G/triton"
 nvidia-smi -L
