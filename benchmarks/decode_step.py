@@ -80,6 +80,21 @@ def _cuda_kernels(evt) -> int:
     return own + sum(_cuda_kernels(c) for c in evt.cpu_children)
 
 
+_CPU, _CUDA = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+
+def _is_kernel(evt) -> bool:
+    return (evt.device_type == _CUDA and not evt.name.startswith("decoder_layer_")
+            and not evt.name.lower().startswith(("memcpy", "memset")))
+
+
+def _kernels_in_gpu_ranges(events) -> list[int]:
+    """Per decoder layer, the CUDA kernels that started inside its GPU-side annotation range."""
+    ranges = [e.time_range for e in events if e.device_type == _CUDA and e.name.startswith("decoder_layer_")]
+    starts = sorted(e.time_range.start for e in events if _is_kernel(e))
+    return [sum(1 for t in starts if r.start <= t < r.end) for r in ranges]
+
+
 def _layer_ranges(model) -> list:
     """Profiler ranges around every decoder layer (forward hooks); returns the hook handles."""
     handles = []
@@ -148,13 +163,16 @@ class DecodeProbe:
 
     def kernels(self) -> dict:
         count = _cuda_kernels if self.cuda else _cpu_kernels
-        roots = [e for e in self.layer_profile.events() if e.cpu_parent is None]
-        layers = [e for e in self.layer_profile.events() if e.name.startswith("decoder_layer_")]
+        events = self.layer_profile.events()
+        roots = [e for e in events if e.cpu_parent is None]
+        layers = [e for e in events if e.name.startswith("decoder_layer_") and e.device_type == _CPU]
         per_layer = [count(e) for e in layers]
         if self.cuda:
-            step = sum(1 for e in self.step_profile.events()
-                       if e.device_type == torch.autograd.DeviceType.CUDA
-                       and not e.name.lower().startswith(("memcpy", "memset")))
+            # kernels launched through a non-aten binding (flashinfer's) hang under no CPU op the
+            # profiler links them to; the GPU-side copy of each layer range holds them all
+            per_layer = _kernels_in_gpu_ranges(events) or per_layer
+        if self.cuda:
+            step = sum(1 for e in self.step_profile.events() if _is_kernel(e))
         else:
             step = sum(count(e) for e in roots)
         return {"kernels_per_layer": statistics.median(per_layer) if per_layer else 0,
@@ -162,7 +180,7 @@ class DecodeProbe:
                 "kernel_unit": "cuda kernels" if self.cuda else "aten ops doing work (CPU proxy)"}
 
 
-def measure(llm: LLM, batch_size: int, context: int, steps: int, cuda: bool) -> dict:
+def measure(llm: LLM, batch_size: int, context: int, steps: int, cuda: bool, trace_dir: str = "") -> dict:
     engine = llm.scheduler.engine
     probe = DecodeProbe(engine, batch_size, cuda)
     engine.forward = probe
@@ -182,6 +200,11 @@ def measure(llm: LLM, batch_size: int, context: int, steps: int, cuda: bool) -> 
            "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}
     row.update(probe.kernels())
     _print_profile_tables(probe, batch_size, cuda)
+    if trace_dir:
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        probe.layer_profile.export_chrome_trace(str(Path(trace_dir) / f"decode_bs{batch_size}_eager.json"))
+        if probe.step_profile is not probe.layer_profile:
+            probe.step_profile.export_chrome_trace(str(Path(trace_dir) / f"decode_bs{batch_size}_as_run.json"))
     return row
 
 
@@ -206,6 +229,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--trace-dir", default="", help="write each batch size's profiled step as a chrome trace here")
     args = p.parse_args()
     model = args.model or build_model(args.shape)
     max_bs = max(args.batch_sizes)
@@ -218,7 +242,7 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.device)
     rows = []
     for bs in args.batch_sizes:
-        row = measure(llm, bs, args.context, args.steps, cuda)
+        row = measure(llm, bs, args.context, args.steps, cuda, args.trace_dir)
         floor_s = (row["weight_bytes"] + row["kv_bytes"]) / bandwidth
         row.update(floor_ms=1000 * floor_s, fraction_of_floor=floor_s / (row["step_ms"] / 1000),
                    tokens_per_s=bs / (row["step_ms"] / 1000))

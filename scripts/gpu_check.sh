@@ -9,7 +9,8 @@
 # runs the gpu tests and every GPU benchmark, one process each, within a total of 8 minutes
 # (each stage gets what is left of the budget, capped by its own limit). Everything lands in
 # RESULTS_DIR: gpu_tests.log, decode_step.json, engine.json, engine_normal.json,
-# scheduler_cpu.json, hf.json, serving.json, summary.json (one line per stage: rc, seconds), and
+# scheduler_cpu.json, hf.json, serving.json, summary.json (one line per stage: rc, seconds),
+# traces/ (chrome traces of the profiled decode steps), and
 # each stage's stderr log.
 set -u
 G="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -84,7 +85,7 @@ stage gpu_tests 240 "$R/gpu_tests.log" \
   "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider -o addopts="" ${TESTS:+-k "$TESTS"}
 stage build 60 "$R/build.json" "$PY" benchmarks/gpu_drive.py build "$MODEL"
 stage decode_step 90 "$R/decode_step.json" \
-  "$PY" benchmarks/decode_step.py --model "$MODEL" --device cuda --dtype bfloat16
+  "$PY" benchmarks/decode_step.py --model "$MODEL" --device cuda --dtype bfloat16 --trace-dir "$R/traces"
 stage engine 75 "$R/engine.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL"
 stage hf 70 "$R/hf.json" "$PY" benchmarks/gpu_drive.py hf "$MODEL" --max-new 256
 if ls "$LIBPY"/libpython3.12.so* > /dev/null 2>&1; then
