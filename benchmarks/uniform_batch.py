@@ -71,11 +71,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5, help="best of N interleaved runs of each side")
     p.add_argument("--profile", action="store_true", help="also print the engine's top functions (cProfile)")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu"],
+                   help="torch: gather + SDPA for decode rows too (the pure-torch reference)")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
 
     path = build_tiny_llama()
-    llm = LLM(path, device="cpu", dtype="float32", max_running_requests=NUM_PROMPTS, page_size=16)
+    llm = LLM(path, device="cpu", dtype="float32", max_running_requests=NUM_PROMPTS, page_size=16,
+              attention_backend=args.attention_backend)
     vocab = llm.scheduler.vocab_size
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     pad = hf.generation_config.pad_token_id or 0
@@ -94,6 +97,7 @@ def main() -> None:
     report = {"workload": {"prompts": NUM_PROMPTS, "prompt_len": list(PROMPT_LEN), "output_len": OUTPUT_LEN,
                            "model": "random llama, 4 layers, hidden 128", "dtype": "float32"},
               "torch_threads": torch.get_num_threads(),
+              "decode_attention": "compiled paged kernel" if llm.scheduler.engine.attn.decode_kernel else "gather + SDPA",
               "engine": {"seconds": engine_s, "output_tok_per_s": tokens / engine_s,
                          "ms_per_step": 1000 * engine_s / steps},
               "transformers": {"seconds": hf_s, "output_tok_per_s": tokens / hf_s,

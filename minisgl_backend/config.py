@@ -140,14 +140,14 @@ class EngineConfig:
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     seed: int = 0
-    attention_backend: str = "auto"  # auto | torch | flashinfer
+    attention_backend: str = "auto"  # auto | torch | cpu | flashinfer
 
     def validate(self) -> "EngineConfig":
         for section in (self.model, self.cache, self.scheduler, self.parallel, self.graph, self.frontend,
                         self.fault):
             section.validate()
-        if self.attention_backend not in ("auto", "torch", "flashinfer"):
-            raise ConfigError("attention_backend must be auto, torch or flashinfer")
+        if self.attention_backend not in ("auto", "torch", "cpu", "flashinfer"):
+            raise ConfigError("attention_backend must be auto, torch, cpu or flashinfer")
         return self
 
     @property

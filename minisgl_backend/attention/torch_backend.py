@@ -8,6 +8,10 @@ the longest one of their group and masked: decode rows (1 new token) form one gr
 rows with longer extends are grouped by key length (no row padded past twice its own), so a
 mixed batch does not pad every decode row to the longest prefill chunk, nor a short prompt to
 the longest one. A batch costs one SDPA call per group per layer.
+
+With a `decode_kernel` (the CPU's compiled paged decode attention, `cpu_kernels.py`), decode
+rows skip the gather, the padding and the mask: the kernel reads each row's keys and values in
+the pool through its page-table row.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from minisgl_backend.attention.base import BatchLayout
+from minisgl_backend.attention.cpu_kernels import PagedDecodeKernel
 from minisgl_backend.kvcache import KVCache
 
 
@@ -31,12 +36,25 @@ class _Group:
     shape: tuple[int, int]
 
 
+@dataclass
+class _KernelGroup:
+    """Decode rows for the paged decode kernel: no gathered pages, no mask."""
+
+    rows: torch.Tensor  # [B] int64 page-table rows
+    seq_lens: torch.Tensor  # [B] int64
+    max_len: int
+    token_index: torch.Tensor  # [B] the rows' tokens in the batch's flat token order
+    shape: tuple[int, int]
+
+
 class TorchAttentionBackend:
-    def __init__(self, kv_cache: KVCache, page_table: torch.Tensor) -> None:
+    def __init__(self, kv_cache: KVCache, page_table: torch.Tensor,
+                 decode_kernel: PagedDecodeKernel | None = None) -> None:
         self.kv_cache = kv_cache
         self.page_table = page_table
+        self.decode_kernel = decode_kernel
         self._layout: BatchLayout | None = None
-        self._groups: list[_Group] = []
+        self._groups: list[_Group | _KernelGroup] = []
 
     def prepare(self, layout: BatchLayout) -> None:
         ext = layout.extend_lens_cpu
@@ -49,7 +67,7 @@ class TorchAttentionBackend:
         self._groups = [self._plan(layout, rows, starts) for rows in groups if rows]
         self._layout = layout
 
-    def _plan(self, layout: BatchLayout, members: list[int], starts: list[int]) -> _Group:
+    def _plan(self, layout: BatchLayout, members: list[int], starts: list[int]) -> _Group | _KernelGroup:
         device = self.page_table.device
         whole = len(members) == len(layout.extend_lens_cpu)  # the group is the batch: no row gather
         idx = None if whole else torch.tensor(members, dtype=torch.int64, device=device)
@@ -58,6 +76,9 @@ class TorchAttentionBackend:
         page_size = self.kv_cache.page_size
         max_len = max(layout.seq_lens_cpu[i] for i in members)
         max_ext = max(layout.extend_lens_cpu[i] for i in members)
+        if max_ext == 1 and self.decode_kernel is not None:
+            token_index = torch.tensor([starts[i] for i in members], dtype=torch.int64, device=device)
+            return _KernelGroup(rows, seq_lens, max_len, token_index, (len(members), 1))
         num_pages = -(-max_len // page_size)
         # pages past a row's length hold stale (in-range) ids: gathered, then masked out
         page_ids = (self.page_table[rows, :num_pages * page_size:page_size] // page_size).flatten()
@@ -92,8 +113,11 @@ class TorchAttentionBackend:
             out[g.token_index] = self._attend(g, q[g.token_index], layer_id, k.shape[1])
         return out.reshape(num_tokens, num_heads * head_dim)
 
-    def _attend(self, g: _Group, q: torch.Tensor, layer_id: int, num_kv_heads: int) -> torch.Tensor:
+    def _attend(self, g: _Group | _KernelGroup, q: torch.Tensor, layer_id: int, num_kv_heads: int) -> torch.Tensor:
         num_heads, head_dim = q.shape[1], q.shape[2]
+        if isinstance(g, _KernelGroup):
+            return self.decode_kernel(q, self.kv_cache.k[layer_id], self.kv_cache.v[layer_id], self.page_table,
+                                      g.rows, g.seq_lens, g.max_len, head_dim ** -0.5)
         decode = g.shape[1] == 1  # one query per row: nothing to pad
         if decode:
             q_pad = q.unsqueeze(1)

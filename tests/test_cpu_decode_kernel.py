@@ -1,0 +1,113 @@
+"""The CPU's compiled paged decode attention (attention/cpu_kernels.py) against the independent
+paged reference, inside the torch backend, and end to end against the pure-torch backend."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from minisgl_backend import LLM, SamplingParams
+from minisgl_backend.attention import make_attention_backend
+from minisgl_backend.attention.base import BatchLayout
+from minisgl_backend.attention.cpu_kernels import paged_decode_kernel
+from minisgl_backend.attention.flashinfer_backend import build_paged_metadata, paged_view
+from minisgl_backend.attention.torch_backend import TorchAttentionBackend, _KernelGroup
+from minisgl_backend.config import ConfigError, EngineConfig
+from minisgl_backend.kvcache import KVCache
+from tests.test_flashinfer_metadata import make_page_table, paged_attention_from_metadata
+
+KERNEL = paged_decode_kernel()
+pytestmark = pytest.mark.skipif(KERNEL is None, reason="no C compiler here")
+
+
+def _batch(seq_lens, extend, page_size, hq, hkv, dim, seed):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    width = -(-max(seq_lens) // page_size) * page_size
+    num_pages = len(seq_lens) * width // page_size + 4
+    table = make_page_table(seq_lens, page_size, num_pages, width, rng, shared_prefix_pages=1)
+    cache = KVCache(1, num_pages, page_size, hkv, dim, torch.float32, torch.device("cpu"))
+    cache.k[0].normal_()
+    cache.v[0].normal_()
+    rows = list(range(len(seq_lens)))
+    rng.shuffle(rows)
+    lens, ext = [seq_lens[r] for r in rows], [extend[r] for r in rows]
+    out_loc = torch.cat([table[r, s - e:s].long() for r, s, e in zip(rows, lens, ext)])
+    layout = BatchLayout(all(e == 1 for e in ext), torch.tensor(rows), torch.tensor(lens), torch.tensor(ext),
+                         out_loc, lens, ext)
+    n = sum(ext)
+    qkv = torch.randn(n, hq + 2 * hkv, dim)  # q as the model hands it: a strided view of the qkv output
+    return table, cache, layout, (qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:])
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("hq,hkv,dim", [(4, 2, 8), (8, 1, 16), (4, 4, 32)])
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_kernel_backend_matches_the_paged_reference(page_size, hq, hkv, dim, kind):
+    seq_lens = [1, 7, 33, 64, 100, 5]
+    extend = [1] * 6 if kind == "decode" else [1, 7, 1, 16, 1, 3]
+    table, cache, layout, (q, k, v) = _batch(seq_lens, extend, page_size, hq, hkv, dim, seed=page_size + hq)
+    backend = TorchAttentionBackend(cache, table, KERNEL)
+    backend.prepare(layout)
+    assert any(isinstance(g, _KernelGroup) for g in backend._groups)
+    got = backend.forward(q, k, v, 0)  # stores k / v first, as every backend does
+    md = build_paged_metadata(table, layout.rows, layout.seq_lens_cpu, layout.extend_lens_cpu, page_size)
+    expected = paged_attention_from_metadata(q, paged_view(cache.k[0], page_size), paged_view(cache.v[0], page_size),
+                                             md, page_size)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_kernel_and_gather_paths_agree_on_a_long_batch():
+    seq_lens = [random.Random(i).randint(1, 700) for i in range(48)]
+    table, cache, layout, (q, k, v) = _batch(seq_lens, [1] * 48, 16, 8, 2, 64, seed=7)
+    outs = []
+    for kernel in (None, KERNEL):
+        backend = TorchAttentionBackend(cache, table, kernel)
+        backend.prepare(layout)
+        outs.append(backend.forward(q, k, v, 0))
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-6, rtol=1e-5)
+
+
+def _backend(name, dtype=torch.float32):
+    cache = KVCache(1, 8, 4, 2, 8, dtype, torch.device("cpu"))
+    table = torch.zeros(3, 32, dtype=torch.int32)
+    config = EngineConfig(attention_backend=name)
+    return make_attention_backend(config, cache, table, num_qo_heads=4, num_kv_heads=2, head_dim=8, dtype=dtype)
+
+
+def test_auto_and_cpu_pick_the_kernel_and_torch_stays_the_pure_reference():
+    assert _backend("auto").decode_kernel is KERNEL
+    assert _backend("cpu").decode_kernel is KERNEL
+    assert _backend("torch").decode_kernel is None
+    assert _backend("auto", torch.bfloat16).decode_kernel is None  # the kernel is float32 only
+
+
+def test_cpu_backend_on_a_pool_it_cannot_read_is_a_config_error():
+    with pytest.raises(ConfigError, match="float32 KV pool"):
+        _backend("cpu", torch.bfloat16)
+
+
+def test_greedy_generation_equals_the_pure_torch_backend(tiny_llama):
+    prompts = [[3 + (i * 11 + j) % 90 for j in range(5 + 9 * i)] for i in range(6)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    outputs = {}
+    for name in ("torch", "cpu"):
+        llm = LLM(tiny_llama, device="cpu", dtype="float32", attention_backend=name)
+        assert (llm.scheduler.engine.attn.decode_kernel is not None) == (name == "cpu")
+        outputs[name] = [o["token_ids"] for o in llm.generate(prompts, params)]
+        llm.shutdown()
+    assert outputs["cpu"] == outputs["torch"]
+
+
+def test_loading_the_kernel_leaves_the_process_floating_point_mode_alone():
+    """Built with -ffast-math at compile time only: linked with it, gcc 12 would add
+    crtfastmath.o, which flushes denormals to zero in the whole process on load."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from minisgl_backend.attention.cpu_kernels import paged_decode_kernel; "
+            "assert paged_decode_kernel() is not None; "
+            "x = torch.tensor([1e-40], dtype=torch.float32) * 1.0; assert x.item() != 0.0, x")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
