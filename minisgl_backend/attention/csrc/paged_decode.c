@@ -4,8 +4,7 @@
  *   out[b, h] = softmax_j(scale * q[b, h] . K[slot(b, j), h / group]) @ V[slot(b, j), h / group]
  * over j < seq_lens[b], where slot(b, j) = table[rows[b] * table_width + j].
  *
- * Each key and value row is read where it lies (no gather into a padded copy), once for all the
- * query heads that share it; the softmax is two-pass (scores, then max / exp / weighted sum) in
+ * Each key and value row is read where it lies (no gather into a padded copy); the softmax is two-pass (scores, then max / exp / weighted sum) in
  * float32. Built with -ffast-math so that the exp loop vectorizes (glibc's libmvec); nothing
  * here relies on infinities. (row, KV head) pairs are split over the OpenMP threads; loaded
  * after torch, the library uses torch's own libgomp (same soname): torch's threads and count.
@@ -38,14 +37,35 @@ int paged_decode_attention_f32(
             if (scores == NULL) continue;
             const int64_t b = bk / num_kv_heads, kvh = bk % num_kv_heads, len = seq_lens[b];
             const int32_t *slots = table + rows[b] * table_width;
-            for (int64_t j = 0; j < len; ++j) {
-                const float *kv = k_pool + (int64_t)slots[j] * kv_row + kvh * head_dim;
-                for (int64_t g = 0; g < group; ++g) {
-                    const float *qv = q + b * q_stride_b + (kvh * group + g) * q_stride_h;
+            for (int64_t g = 0; g < group; ++g) {
+                const float *qv = q + b * q_stride_b + (kvh * group + g) * q_stride_h;
+                float *sc = scores + g * len;
+                int64_t j = 0;
+                /* four keys at a time: four independent reductions overlap their latencies */
+                for (; j + 4 <= len; j += 4) {
+                    const float *k0 = k_pool + (int64_t)slots[j] * kv_row + kvh * head_dim;
+                    const float *k1 = k_pool + (int64_t)slots[j + 1] * kv_row + kvh * head_dim;
+                    const float *k2 = k_pool + (int64_t)slots[j + 2] * kv_row + kvh * head_dim;
+                    const float *k3 = k_pool + (int64_t)slots[j + 3] * kv_row + kvh * head_dim;
+                    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+                    for (int64_t d = 0; d < head_dim; ++d) {
+                        s0 += qv[d] * k0[d];
+                        s1 += qv[d] * k1[d];
+                        s2 += qv[d] * k2[d];
+                        s3 += qv[d] * k3[d];
+                    }
+                    sc[j] = s0 * scale;
+                    sc[j + 1] = s1 * scale;
+                    sc[j + 2] = s2 * scale;
+                    sc[j + 3] = s3 * scale;
+                }
+                for (; j < len; ++j) {
+                    const float *kv = k_pool + (int64_t)slots[j] * kv_row + kvh * head_dim;
                     float s = 0.f;
 #pragma omp simd reduction(+ : s)
                     for (int64_t d = 0; d < head_dim; ++d) s += qv[d] * kv[d];
-                    scores[g * len + j] = s * scale;
+                    sc[j] = s * scale;
                 }
             }
             for (int64_t g = 0; g < group; ++g) {
