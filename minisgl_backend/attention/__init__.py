@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from minisgl_backend.attention.base import AttentionBackend, BatchLayout
+from minisgl_backend.attention.cpu_kernels import PagedDecodeKernel, paged_decode_kernel
 from minisgl_backend.config import ConfigError, EngineConfig
 from minisgl_backend.kvcache import KVCache
 
@@ -30,12 +31,10 @@ def make_attention_backend(config: EngineConfig, kv_cache: KVCache, page_table: 
     return TorchAttentionBackend(kv_cache, page_table, _cpu_decode_kernel(name, kv_cache, page_table))
 
 
-def _cpu_decode_kernel(name: str, kv_cache: KVCache, page_table: torch.Tensor):
+def _cpu_decode_kernel(name: str, kv_cache: KVCache, page_table: torch.Tensor) -> PagedDecodeKernel | None:
     """The compiled paged decode kernel for `auto` / `cpu` on a float32 CPU pool, else None."""
     if name not in ("auto", "cpu"):
         return None
-    from minisgl_backend.attention.cpu_kernels import paged_decode_kernel
-
     pool_dtype = kv_cache.k[0].dtype if kv_cache.k else None
     reason = None
     if page_table.device.type != "cpu" or pool_dtype != torch.float32 or page_table.dtype != torch.int32:

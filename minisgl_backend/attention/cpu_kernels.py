@@ -50,11 +50,11 @@ class PagedDecodeKernel:
         assert q.dtype == k_pool.dtype == v_pool.dtype == torch.float32 and q.stride(2) == 1
         assert k_pool.is_contiguous() and v_pool.is_contiguous() and table.stride(1) == 1
         assert table.dtype == torch.int32 and rows.dtype == seq_lens.dtype == torch.int64
+        rows, seq_lens = rows.contiguous(), seq_lens.contiguous()  # held until the call returns
         out = torch.empty(batch, num_heads, head_dim, dtype=torch.float32)
         failed = self.fn(q.data_ptr(), q.stride(0), q.stride(1), k_pool.data_ptr(), v_pool.data_ptr(),
-                         table.data_ptr(), table.stride(0), rows.contiguous().data_ptr(),
-                         seq_lens.contiguous().data_ptr(), batch, num_heads, k_pool.shape[1], head_dim,
-                         scale, max_len, out.data_ptr())
+                         table.data_ptr(), table.stride(0), rows.data_ptr(), seq_lens.data_ptr(),
+                         batch, num_heads, k_pool.shape[1], head_dim, scale, max_len, out.data_ptr())
         if failed:
             raise MemoryError("paged decode attention: no memory for its score buffers")
         return out

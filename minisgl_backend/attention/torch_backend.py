@@ -44,7 +44,6 @@ class _KernelGroup:
     seq_lens: torch.Tensor  # [B] int64
     max_len: int
     token_index: torch.Tensor  # [B] the rows' tokens in the batch's flat token order
-    shape: tuple[int, int]
 
 
 class TorchAttentionBackend:
@@ -76,23 +75,21 @@ class TorchAttentionBackend:
         page_size = self.kv_cache.page_size
         max_len = max(layout.seq_lens_cpu[i] for i in members)
         max_ext = max(layout.extend_lens_cpu[i] for i in members)
+        first = torch.tensor([starts[i] for i in members], dtype=torch.int64, device=device)
         if max_ext == 1 and self.decode_kernel is not None:
-            token_index = torch.tensor([starts[i] for i in members], dtype=torch.int64, device=device)
-            return _KernelGroup(rows, seq_lens, max_len, token_index, (len(members), 1))
+            return _KernelGroup(rows, seq_lens, max_len, first)
         num_pages = -(-max_len // page_size)
         # pages past a row's length hold stale (in-range) ids: gathered, then masked out
         page_ids = (self.page_table[rows, :num_pages * page_size:page_size] // page_size).flatten()
         key_pos = torch.arange(num_pages * page_size, device=device)
         key_valid = key_pos[None, :] < seq_lens[:, None]
         if max_ext == 1:  # decode rows: one query each, at the last position
-            token_index = torch.tensor([starts[i] for i in members], dtype=torch.int64, device=device)
-            return _Group(page_ids, self._additive(key_valid[:, None, None, :]), None, token_index, (len(members), 1))
+            return _Group(page_ids, self._additive(key_valid[:, None, None, :]), None, first, (len(members), 1))
         ext_lens = pick(layout.extend_lens)
         q_off = torch.arange(max_ext, device=device)
         q_valid = q_off[None, :] < ext_lens[:, None]
         q_pos = (seq_lens - ext_lens)[:, None] + q_off[None, :]
         allowed = (key_pos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
-        first = torch.tensor([starts[i] for i in members], dtype=torch.int64, device=device)
         token_index = (first[:, None] + q_off[None, :])[q_valid]
         return _Group(page_ids, self._additive(allowed[:, None, :, :]), q_valid, token_index, (len(members), max_ext))
 

@@ -4,9 +4,9 @@
  *   out[b, h] = softmax_j(scale * q[b, h] . K[slot(b, j), h / group]) @ V[slot(b, j), h / group]
  * over j < seq_lens[b], where slot(b, j) = table[rows[b] * table_width + j].
  *
- * Each key and value row is read where it lies (no gather into a padded copy); the softmax is two-pass (scores, then max / exp / weighted sum) in
- * float32. Built with -ffast-math so that the exp loop vectorizes (glibc's libmvec); nothing
- * here relies on infinities. (row, KV head) pairs are split over the OpenMP threads; loaded
+ * Each key and value row is read where it lies (no gather into a padded copy); the softmax is
+ * two-pass (scores, then max / exp / weighted sum) in float32. Built with -ffast-math so that the
+ * exp loop vectorizes (glibc's libmvec); nothing here relies on infinities. (row, KV head) pairs are split over the OpenMP threads; loaded
  * after torch, the library uses torch's own libgomp (same soname): torch's threads and count.
  */
 #include <float.h>
