@@ -111,3 +111,14 @@ def test_loading_the_kernel_leaves_the_process_floating_point_mode_alone():
             "assert paged_decode_kernel() is not None; "
             "x = torch.tensor([1e-40], dtype=torch.float32) * 1.0; assert x.item() != 0.0, x")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_an_unusable_home_builds_the_kernel_in_the_temp_folder(tmp_path, monkeypatch):
+    from minisgl_backend.attention import cpu_kernels
+
+    home = tmp_path / "home"
+    home.write_text("a file, so no .cache can be made under it (even as root)")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    library = cpu_kernels._build()
+    assert library.parent == tmp_path / "tmp" / "minisgl-kernels" and library.is_file()

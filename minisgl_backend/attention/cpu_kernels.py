@@ -80,7 +80,9 @@ def _build() -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(COMPILE_FLAGS + LINK_FLAGS).encode(), compiler.encode(),
                                      _cpu_model().encode()])).hexdigest()[:16]
-    for folder in (Path.home() / ".cache" / "minisgl" / "kernels", Path(tempfile.gettempdir()) / "minisgl-kernels"):
+    home = os.path.expanduser("~")  # "~" itself when there is no home: then only the temp folder
+    folders = [Path(home) / ".cache" / "minisgl" / "kernels"] if home != "~" else []
+    for folder in folders + [Path(tempfile.gettempdir()) / "minisgl-kernels"]:
         library = folder / f"paged_decode-{key}.so"
         if library.is_file():
             return library
@@ -95,8 +97,8 @@ def _build() -> Path:
                         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
                 os.replace(built, library)
             return library
-        except PermissionError:
-            continue  # an unwritable home: the temp folder next
+        except OSError:  # an unwritable or read-only home: the temp folder next
+            continue
     raise RuntimeError("no writable folder for the compiled kernel")
 
 
