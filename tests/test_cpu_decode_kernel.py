@@ -122,3 +122,16 @@ def test_an_unusable_home_builds_the_kernel_in_the_temp_folder(tmp_path, monkeyp
     monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     library = cpu_kernels._build()
     assert library.parent == tmp_path / "tmp" / "minisgl-kernels" and library.is_file()
+
+
+def test_without_a_compiler_auto_falls_back_to_torch_and_cpu_is_a_config_error(monkeypatch, caplog):
+    from minisgl_backend import attention
+    from minisgl_backend.attention import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    monkeypatch.setattr(attention, "paged_decode_kernel", lambda: cpu_kernels._load_or_warn())
+    with caplog.at_level("WARNING"):
+        assert _backend("auto").decode_kernel is None
+    assert "no C compiler" in caplog.text and "falls back to torch" in caplog.text
+    with pytest.raises(ConfigError, match="did not build"):
+        _backend("cpu")

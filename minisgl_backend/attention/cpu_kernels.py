@@ -63,6 +63,10 @@ class PagedDecodeKernel:
 @lru_cache(maxsize=None)
 def paged_decode_kernel() -> PagedDecodeKernel | None:
     """The compiled kernel, or None (with a warning, once) where it cannot be built here."""
+    return _load_or_warn()
+
+
+def _load_or_warn() -> PagedDecodeKernel | None:
     try:
         library = _build()
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
