@@ -129,7 +129,7 @@ def test_without_a_compiler_auto_falls_back_to_torch_and_cpu_is_a_config_error(m
     from minisgl_backend.attention import cpu_kernels
 
     monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
-    monkeypatch.setattr(attention, "paged_decode_kernel", lambda: cpu_kernels._load_or_warn())
+    monkeypatch.setattr(attention, "paged_decode_kernel", cpu_kernels.paged_decode_kernel.__wrapped__)  # uncached
     with caplog.at_level("WARNING"):
         assert _backend("auto").decode_kernel is None
     assert "no C compiler" in caplog.text and "falls back to torch" in caplog.text

@@ -63,10 +63,6 @@ class PagedDecodeKernel:
 @lru_cache(maxsize=None)
 def paged_decode_kernel() -> PagedDecodeKernel | None:
     """The compiled kernel, or None (with a warning, once) where it cannot be built here."""
-    return _load_or_warn()
-
-
-def _load_or_warn() -> PagedDecodeKernel | None:
     try:
         library = _build()
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
@@ -107,11 +103,10 @@ def _build() -> Path:
 
 
 def _cpu_model() -> str:
-    """What -march=native compiles for: the build is cached per CPU model."""
+    """What -march=native compiles for (the CPU's model and its flags): the build is cached per CPU."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    first = {key: next((ln for ln in lines if ln.startswith(key)), "") for key in ("model name", "flags")}
+    return "\n".join(first.values())

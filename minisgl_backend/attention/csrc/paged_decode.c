@@ -6,8 +6,9 @@
  *
  * Each key and value row is read where it lies (no gather into a padded copy); the softmax is
  * two-pass (scores, then max / exp / weighted sum) in float32. Built with -ffast-math so that the
- * exp loop vectorizes (glibc's libmvec); nothing here relies on infinities. (row, KV head) pairs are split over the OpenMP threads; loaded
- * after torch, the library uses torch's own libgomp (same soname): torch's threads and count.
+ * exp loop vectorizes (glibc's libmvec); nothing here relies on infinities. (row, KV head) pairs
+ * are split over the OpenMP threads; loaded after torch, the library uses torch's own libgomp
+ * (same soname): torch's threads and count.
  */
 #include <float.h>
 #include <math.h>
