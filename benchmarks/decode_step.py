@@ -171,7 +171,6 @@ class DecodeProbe:
             # kernels launched through a non-aten binding (flashinfer's) hang under no CPU op the
             # profiler links them to; the GPU-side copy of each layer range holds them all
             per_layer = _kernels_in_gpu_ranges(events) or per_layer
-        if self.cuda:
             step = sum(1 for e in self.step_profile.events() if _is_kernel(e))
         else:
             step = sum(count(e) for e in roots)
