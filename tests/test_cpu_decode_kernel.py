@@ -11,7 +11,7 @@ import torch
 from minisgl_backend import LLM, SamplingParams
 from minisgl_backend.attention import make_attention_backend
 from minisgl_backend.attention.base import BatchLayout
-from minisgl_backend.attention.cpu_kernels import paged_decode_kernel
+from minisgl_backend.attention.cpu_kernels import PagedDecodeKernel, paged_decode_kernel
 from minisgl_backend.attention.flashinfer_backend import build_paged_metadata, paged_view
 from minisgl_backend.attention.torch_backend import TorchAttentionBackend, _KernelGroup
 from minisgl_backend.config import ConfigError, EngineConfig
@@ -70,6 +70,22 @@ def test_kernel_and_gather_paths_agree_on_a_long_batch():
     torch.testing.assert_close(outs[1], outs[0], atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["views_of_qkv", "contiguous", "float64"])
+def test_kv_store_writes_what_the_indexed_store_writes(layout):
+    table, cache, lay, (q, k, v) = _batch([5, 9, 17], [2, 9, 1], 4, 4, 2, 8, seed=3)
+    if layout != "views_of_qkv":
+        k, v = k.contiguous(), v.contiguous()
+    if layout == "float64":
+        k, v = k.double(), v.double()
+    want = KVCache(1, cache.num_pages, 4, 2, 8, torch.float32, torch.device("cpu"))
+    want.kv[0].copy_(cache.kv[0])
+    want.store(0, lay.out_loc, k, v)
+    wrote = KERNEL.store(cache.k[0], cache.v[0], lay.out_loc, k, v)
+    assert wrote == (layout != "float64")  # a layout it does not take is left to the indexed store
+    if wrote:
+        assert torch.equal(cache.kv[0], want.kv[0])
+
+
 def _backend(name, dtype=torch.float32):
     cache = KVCache(1, 8, 4, 2, 8, dtype, torch.device("cpu"))
     table = torch.zeros(3, 32, dtype=torch.int32)
@@ -78,8 +94,8 @@ def _backend(name, dtype=torch.float32):
 
 
 def test_auto_and_cpu_pick_the_kernel_and_torch_stays_the_pure_reference():
-    assert _backend("auto").decode_kernel is KERNEL
-    assert _backend("cpu").decode_kernel is KERNEL
+    assert isinstance(_backend("auto").decode_kernel, PagedDecodeKernel)
+    assert isinstance(_backend("cpu").decode_kernel, PagedDecodeKernel)
     assert _backend("torch").decode_kernel is None
     assert _backend("auto", torch.bfloat16).decode_kernel is None  # the kernel is float32 only
 
@@ -107,29 +123,29 @@ def test_loading_the_kernel_leaves_the_process_floating_point_mode_alone():
     import subprocess
     import sys
 
-    code = ("import torch; from minisgl_backend.attention.cpu_kernels import paged_decode_kernel; "
-            "assert paged_decode_kernel() is not None; "
+    code = ("import torch; from minisgl_backend.cpu import cpu_library; "
+            "assert cpu_library() is not None; "
             "x = torch.tensor([1e-40], dtype=torch.float32) * 1.0; assert x.item() != 0.0, x")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_an_unusable_home_builds_the_kernel_in_the_temp_folder(tmp_path, monkeypatch):
-    from minisgl_backend.attention import cpu_kernels
+    from minisgl_backend.cpu import build
 
     home = tmp_path / "home"
     home.write_text("a file, so no .cache can be made under it (even as root)")
     monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    library = cpu_kernels._build()
+    monkeypatch.setattr(build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    library = build.build()
     assert library.parent == tmp_path / "tmp" / "minisgl-kernels" and library.is_file()
 
 
 def test_without_a_compiler_auto_falls_back_to_torch_and_cpu_is_a_config_error(monkeypatch, caplog):
-    from minisgl_backend import attention
     from minisgl_backend.attention import cpu_kernels
+    from minisgl_backend.cpu import build
 
-    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
-    monkeypatch.setattr(attention, "paged_decode_kernel", cpu_kernels.paged_decode_kernel.__wrapped__)  # uncached
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cpu_kernels, "cpu_library", build.cpu_library.__wrapped__)  # uncached
     with caplog.at_level("WARNING"):
         assert _backend("auto").decode_kernel is None
     assert "no C compiler" in caplog.text and "falls back to torch" in caplog.text

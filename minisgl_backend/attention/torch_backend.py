@@ -101,7 +101,7 @@ class TorchAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         assert self._layout is not None, "prepare() must run before forward()"
-        self.kv_cache.store(layer_id, self._layout.out_loc, k, v)
+        self._store(layer_id, k, v)
         num_tokens, num_heads, head_dim = q.shape
         if len(self._groups) == 1:  # one group holds every token, in batch order
             return self._attend(self._groups[0], q, layer_id, k.shape[1]).reshape(num_tokens, num_heads * head_dim)
@@ -109,6 +109,11 @@ class TorchAttentionBackend:
         for g in self._groups:
             out[g.token_index] = self._attend(g, q[g.token_index], layer_id, k.shape[1])
         return out.reshape(num_tokens, num_heads * head_dim)
+
+    def _store(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        pools = self.kv_cache.k[layer_id], self.kv_cache.v[layer_id]
+        if self.decode_kernel is None or not self.decode_kernel.store(*pools, self._layout.out_loc, k, v):
+            self.kv_cache.store(layer_id, self._layout.out_loc, k, v)
 
     def _attend(self, g: _Group | _KernelGroup, q: torch.Tensor, layer_id: int, num_kv_heads: int) -> torch.Tensor:
         num_heads, head_dim = q.shape[1], q.shape[2]

@@ -1,0 +1,6 @@
+"""Compiled CPU kernels (`csrc/*.c`): paged decode attention and the decoder layer's elementwise
+ops, built into one library with the machine's C compiler at first use (see `build.py`)."""
+
+from minisgl_backend.cpu.build import cpu_library
+
+__all__ = ["cpu_library"]
