@@ -141,6 +141,7 @@ class EngineConfig:
     fault: FaultConfig = field(default_factory=FaultConfig)
     seed: int = 0
     attention_backend: str = "auto"  # auto | torch | cpu | flashinfer
+    layer_ops: str = "auto"  # auto (fused: flashinfer on CUDA, compiled C on a float32 CPU) | torch
 
     def validate(self) -> "EngineConfig":
         for section in (self.model, self.cache, self.scheduler, self.parallel, self.graph, self.frontend,
@@ -148,6 +149,8 @@ class EngineConfig:
             section.validate()
         if self.attention_backend not in ("auto", "torch", "cpu", "flashinfer"):
             raise ConfigError("attention_backend must be auto, torch, cpu or flashinfer")
+        if self.layer_ops not in ("auto", "torch"):
+            raise ConfigError("layer_ops must be auto or torch")
         return self
 
     @property

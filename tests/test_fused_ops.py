@@ -13,9 +13,14 @@ from minisgl_backend.models import fused
 from minisgl_backend.models.fused import FlashInferOps, TorchOps, select_ops
 
 
-def test_cpu_gets_the_torch_ops_and_never_imports_flashinfer():
-    for dtype in (torch.float32, torch.bfloat16):
-        assert isinstance(select_ops("cpu", dtype), TorchOps)
+def test_cpu_gets_the_compiled_ops_in_float32_else_torch_and_never_imports_flashinfer():
+    from minisgl_backend.cpu import cpu_library
+    from minisgl_backend.models.cpu_ops import CpuOps
+
+    want = CpuOps if cpu_library() is not None else TorchOps
+    assert isinstance(select_ops("cpu", torch.float32), want)
+    assert isinstance(select_ops("cpu", torch.bfloat16), TorchOps)
+    assert isinstance(select_ops("cpu", torch.float32, "torch"), TorchOps)
     assert "flashinfer" not in sys.modules
 
 

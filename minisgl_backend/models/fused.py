@@ -1,9 +1,10 @@
 """The elementwise ops of a decoder layer, implemented once per device: `TorchOps` (plain torch,
-numerically as in HF: the CPU path and the reference) and `FlashInferOps` (flashinfer's fused
-CUDA kernels: RMSNorm, residual-add + RMSNorm in one kernel, rope in place, SiLU-and-mul).
+numerically as in HF: the reference), `FlashInferOps` (flashinfer's fused CUDA kernels: RMSNorm,
+residual-add + RMSNorm in one kernel, rope in place, SiLU-and-mul) and, on the CPU in float32,
+`CpuOps` (`cpu_ops.py`: the same fused ops in compiled C).
 
-`select_ops(device, dtype)` picks one when the model is built; every layer keeps that choice.
-flashinfer is imported only when `FlashInferOps` is constructed, i.e. only on CUDA.
+`select_ops(device, dtype, name)` picks one when the model is built; every layer keeps that
+choice. flashinfer is imported only when `FlashInferOps` is constructed, i.e. only on CUDA.
 """
 
 from __future__ import annotations
@@ -158,11 +159,21 @@ def fused_ops_unsupported_reason(device: torch.device | str, dtype: torch.dtype)
     return None
 
 
-def select_ops(device: torch.device | str, dtype: torch.dtype) -> LayerOps:
-    """flashinfer's fused kernels on CUDA in half precision, else the torch reference."""
+def select_ops(device: torch.device | str, dtype: torch.dtype, name: str = "auto") -> LayerOps:
+    """`auto`: flashinfer's fused kernels on CUDA in half precision, the compiled C ops
+    (`cpu_ops.py`) on the CPU in float32, else the torch reference; `torch`: the reference."""
+    if name == "torch":
+        return TorchOps()
     reason = fused_ops_unsupported_reason(device, dtype)
     if reason is None:
         return FlashInferOps()
     if torch.device(device).type == "cuda":
         logger.warning("decoder layers use unfused torch ops: %s", reason)
+    elif dtype == torch.float32:
+        from minisgl_backend.cpu import cpu_library
+        from minisgl_backend.models.cpu_ops import CpuOps
+
+        library = cpu_library()
+        if library is not None:
+            return CpuOps(library)
     return TorchOps()

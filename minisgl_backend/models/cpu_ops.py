@@ -1,0 +1,96 @@
+"""`CpuOps`: the decoder layer's elementwise ops as compiled C on the CPU (float32), one call each
+(`cpu/csrc/layer_ops.c`): RMSNorm, residual add + RMSNorm in place, neox rope in place,
+SiLU-and-mul. At decode sizes (tens of rows) the torch reference spends more on dispatching its
+3-10 ops per layer op than on the arithmetic; these take one call and no temporaries.
+
+Layouts the kernels do not take (another dtype, a non-unit inner stride) go to `TorchOps`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+
+from minisgl_backend.models.fused import TorchOps
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "rms_norm_f32": [_P, _I, _I, _I, _I, _P, _I, _I, _I, _P, _F],
+    "add_rms_norm_f32": [_P, _I, _P, _I, _I, _I, _P, _F],
+    "rope_neox_f32": [_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _P, _I],
+    "silu_and_mul_f32": [_P, _I, _I, _I, _P],
+}
+
+
+def _fits(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+
+
+def _as_heads(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(tokens, heads, token stride, head stride) of [T, D] or [T, H, D]."""
+    if x.dim() == 2:
+        return x.shape[0], 1, x.stride(0), x.shape[1]
+    return x.shape[0], x.shape[1], x.stride(0), x.stride(1)
+
+
+class CpuOps:
+    name = "cpu"
+    needs_cos_sin_cache = True  # [max_positions, head_dim] float32: cos half, then sin half
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._fn = {}
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(library, name)
+            fn.argtypes, fn.restype = argtypes, None
+            self._fn[name] = fn
+        self._torch = TorchOps()
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if not _fits(x, weight) or x.dim() not in (2, 3):
+            return self._torch.rms_norm(x, weight, eps)
+        out = torch.empty(x.shape, dtype=x.dtype)
+        return self._norm_into(x, out, weight, eps)
+
+    def rms_norm_over(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if not _fits(x, weight) or x.dim() not in (2, 3):
+            return self._torch.rms_norm(x, weight, eps)
+        return self._norm_into(x, x, weight, eps)
+
+    def _norm_into(self, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        tokens, heads, x_st, x_sh = _as_heads(x)
+        _, _, o_st, o_sh = _as_heads(out)
+        self._fn["rms_norm_f32"](x.data_ptr(), tokens, heads, x_st, x_sh, out.data_ptr(), o_st, o_sh,
+                                 x.shape[-1], weight.contiguous().data_ptr(), eps)
+        return out
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """In place, like flashinfer's fused_add_rmsnorm: residual += x, then x = norm(residual)."""
+        if not _fits(x, residual, weight) or x.dim() != 2 or x.shape != residual.shape:
+            return self._torch.add_rms_norm(x, residual, weight, eps)
+        self._fn["add_rms_norm_f32"](x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0),
+                                     x.shape[0], x.shape[1], weight.contiguous().data_ptr(), eps)
+        return x, residual
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if not _fits(x) or x.dim() != 2:
+            return self._torch.silu_and_mul(x)
+        d = x.shape[1] // 2
+        out = torch.empty(x.shape[0], d, dtype=x.dtype)
+        self._fn["silu_and_mul_f32"](x.data_ptr(), x.stride(0), x.shape[0], d, out.data_ptr())
+        return out
+
+    def rope_inputs(self, rotary: Any, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return positions.to(torch.int64).contiguous(), rotary.cos_sin_cache
+
+    def apply_rope(self, q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        positions, cos_sin = rope
+        if not _fits(q, k, cos_sin) or q.dim() != 3 or k.dim() != 3:
+            raise ValueError(f"rope takes float32 [T, H, D] q / k with unit inner stride, got "
+                             f"{q.dtype} {tuple(q.stride())} / {k.dtype} {tuple(k.stride())}")
+        self._fn["rope_neox_f32"](q.data_ptr(), q.stride(0), q.stride(1), q.shape[1],
+                                  k.data_ptr(), k.stride(0), k.stride(1), k.shape[1],
+                                  positions.data_ptr(), q.shape[0], cos_sin.data_ptr(), q.shape[2])
+        return q, k
