@@ -24,8 +24,10 @@ _SIGNATURES = {
 }
 
 
-def _fits(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+def _fits(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """float32 on the CPU with a unit inner stride (written out: this runs several times a layer)."""
+    return (x.dtype == torch.float32 and x.is_cpu and x.stride(-1) == 1
+            and (weight is None or (weight.dtype == torch.float32 and weight.is_cpu and weight.is_contiguous())))
 
 
 def _as_heads(x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -40,11 +42,10 @@ class CpuOps:
     needs_cos_sin_cache = True  # [max_positions, head_dim] float32: cos half, then sin half
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._fn = {}
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(library, name)
             fn.argtypes, fn.restype = argtypes, None
-            self._fn[name] = fn
+            setattr(self, f"_{name}", fn)  # e.g. self._rms_norm_f32
         self._torch = TorchOps()
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -61,17 +62,17 @@ class CpuOps:
     def _norm_into(self, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         tokens, heads, x_st, x_sh = _as_heads(x)
         _, _, o_st, o_sh = _as_heads(out)
-        self._fn["rms_norm_f32"](x.data_ptr(), tokens, heads, x_st, x_sh, out.data_ptr(), o_st, o_sh,
-                                 x.shape[-1], weight.contiguous().data_ptr(), eps)
+        self._rms_norm_f32(x.data_ptr(), tokens, heads, x_st, x_sh, out.data_ptr(), o_st, o_sh,
+                                 x.shape[-1], weight.data_ptr(), eps)
         return out
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """In place, like flashinfer's fused_add_rmsnorm: residual += x, then x = norm(residual)."""
-        if not _fits(x, residual, weight) or x.dim() != 2 or x.shape != residual.shape:
+        if not (_fits(x, weight) and _fits(residual)) or x.dim() != 2 or x.shape != residual.shape:
             return self._torch.add_rms_norm(x, residual, weight, eps)
-        self._fn["add_rms_norm_f32"](x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0),
-                                     x.shape[0], x.shape[1], weight.contiguous().data_ptr(), eps)
+        self._add_rms_norm_f32(x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0),
+                                     x.shape[0], x.shape[1], weight.data_ptr(), eps)
         return x, residual
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,7 @@ class CpuOps:
             return self._torch.silu_and_mul(x)
         d = x.shape[1] // 2
         out = torch.empty(x.shape[0], d, dtype=x.dtype)
-        self._fn["silu_and_mul_f32"](x.data_ptr(), x.stride(0), x.shape[0], d, out.data_ptr())
+        self._silu_and_mul_f32(x.data_ptr(), x.stride(0), x.shape[0], d, out.data_ptr())
         return out
 
     def rope_inputs(self, rotary: Any, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,10 +88,10 @@ class CpuOps:
 
     def apply_rope(self, q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         positions, cos_sin = rope
-        if not _fits(q, k, cos_sin) or q.dim() != 3 or k.dim() != 3:
+        if not (_fits(q) and _fits(k) and _fits(cos_sin)) or q.dim() != 3 or k.dim() != 3:
             raise ValueError(f"rope takes float32 [T, H, D] q / k with unit inner stride, got "
                              f"{q.dtype} {tuple(q.stride())} / {k.dtype} {tuple(k.stride())}")
-        self._fn["rope_neox_f32"](q.data_ptr(), q.stride(0), q.stride(1), q.shape[1],
+        self._rope_neox_f32(q.data_ptr(), q.stride(0), q.stride(1), q.shape[1],
                                   k.data_ptr(), k.stride(0), k.stride(1), k.shape[1],
                                   positions.data_ptr(), q.shape[0], cos_sin.data_ptr(), q.shape[2])
         return q, k
