@@ -29,13 +29,37 @@ static inline void prefetch_floats(const float *p, int64_t n)
     for (int64_t off = 0; off < n; off += 16) __builtin_prefetch(p + off); /* one 64-byte line */
 }
 
-/* scores[h * len + j] = scale * q[h] . K[slot j, kv head of h] */
+/* scores[h * len + j] = scale * q[h] . K[slot j, kv head of h]; four slots at a time, so that four
+ * independent sums hide each other's latency */
 static void row_scores(const float *qb, int64_t q_stride_h, const float *k_pool, const int32_t *slots,
                        int64_t len, int64_t num_q_heads, int64_t group, int64_t head_dim, int64_t kv_row,
                        float scale, float *scores)
 {
-    for (int64_t j = 0; j < len; ++j) {
-        if (j + PREFETCH_SLOTS < len) prefetch_floats(k_pool + (int64_t)slots[j + PREFETCH_SLOTS] * kv_row, kv_row);
+    int64_t j = 0;
+    for (; j + 4 <= len; j += 4) {
+        for (int64_t u = j + PREFETCH_SLOTS; u < j + PREFETCH_SLOTS + 4 && u < len; ++u)
+            prefetch_floats(k_pool + (int64_t)slots[u] * kv_row, kv_row);
+        const float *k0 = k_pool + (int64_t)slots[j] * kv_row, *k1 = k_pool + (int64_t)slots[j + 1] * kv_row;
+        const float *k2 = k_pool + (int64_t)slots[j + 2] * kv_row, *k3 = k_pool + (int64_t)slots[j + 3] * kv_row;
+        for (int64_t h = 0; h < num_q_heads; ++h) {
+            const float *qv = qb + h * q_stride_h;
+            const int64_t o = (h / group) * head_dim;
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+            for (int64_t d = 0; d < head_dim; ++d) {
+                s0 += qv[d] * k0[o + d];
+                s1 += qv[d] * k1[o + d];
+                s2 += qv[d] * k2[o + d];
+                s3 += qv[d] * k3[o + d];
+            }
+            float *sc = scores + h * len + j;
+            sc[0] = s0 * scale;
+            sc[1] = s1 * scale;
+            sc[2] = s2 * scale;
+            sc[3] = s3 * scale;
+        }
+    }
+    for (; j < len; ++j) {
         const float *kr = k_pool + (int64_t)slots[j] * kv_row;
         for (int64_t h = 0; h < num_q_heads; ++h) {
             const float *qv = qb + h * q_stride_h, *kv = kr + (h / group) * head_dim;
