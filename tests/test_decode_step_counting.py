@@ -1,5 +1,5 @@
-"""How benchmarks/decode_step.py counts CUDA kernels per layer (checked here on synthetic
-profiler events; on a GPU host the benchmark reports the real counts)."""
+"""How benchmarks/decode_step.py counts kernels per layer: CUDA kernels (checked here on synthetic
+profiler events; on a GPU host the benchmark reports the real counts) and the CPU stand-in."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.decode_step import _is_kernel, _kernels_in_gpu_ranges
+from benchmarks.decode_step import _cpu_kernels, _is_kernel, _kernels_in_gpu_ranges
 
 CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
@@ -40,3 +40,18 @@ def test_a_kernel_is_a_cuda_event_that_is_neither_a_copy_nor_a_range():
 
 def test_no_gpu_ranges_gives_no_counts():
     assert _kernels_in_gpu_ranges([_event("aten::mm", CPU, 0, 1)]) == []
+
+
+def _op(name, *children):
+    return SimpleNamespace(name=name, cpu_children=list(children))
+
+
+def test_cpu_count_takes_each_working_op_once_and_every_compiled_kernel_call():
+    linear = _op("aten::linear", _op("aten::t", _op("aten::transpose", _op("aten::as_strided"))),
+                 _op("aten::matmul", _op("aten::mm", _op("aten::resolve_conj"), _op("aten::resolve_conj"))))
+    norm = _op("cpu_kernel::add_rms_norm_f32")
+    silu = _op("cpu_kernel::silu_and_mul_f32", _op("aten::empty"))  # its output buffer is no kernel
+    add = _op("aten::add")
+    layer = _op("decoder_layer_0", norm, linear, _op("aten::view"), silu, add)
+    assert _cpu_kernels(linear) == 1
+    assert _cpu_kernels(layer) == 4
