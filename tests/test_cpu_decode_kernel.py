@@ -42,14 +42,30 @@ def _batch(seq_lens, extend, page_size, hq, hkv, dim, seed):
     return table, cache, layout, (qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:])
 
 
+@pytest.fixture(scope="module")
+def portable_kernel():
+    """The kernel built without AVX-512: the paths a CPU without it (or an ARM one) runs."""
+    import ctypes
+    import platform
+
+    from minisgl_backend.attention.cpu_kernels import kernel_of
+    from minisgl_backend.cpu.build import build
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("-mno-avx512f is an x86 flag")
+    return kernel_of(ctypes.CDLL(str(build(("-mno-avx512f",)))))
+
+
 @pytest.mark.parametrize("page_size", [1, 4, 16])
-@pytest.mark.parametrize("hq,hkv,dim", [(4, 2, 8), (8, 1, 16), (4, 4, 32)])
+@pytest.mark.parametrize("hq,hkv,dim", [(4, 2, 8), (8, 1, 16), (4, 4, 32), (8, 2, 64)])
 @pytest.mark.parametrize("kind", ["decode", "mixed"])
-def test_kernel_backend_matches_the_paged_reference(page_size, hq, hkv, dim, kind):
+@pytest.mark.parametrize("build", ["native", "portable"])
+def test_kernel_backend_matches_the_paged_reference(page_size, hq, hkv, dim, kind, build, request):
     seq_lens = [1, 7, 33, 64, 100, 5]
     extend = [1] * 6 if kind == "decode" else [1, 7, 1, 16, 1, 3]
     table, cache, layout, (q, k, v) = _batch(seq_lens, extend, page_size, hq, hkv, dim, seed=page_size + hq)
-    backend = TorchAttentionBackend(cache, table, KERNEL)
+    kernel = KERNEL if build == "native" else request.getfixturevalue("portable_kernel")
+    backend = TorchAttentionBackend(cache, table, kernel)
     backend.prepare(layout)
     assert any(isinstance(g, _KernelGroup) for g in backend._groups)
     got = backend.forward(q, k, v, 0)  # stores k / v first, as every backend does

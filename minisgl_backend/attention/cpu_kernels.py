@@ -60,8 +60,10 @@ class PagedDecodeKernel:
 def paged_decode_kernel() -> PagedDecodeKernel | None:
     """The compiled kernel, or None where the CPU library cannot be built here (warned once)."""
     library = cpu_library()
-    if library is None:
-        return None
+    return None if library is None else kernel_of(library)
+
+
+def kernel_of(library: ctypes.CDLL) -> PagedDecodeKernel:
     fn = library.paged_decode_attention_f32
     fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
     store = library.store_kv_f32

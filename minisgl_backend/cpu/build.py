@@ -41,12 +41,14 @@ def cpu_library() -> ctypes.CDLL | None:
         return None
 
 
-def build() -> Path:
-    """The cached library's path, compiling it first when this machine has none."""
+def build(extra_flags: tuple[str, ...] = ()) -> Path:
+    """The cached library's path, compiling it first when this machine has none. `extra_flags`
+    follow COMPILE_FLAGS (tests build the portable paths with "-mno-avx512f")."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc / gcc) on PATH")
-    parts = [s.read_bytes() for s in SOURCES] + [" ".join(COMPILE_FLAGS + LINK_FLAGS).encode(),
+    flags = COMPILE_FLAGS + tuple(extra_flags)
+    parts = [s.read_bytes() for s in SOURCES] + [" ".join(flags + LINK_FLAGS).encode(),
                                                   compiler.encode(), _cpu_model().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     home = os.path.expanduser("~")  # "~" itself when there is no home: then only the temp folder
@@ -58,7 +60,7 @@ def build() -> Path:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=folder) as tmp:  # several processes may build at once
-                _compile(compiler, Path(tmp), library.name)
+                _compile(compiler, flags, Path(tmp), library.name)
                 os.replace(Path(tmp) / library.name, library)
             return library
         except OSError:  # an unwritable or read-only home: the temp folder next
@@ -66,9 +68,9 @@ def build() -> Path:
     raise RuntimeError("no writable folder for the compiled kernels")
 
 
-def _compile(compiler: str, folder: Path, name: str) -> None:
+def _compile(compiler: str, flags: tuple[str, ...], folder: Path, name: str) -> None:
     objects = [folder / f"{s.stem}.o" for s in SOURCES]
-    commands = [[compiler, *COMPILE_FLAGS, str(s), "-o", str(o)] for s, o in zip(SOURCES, objects)]
+    commands = [[compiler, *flags, str(s), "-o", str(o)] for s, o in zip(SOURCES, objects)]
     commands.append([compiler, *LINK_FLAGS, *map(str, objects), "-o", str(folder / name), "-lm"])
     for cmd in commands:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

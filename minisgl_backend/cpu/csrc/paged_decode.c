@@ -16,6 +16,11 @@
  * took 140-200 us a layer in the engine against 100-120 us for this, at 48 rows of ~100 positions.)
  * Rows go to torch's OpenMP threads (loaded after torch, the library uses torch's own libgomp),
  * dynamically: their lengths differ.
+ *
+ * Built for a CPU with AVX-512 and a head_dim that is a multiple of 16, the scores of 16 slots
+ * are summed in one transpose-and-add tree instead of one horizontal sum each, and each head's
+ * output stays in registers (one row of 80 positions, 4 heads, single thread: 1.5-2.5x at
+ * head_dim 16, 1.5x at 32, 1.1-1.2x at 64 and 128, where memory is the limit).
  */
 #include <float.h>
 #include <math.h>
@@ -29,6 +34,79 @@ static inline void prefetch_floats(const float *p, int64_t n)
     for (int64_t off = 0; off < n; off += 16) __builtin_prefetch(p + off); /* one 64-byte line */
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_AVX512 1 /* -march=native on a CPU with AVX-512: the paths below for head_dim % 16 == 0 */
+
+/* The 16 horizontal sums of v[0..15], in order, in one vector: a transpose-and-add tree
+ * (45 shuffles and adds for 16 sums, against ~8 instructions for each sum on its own). */
+static inline __m512 sum16(__m512 v[16])
+{
+    __m512 w[8], x[4], y[2];
+    for (int k = 0; k < 8; ++k) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        w[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; ++k) { /* per 128-bit lane: the partial sums of 4 vectors, in order */
+        const __m512d a = _mm512_castps_pd(w[2 * k]), b = _mm512_castps_pd(w[2 * k + 1]);
+        x[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int k = 0; k < 2; ++k) /* 128-bit lanes 0+1 and 2+3 of x[2k], then of x[2k+1] */
+        y[k] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * k], x[2 * k + 1], 0x88), _mm512_shuffle_f32x4(x[2 * k], x[2 * k + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+}
+
+/* row_scores for head_dim a multiple of 16: sixteen slots at a time, their products summed by sum16 */
+static int64_t row_scores_avx512(const float *qb, int64_t q_stride_h, const float *k_pool, const int32_t *slots,
+                                 int64_t len, int64_t num_q_heads, int64_t group, int64_t head_dim,
+                                 int64_t kv_row, float scale, float *scores)
+{
+    const __m512 vscale = _mm512_set1_ps(scale);
+    int64_t j = 0;
+    for (; j + 16 <= len; j += 16) {
+        const float *k[16];
+        for (int u = 0; u < 16; ++u) {
+            k[u] = k_pool + (int64_t)slots[j + u] * kv_row;
+            if (j + u + PREFETCH_SLOTS < len) prefetch_floats(k_pool + (int64_t)slots[j + u + PREFETCH_SLOTS] * kv_row, kv_row);
+        }
+        for (int64_t h = 0; h < num_q_heads; ++h) {
+            const float *qv = qb + h * q_stride_h;
+            const int64_t o = (h / group) * head_dim;
+            __m512 acc[16];
+            const __m512 q0 = _mm512_loadu_ps(qv);
+            for (int u = 0; u < 16; ++u) acc[u] = _mm512_mul_ps(q0, _mm512_loadu_ps(k[u] + o));
+            for (int64_t d = 16; d < head_dim; d += 16) {
+                const __m512 qd = _mm512_loadu_ps(qv + d);
+                for (int u = 0; u < 16; ++u) acc[u] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(k[u] + o + d), acc[u]);
+            }
+            _mm512_storeu_ps(scores + h * len + j, _mm512_mul_ps(sum16(acc), vscale));
+        }
+    }
+    return j; /* the slots before j are done */
+}
+
+/* row_values for head_dim a multiple of 16 (at most 256): each head's output in registers */
+static void row_values_avx512(const float *p, const float *v_pool, const int32_t *slots, int64_t len,
+                              int64_t num_q_heads, int64_t group, int64_t head_dim, int64_t kv_row, float *o)
+{
+    const int64_t chunks = head_dim / 16;
+    for (int64_t h = 0; h < num_q_heads; ++h) {
+        const float *ph = p + h * len;
+        const int64_t off = (h / group) * head_dim;
+        for (int64_t c0 = 0; c0 < chunks; c0 += 4) { /* four 16-wide chunks (64 dims) per pass */
+            const int64_t n = chunks - c0 < 4 ? chunks - c0 : 4;
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t j = 0; j < len; ++j) {
+                if (h == 0 && c0 == 0 && j + PREFETCH_SLOTS < len)
+                    prefetch_floats(v_pool + (int64_t)slots[j + PREFETCH_SLOTS] * kv_row, kv_row);
+                const float *vv = v_pool + (int64_t)slots[j] * kv_row + off + c0 * 16;
+                const __m512 w = _mm512_set1_ps(ph[j]);
+                for (int64_t c = 0; c < n; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vv + c * 16), acc[c]);
+            }
+            for (int64_t c = 0; c < n; ++c) _mm512_storeu_ps(o + h * head_dim + (c0 + c) * 16, acc[c]);
+        }
+    }
+}
+#endif
+
 /* scores[h * len + j] = scale * q[h] . K[slot j, kv head of h]; four slots at a time, so that four
  * independent sums hide each other's latency */
 static void row_scores(const float *qb, int64_t q_stride_h, const float *k_pool, const int32_t *slots,
@@ -36,6 +114,10 @@ static void row_scores(const float *qb, int64_t q_stride_h, const float *k_pool,
                        float scale, float *scores)
 {
     int64_t j = 0;
+#ifdef HAVE_AVX512
+    if (head_dim % 16 == 0)
+        j = row_scores_avx512(qb, q_stride_h, k_pool, slots, len, num_q_heads, group, head_dim, kv_row, scale, scores);
+#endif
     for (; j + 4 <= len; j += 4) {
         for (int64_t u = j + PREFETCH_SLOTS; u < j + PREFETCH_SLOTS + 4 && u < len; ++u)
             prefetch_floats(k_pool + (int64_t)slots[u] * kv_row, kv_row);
@@ -128,8 +210,14 @@ int paged_decode_attention_f32(
             row_scores(q + b * q_stride_b, q_stride_h, k_pool, slots, len, num_q_heads, group, head_dim,
                        kv_row, scale, scores);
             for (int64_t h = 0; h < num_q_heads; ++h) softmax_in_place(scores + h * len, len);
-            row_values(scores, v_pool, slots, len, num_q_heads, group, head_dim, kv_row,
-                       out + b * num_q_heads * head_dim);
+#ifdef HAVE_AVX512
+            if (head_dim % 16 == 0)
+                row_values_avx512(scores, v_pool, slots, len, num_q_heads, group, head_dim, kv_row,
+                                  out + b * num_q_heads * head_dim);
+            else
+#endif
+                row_values(scores, v_pool, slots, len, num_q_heads, group, head_dim, kv_row,
+                           out + b * num_q_heads * head_dim);
         }
         free(scores);
     }
