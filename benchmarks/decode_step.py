@@ -83,7 +83,7 @@ def _compiled_kernel_ranges(engine):
     """Each call into the compiled CPU kernels (layer ops, decode attention, K/V store) inside a
     profiler range named after it: they are ctypes calls, which the profiler does not see."""
     targets = [(engine.model.ops, name) for name in dir(engine.model.ops) if name.endswith("_f32")]
-    kernel = getattr(engine.attn, "decode_kernel", None)
+    kernel = getattr(engine.attn, "kernel", None)
     if kernel is not None:
         targets += [(kernel, "fn"), (kernel, "store_fn")]
     saved = [(obj, name, getattr(obj, name)) for obj, name in targets]

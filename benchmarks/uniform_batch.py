@@ -97,7 +97,7 @@ def main() -> None:
     report = {"workload": {"prompts": NUM_PROMPTS, "prompt_len": list(PROMPT_LEN), "output_len": OUTPUT_LEN,
                            "model": "random llama, 4 layers, hidden 128", "dtype": "float32"},
               "torch_threads": torch.get_num_threads(),
-              "decode_attention": "compiled paged kernel" if llm.scheduler.engine.attn.decode_kernel else "gather + SDPA",
+              "attention": "compiled paged kernel" if llm.scheduler.engine.attn.kernel else "gather + SDPA",
               "engine": {"seconds": engine_s, "output_tok_per_s": tokens / engine_s,
                          "ms_per_step": 1000 * engine_s / steps},
               "transformers": {"seconds": hf_s, "output_tok_per_s": tokens / hf_s,

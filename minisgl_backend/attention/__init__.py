@@ -1,4 +1,4 @@
-"""Attention backends: torch (the reference), torch with a compiled decode kernel (the CPU path),
+"""Attention backends: torch (the reference), torch with a compiled paged attention kernel (the CPU path),
 and, on CUDA, flashinfer."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from minisgl_backend.attention.base import AttentionBackend, BatchLayout
-from minisgl_backend.attention.cpu_kernels import PagedDecodeKernel, paged_decode_kernel
+from minisgl_backend.attention.cpu_kernels import PagedAttentionKernel, paged_attention_kernel
 from minisgl_backend.config import ConfigError, EngineConfig
 from minisgl_backend.kvcache import KVCache
 
@@ -15,7 +15,7 @@ def make_attention_backend(config: EngineConfig, kv_cache: KVCache, page_table: 
                            num_qo_heads: int, num_kv_heads: int, head_dim: int,
                            dtype: torch.dtype) -> AttentionBackend:
     """flashinfer where it can run (CUDA, fp16/bf16, a supported head size), else torch; on a
-    float32 CPU pool, torch with the compiled paged decode kernel (`cpu`) unless `torch` is asked."""
+    float32 CPU pool, torch with the compiled paged attention kernel (`cpu`) unless `torch` is asked."""
     from minisgl_backend.attention.torch_backend import TorchAttentionBackend
 
     name, device = config.attention_backend, page_table.device
@@ -28,18 +28,18 @@ def make_attention_backend(config: EngineConfig, kv_cache: KVCache, page_table: 
                                      config.scheduler.max_running_requests)
         if name == "flashinfer":
             raise ConfigError(f"attention_backend 'flashinfer' cannot run here: {reason}")
-    return TorchAttentionBackend(kv_cache, page_table, _cpu_decode_kernel(name, kv_cache, page_table))
+    return TorchAttentionBackend(kv_cache, page_table, _cpu_kernel(name, kv_cache, page_table))
 
 
-def _cpu_decode_kernel(name: str, kv_cache: KVCache, page_table: torch.Tensor) -> PagedDecodeKernel | None:
-    """The compiled paged decode kernel for `auto` / `cpu` on a float32 CPU pool, else None."""
+def _cpu_kernel(name: str, kv_cache: KVCache, page_table: torch.Tensor) -> PagedAttentionKernel | None:
+    """The compiled paged attention kernel for `auto` / `cpu` on a float32 CPU pool, else None."""
     if name not in ("auto", "cpu"):
         return None
     pool_dtype = kv_cache.k[0].dtype if kv_cache.k else None
     reason = None
     if page_table.device.type != "cpu" or pool_dtype != torch.float32 or page_table.dtype != torch.int32:
         reason = f"it takes a float32 KV pool on the CPU (here {pool_dtype} on {page_table.device})"
-    kernel = None if reason else paged_decode_kernel()
+    kernel = None if reason else paged_attention_kernel()
     if kernel is None and name == "cpu":
         raise ConfigError(f"attention_backend 'cpu' cannot run here: {reason or 'the kernel did not build (see the log)'}")
     return kernel

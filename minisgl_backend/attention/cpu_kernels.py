@@ -1,8 +1,8 @@
-"""The CPU decode-attention kernel (`cpu/csrc/paged_decode.c`, built by `minisgl_backend.cpu`).
+"""The CPU's compiled paged attention (`cpu/csrc/paged_attention.c`, built by `minisgl_backend.cpu`).
 
-Decode rows read their keys and values straight from the paged pool: no gather of every row's
-pages into a padded copy and no mask, which on the CPU cost more than the attention itself
-(at 256 streams of a micro model the gather was 33 % and SDPA 26 % of the scheduler's time).
+Decode rows and short extends read their keys and values straight from the paged pool: no gather
+of every row's pages into a padded copy and no mask, which on the CPU cost more than the attention
+itself (at 256 streams of a micro model the gather was 33 % and SDPA 26 % of the scheduler's time).
 """
 
 from __future__ import annotations
@@ -14,33 +14,36 @@ import torch
 
 from minisgl_backend.cpu import cpu_library
 
-_ARGTYPES = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-              ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-             + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64, ctypes.c_void_p])
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_ATTENTION_ARGS = [_P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _I, _P]
+_STORE_ARGS = [_P, _I, _P, _I, _I, _I, _P, _P, _P]
 
 
 @dataclass(frozen=True)
-class PagedDecodeKernel:
-    """`out[b, h] = softmax(scale * q[b, h] . K[rows[b], :seq_lens[b]]) @ V[...]` over the pool."""
+class PagedAttentionKernel:
+    """Causal attention of each row's new tokens over its keys in the pool, and the K/V store."""
 
     fn: ctypes._CFuncPtr
     store_fn: ctypes._CFuncPtr
 
     def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
-                 rows: torch.Tensor, seq_lens: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
-        """q [B, Hq, D] (rows and heads may be strided), pools [slots, Hkv, D] float32, table [R, W]
-        int32 slot ids, rows / seq_lens [B] int64 -> [B, Hq, D]."""
-        batch, num_heads, head_dim = q.shape
+                 rows: torch.Tensor, seq_lens: torch.Tensor, q_starts: torch.Tensor, extend_lens: torch.Tensor,
+                 max_len: int, scale: float) -> torch.Tensor:
+        """q [T, Hq, D] (tokens and heads may be strided): row b's `extend_lens[b]` new tokens from
+        `q_starts[b]` on, the last at position `seq_lens[b] - 1`; pools [slots, Hkv, D] float32,
+        table [R, W] int32 slot ids, rows / seq_lens / q_starts / extend_lens [B] int64 -> [T, Hq, D]."""
+        tokens, num_heads, head_dim = q.shape
         assert q.dtype == k_pool.dtype == v_pool.dtype == torch.float32 and q.stride(2) == 1
         assert k_pool.is_contiguous() and v_pool.is_contiguous() and table.stride(1) == 1
-        assert table.dtype == torch.int32 and rows.dtype == seq_lens.dtype == torch.int64
-        rows, seq_lens = rows.contiguous(), seq_lens.contiguous()  # held until the call returns
-        out = torch.empty(batch, num_heads, head_dim, dtype=torch.float32)
+        assert table.dtype == torch.int32
+        held = [t.contiguous() for t in (rows, seq_lens, q_starts, extend_lens)]  # alive until the call returns
+        assert all(t.dtype == torch.int64 for t in held)
+        out = torch.empty(tokens, num_heads, head_dim, dtype=torch.float32)
         failed = self.fn(q.data_ptr(), q.stride(0), q.stride(1), k_pool.data_ptr(), v_pool.data_ptr(),
-                         table.data_ptr(), table.stride(0), rows.data_ptr(), seq_lens.data_ptr(),
-                         batch, num_heads, k_pool.shape[1], head_dim, scale, max_len, out.data_ptr())
+                         table.data_ptr(), table.stride(0), *(t.data_ptr() for t in held),
+                         rows.shape[0], tokens, num_heads, k_pool.shape[1], head_dim, scale, max_len, out.data_ptr())
         if failed:
-            raise MemoryError("paged decode attention: no memory for its score buffers")
+            raise MemoryError("paged attention: no memory for its score buffers")
         return out
 
     def store(self, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
@@ -57,17 +60,14 @@ class PagedDecodeKernel:
         return True
 
 
-def paged_decode_kernel() -> PagedDecodeKernel | None:
+def paged_attention_kernel() -> PagedAttentionKernel | None:
     """The compiled kernel, or None where the CPU library cannot be built here (warned once)."""
     library = cpu_library()
     return None if library is None else kernel_of(library)
 
 
-def kernel_of(library: ctypes.CDLL) -> PagedDecodeKernel:
-    fn = library.paged_decode_attention_f32
-    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
-    store = library.store_kv_f32
-    store.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    store.restype = None
-    return PagedDecodeKernel(fn, store)
+def kernel_of(library: ctypes.CDLL) -> PagedAttentionKernel:
+    fn, store = library.paged_attention_f32, library.store_kv_f32
+    fn.argtypes, fn.restype = _ATTENTION_ARGS, ctypes.c_int
+    store.argtypes, store.restype = _STORE_ARGS, None
+    return PagedAttentionKernel(fn, store)

@@ -9,9 +9,10 @@ rows with longer extends are grouped by key length (no row padded past twice its
 mixed batch does not pad every decode row to the longest prefill chunk, nor a short prompt to
 the longest one. A batch costs one SDPA call per group per layer.
 
-With a `decode_kernel` (the CPU's compiled paged decode attention, `cpu_kernels.py`), decode
-rows skip the gather, the padding and the mask: the kernel reads each row's keys and values in
-the pool through its page-table row.
+With a `kernel` (the CPU's compiled paged attention, `cpu_kernels.py`), decode rows and extends
+of up to KERNEL_MAX_EXTEND tokens skip the gather, the padding and the mask: the kernel reads
+each row's keys and values in the pool through its page-table row, and skips the keys past each
+query's position. Longer extends go to SDPA.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from minisgl_backend.attention.base import BatchLayout
-from minisgl_backend.attention.cpu_kernels import PagedDecodeKernel
+from minisgl_backend.attention.cpu_kernels import PagedAttentionKernel
 from minisgl_backend.kvcache import KVCache
 
 
@@ -38,33 +40,62 @@ class _Group:
 
 @dataclass
 class _KernelGroup:
-    """Decode rows for the paged decode kernel: no gathered pages, no mask."""
+    """Rows for the paged attention kernel: no gathered pages, no mask."""
 
     rows: torch.Tensor  # [B] int64 page-table rows
     seq_lens: torch.Tensor  # [B] int64
+    q_starts: torch.Tensor  # [B] int64 each row's first token among the group's tokens
+    extend_lens: torch.Tensor  # [B] int64
     max_len: int
-    token_index: torch.Tensor  # [B] the rows' tokens in the batch's flat token order
+    token_index: torch.Tensor | None  # [T_g] the group's tokens in the batch's flat token order (None: all)
+
+
+# Extends longer than this go to SDPA. On the 2-core AVX-512 dev machine the kernel was faster at
+# every length tried (prefill ms, SDPA -> kernel; tiny 4-layer Llama, head_dim 32: 1 x 1024 tokens
+# 32.9 -> 25.4, 16 x 256 58.6 -> 53.4, 2 x 2000 196 -> 155; SmolLM2-135M, head_dim 64: 1 x 1024
+# 1,854 -> 1,708, 2 x 2000 8,851 -> 7,958), so only very long chunks keep SDPA's blocked GEMMs.
+KERNEL_MAX_EXTEND = 2048
 
 
 class TorchAttentionBackend:
     def __init__(self, kv_cache: KVCache, page_table: torch.Tensor,
-                 decode_kernel: PagedDecodeKernel | None = None) -> None:
+                 kernel: PagedAttentionKernel | None = None) -> None:
         self.kv_cache = kv_cache
         self.page_table = page_table
-        self.decode_kernel = decode_kernel
+        self.kernel = kernel
         self._layout: BatchLayout | None = None
         self._groups: list[_Group | _KernelGroup] = []
 
     def prepare(self, layout: BatchLayout) -> None:
         ext = layout.extend_lens_cpu
+        starts = list(itertools.accumulate(ext, initial=0))
+        if self.kernel is not None:
+            mine = [i for i, n in enumerate(ext) if n <= KERNEL_MAX_EXTEND]
+            other = [i for i, n in enumerate(ext) if n > KERNEL_MAX_EXTEND]
+            groups = [self._kernel_group(layout, mine, starts)] if mine else []
+            groups += [self._plan(layout, rows, starts) for rows in _by_key_length(layout.seq_lens_cpu, other)]
+            self._groups, self._layout = groups, layout
+            return
         decode = [i for i, n in enumerate(ext) if n == 1]
         other = [i for i, n in enumerate(ext) if n != 1]
-        starts = list(itertools.accumulate(ext, initial=0))
         # decode rows stay one group: split by length they measured no faster (the saved padding
         # costs as much as the extra gather / SDPA / scatter ops of another group)
         groups = [decode, *_by_key_length(layout.seq_lens_cpu, other)]
         self._groups = [self._plan(layout, rows, starts) for rows in groups if rows]
         self._layout = layout
+
+    def _kernel_group(self, layout: BatchLayout, members: list[int], starts: list[int]) -> _KernelGroup:
+        ext = layout.extend_lens_cpu
+        device = self.page_table.device
+        q_starts = torch.tensor(list(itertools.accumulate((ext[i] for i in members), initial=0))[:-1],
+                                dtype=torch.int64, device=device)
+        max_len = max(layout.seq_lens_cpu[i] for i in members)
+        if len(members) == len(ext):  # the whole batch: its tokens in order, no row gather
+            return _KernelGroup(layout.rows, layout.seq_lens, q_starts, layout.extend_lens, max_len, None)
+        idx = torch.tensor(members, dtype=torch.int64, device=device)
+        tokens = np.concatenate([np.arange(starts[i], starts[i] + ext[i]) for i in members])
+        return _KernelGroup(layout.rows[idx], layout.seq_lens[idx], q_starts, layout.extend_lens[idx], max_len,
+                            torch.from_numpy(tokens).to(device))
 
     def _plan(self, layout: BatchLayout, members: list[int], starts: list[int]) -> _Group | _KernelGroup:
         device = self.page_table.device
@@ -76,8 +107,6 @@ class TorchAttentionBackend:
         max_len = max(layout.seq_lens_cpu[i] for i in members)
         max_ext = max(layout.extend_lens_cpu[i] for i in members)
         first = torch.tensor([starts[i] for i in members], dtype=torch.int64, device=device)
-        if max_ext == 1 and self.decode_kernel is not None:
-            return _KernelGroup(rows, seq_lens, max_len, first)
         num_pages = -(-max_len // page_size)
         # pages past a row's length hold stale (in-range) ids: gathered, then masked out
         page_ids = (self.page_table[rows, :num_pages * page_size:page_size] // page_size).flatten()
@@ -112,14 +141,14 @@ class TorchAttentionBackend:
 
     def _store(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
         pools = self.kv_cache.k[layer_id], self.kv_cache.v[layer_id]
-        if self.decode_kernel is None or not self.decode_kernel.store(*pools, self._layout.out_loc, k, v):
+        if self.kernel is None or not self.kernel.store(*pools, self._layout.out_loc, k, v):
             self.kv_cache.store(layer_id, self._layout.out_loc, k, v)
 
     def _attend(self, g: _Group | _KernelGroup, q: torch.Tensor, layer_id: int, num_kv_heads: int) -> torch.Tensor:
         num_heads, head_dim = q.shape[1], q.shape[2]
         if isinstance(g, _KernelGroup):
-            return self.decode_kernel(q, self.kv_cache.k[layer_id], self.kv_cache.v[layer_id], self.page_table,
-                                      g.rows, g.seq_lens, g.max_len, head_dim ** -0.5)
+            return self.kernel(q, self.kv_cache.k[layer_id], self.kv_cache.v[layer_id], self.page_table,
+                               g.rows, g.seq_lens, g.q_starts, g.extend_lens, g.max_len, head_dim ** -0.5)
         decode = g.shape[1] == 1  # one query per row: nothing to pad
         if decode:
             q_pad = q.unsqueeze(1)

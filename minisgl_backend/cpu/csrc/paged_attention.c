@@ -1,21 +1,25 @@
-/* Decode attention straight from the paged KV pool, on the CPU, float32.
+/* Attention straight from the paged KV pool, on the CPU, float32, for decode rows and short
+ * extends alike.
  *
- * For batch row b (page-table row rows[b], seq_lens[b] positions) and query head h:
- *   out[b, h] = softmax_j(scale * q[b, h] . K[slot(b, j), h / group]) @ V[slot(b, j), h / group]
- * over j < seq_lens[b], where slot(b, j) = table[rows[b] * table_width + j].
+ * Batch row b (page-table row rows[b], seq_lens[b] positions after this step) brings extend_lens[b]
+ * new query tokens, flat tokens q_starts[b] ... q_starts[b] + extend_lens[b] - 1 of q and out. Its
+ * i-th one, at position p = seq_lens[b] - extend_lens[b] + i, attends causally: for query head h
+ *   out[t, h] = softmax_j(scale * q[t, h] . K[slot(b, j), h / group]) @ V[slot(b, j), h / group]
+ * over j <= p, where slot(b, j) = table[rows[b] * table_width + j]. A decode row is extend 1.
  *
  * Each key and value row is read where it lies (no gather into a padded copy); the softmax is
  * two-pass (scores, then max / exp / weighted sum) in float32. Built with -ffast-math so that the
  * exp loop vectorizes (glibc's libmvec); nothing here relies on infinities.
  *
  * Memory decides the speed here: between two steps the other layers' K/V pass through the cache,
- * so a row's keys come from L3 or DRAM. One work item is one batch row with all its heads, so each
+ * so a row's keys come from L3 or DRAM. One work item is one query token with all its heads, so each
  * slot's K (and V) row, every KV head at once, is read once and whole; and the rows PREFETCH_SLOTS
  * ahead are prefetched, because a page of 16 slots is often exactly one 4 KiB OS page, where the
  * hardware prefetcher stops. (Items of one (row, KV head) each, reading half of every slot row,
  * took 140-200 us a layer in the engine against 100-120 us for this, at 48 rows of ~100 positions.)
- * Rows go to torch's OpenMP threads (loaded after torch, the library uses torch's own libgomp),
- * dynamically: their lengths differ.
+ * Query tokens go to torch's OpenMP threads (loaded after torch, the library uses torch's own
+ * libgomp), dynamically: their lengths differ. The queries of one extend read the same keys, which
+ * the first of them brought into the cache.
  *
  * Built for a CPU with AVX-512 and a head_dim that is a multiple of 16, the scores of 16 slots
  * are summed in one transpose-and-add tree instead of one horizontal sum each, and each head's
@@ -184,12 +188,23 @@ static void row_values(const float *p, const float *v_pool, const int32_t *slots
     }
 }
 
-int paged_decode_attention_f32(
-    const float *q, int64_t q_stride_b, int64_t q_stride_h,
+/* The row of the batch that flat query token t belongs to: the last b with q_starts[b] <= t. */
+static int64_t row_of_token(const int64_t *q_starts, int64_t batch, int64_t t)
+{
+    int64_t lo = 0, hi = batch - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (q_starts[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+int paged_attention_f32(
+    const float *q, int64_t q_stride_t, int64_t q_stride_h,
     const float *k_pool, const float *v_pool,
     const int32_t *table, int64_t table_width,
-    const int64_t *rows, const int64_t *seq_lens,
-    int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+    const int64_t *rows, const int64_t *seq_lens, const int64_t *q_starts, const int64_t *extend_lens,
+    int64_t batch, int64_t tokens, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
     float scale, int64_t max_len, float *out)
 {
     const int64_t group = num_q_heads / num_kv_heads;
@@ -203,21 +218,23 @@ int paged_decode_attention_f32(
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t t = 0; t < tokens; ++t) {
             if (scores == NULL) continue;
-            const int64_t len = seq_lens[b];
+            const int64_t b = row_of_token(q_starts, batch, t);
+            /* the query at position seq_lens[b] - extend_lens[b] + i sees the keys up to itself */
+            const int64_t len = seq_lens[b] - extend_lens[b] + (t - q_starts[b]) + 1;
             const int32_t *slots = table + rows[b] * table_width;
-            row_scores(q + b * q_stride_b, q_stride_h, k_pool, slots, len, num_q_heads, group, head_dim,
+            row_scores(q + t * q_stride_t, q_stride_h, k_pool, slots, len, num_q_heads, group, head_dim,
                        kv_row, scale, scores);
             for (int64_t h = 0; h < num_q_heads; ++h) softmax_in_place(scores + h * len, len);
 #ifdef HAVE_AVX512
             if (head_dim % 16 == 0)
                 row_values_avx512(scores, v_pool, slots, len, num_q_heads, group, head_dim, kv_row,
-                                  out + b * num_q_heads * head_dim);
+                                  out + t * num_q_heads * head_dim);
             else
 #endif
                 row_values(scores, v_pool, slots, len, num_q_heads, group, head_dim, kv_row,
-                           out + b * num_q_heads * head_dim);
+                           out + t * num_q_heads * head_dim);
         }
         free(scores);
     }

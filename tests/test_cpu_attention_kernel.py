@@ -1,5 +1,6 @@
-"""The CPU's compiled paged decode attention (attention/cpu_kernels.py) against the independent
-paged reference, inside the torch backend, and end to end against the pure-torch backend."""
+"""The CPU's compiled paged attention (attention/cpu_kernels.py: decode rows and short extends)
+against the independent paged reference, inside the torch backend, and end to end against the
+pure-torch backend."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ import torch
 from minisgl_backend import LLM, SamplingParams
 from minisgl_backend.attention import make_attention_backend
 from minisgl_backend.attention.base import BatchLayout
-from minisgl_backend.attention.cpu_kernels import PagedDecodeKernel, paged_decode_kernel
+from minisgl_backend.attention.cpu_kernels import PagedAttentionKernel, paged_attention_kernel
 from minisgl_backend.attention.flashinfer_backend import build_paged_metadata, paged_view
+from minisgl_backend.attention import torch_backend
 from minisgl_backend.attention.torch_backend import TorchAttentionBackend, _KernelGroup
 from minisgl_backend.config import ConfigError, EngineConfig
 from minisgl_backend.kvcache import KVCache
 from tests.test_flashinfer_metadata import make_page_table, paged_attention_from_metadata
 
-KERNEL = paged_decode_kernel()
+KERNEL = paged_attention_kernel()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="no C compiler here")
 
 
@@ -58,16 +60,19 @@ def portable_kernel():
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize("hq,hkv,dim", [(4, 2, 8), (8, 1, 16), (4, 4, 32), (8, 2, 64)])
-@pytest.mark.parametrize("kind", ["decode", "mixed"])
+@pytest.mark.parametrize("kind", ["decode", "mixed", "mixed_with_sdpa"])
 @pytest.mark.parametrize("build", ["native", "portable"])
-def test_kernel_backend_matches_the_paged_reference(page_size, hq, hkv, dim, kind, build, request):
+def test_kernel_backend_matches_the_paged_reference(page_size, hq, hkv, dim, kind, build, request, monkeypatch):
     seq_lens = [1, 7, 33, 64, 100, 5]
     extend = [1] * 6 if kind == "decode" else [1, 7, 1, 16, 1, 3]
+    if kind == "mixed_with_sdpa":  # the 7- and 16-token extends go to SDPA, the others to the kernel
+        monkeypatch.setattr(torch_backend, "KERNEL_MAX_EXTEND", 4)
     table, cache, layout, (q, k, v) = _batch(seq_lens, extend, page_size, hq, hkv, dim, seed=page_size + hq)
     kernel = KERNEL if build == "native" else request.getfixturevalue("portable_kernel")
     backend = TorchAttentionBackend(cache, table, kernel)
     backend.prepare(layout)
-    assert any(isinstance(g, _KernelGroup) for g in backend._groups)
+    kinds = [type(g) for g in backend._groups]
+    assert kinds[0] is _KernelGroup and (len(kinds) > 1) == (kind == "mixed_with_sdpa")
     got = backend.forward(q, k, v, 0)  # stores k / v first, as every backend does
     md = build_paged_metadata(table, layout.rows, layout.seq_lens_cpu, layout.extend_lens_cpu, page_size)
     expected = paged_attention_from_metadata(q, paged_view(cache.k[0], page_size), paged_view(cache.v[0], page_size),
@@ -110,10 +115,10 @@ def _backend(name, dtype=torch.float32):
 
 
 def test_auto_and_cpu_pick_the_kernel_and_torch_stays_the_pure_reference():
-    assert isinstance(_backend("auto").decode_kernel, PagedDecodeKernel)
-    assert isinstance(_backend("cpu").decode_kernel, PagedDecodeKernel)
-    assert _backend("torch").decode_kernel is None
-    assert _backend("auto", torch.bfloat16).decode_kernel is None  # the kernel is float32 only
+    assert isinstance(_backend("auto").kernel, PagedAttentionKernel)
+    assert isinstance(_backend("cpu").kernel, PagedAttentionKernel)
+    assert _backend("torch").kernel is None
+    assert _backend("auto", torch.bfloat16).kernel is None  # the kernel is float32 only
 
 
 def test_cpu_backend_on_a_pool_it_cannot_read_is_a_config_error():
@@ -127,7 +132,7 @@ def test_greedy_generation_equals_the_pure_torch_backend(tiny_llama):
     outputs = {}
     for name in ("torch", "cpu"):
         llm = LLM(tiny_llama, device="cpu", dtype="float32", attention_backend=name)
-        assert (llm.scheduler.engine.attn.decode_kernel is not None) == (name == "cpu")
+        assert (llm.scheduler.engine.attn.kernel is not None) == (name == "cpu")
         outputs[name] = [o["token_ids"] for o in llm.generate(prompts, params)]
         llm.shutdown()
     assert outputs["cpu"] == outputs["torch"]
@@ -163,7 +168,7 @@ def test_without_a_compiler_auto_falls_back_to_torch_and_cpu_is_a_config_error(m
     monkeypatch.setattr(build.shutil, "which", lambda name: None)
     monkeypatch.setattr(cpu_kernels, "cpu_library", build.cpu_library.__wrapped__)  # uncached
     with caplog.at_level("WARNING"):
-        assert _backend("auto").decode_kernel is None
+        assert _backend("auto").kernel is None
     assert "no C compiler" in caplog.text and "falls back to torch" in caplog.text
     with pytest.raises(ConfigError, match="did not build"):
         _backend("cpu")
