@@ -71,4 +71,4 @@ class DeviceBatchIndices:
     def unpack(cls, packed: torch.Tensor, batch_size: int) -> "DeviceBatchIndices":
         b = batch_size
         t = (packed.shape[0] - 5 * b) // 2
-        return cls(*packed.split([b, b, b, b, b, t, t]))
+        return cls(*packed.split_with_sizes([b, b, b, b, b, t, t]))

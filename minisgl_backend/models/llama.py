@@ -46,7 +46,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: object, fwd: ForwardBatch) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x).split_with_sizes([q_size, kv_size, kv_size], dim=-1)  # torch.split without its Python wrapper
         # views into the qkv output (no copy): the K/V store and the kernels read them strided
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
