@@ -72,13 +72,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="best of N interleaved runs of each side")
     p.add_argument("--profile", action="store_true", help="also print the engine's top functions (cProfile)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu"],
-                   help="torch: gather + SDPA for decode rows too (the pure-torch reference)")
+                   help="torch: gather + SDPA for every row instead of the compiled paged kernel")
+    p.add_argument("--layer-ops", default="auto", choices=["auto", "torch"],
+                   help="torch: the HF-exact torch ops instead of the compiled RMSNorm / rope / SiLU ops")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
 
     path = build_tiny_llama()
     llm = LLM(path, device="cpu", dtype="float32", max_running_requests=NUM_PROMPTS, page_size=16,
-              attention_backend=args.attention_backend)
+              attention_backend=args.attention_backend, layer_ops=args.layer_ops)
     vocab = llm.scheduler.vocab_size
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     pad = hf.generation_config.pad_token_id or 0
@@ -98,6 +100,7 @@ def main() -> None:
                            "model": "random llama, 4 layers, hidden 128", "dtype": "float32"},
               "torch_threads": torch.get_num_threads(),
               "attention": "compiled paged kernel" if llm.scheduler.engine.attn.kernel else "gather + SDPA",
+              "layer_ops": llm.scheduler.engine.model.ops.name,
               "engine": {"seconds": engine_s, "output_tok_per_s": tokens / engine_s,
                          "ms_per_step": 1000 * engine_s / steps},
               "transformers": {"seconds": hf_s, "output_tok_per_s": tokens / hf_s,
