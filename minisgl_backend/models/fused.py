@@ -169,7 +169,7 @@ def select_ops(device: torch.device | str, dtype: torch.dtype, name: str = "auto
         return FlashInferOps()
     if torch.device(device).type == "cuda":
         logger.warning("decoder layers use unfused torch ops: %s", reason)
-    elif dtype == torch.float32:
+    elif torch.device(device).type == "cpu" and dtype == torch.float32:
         from minisgl_backend.cpu import cpu_library
         from minisgl_backend.models.cpu_ops import CpuOps
 
