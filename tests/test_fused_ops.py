@@ -24,6 +24,13 @@ def test_cpu_gets_the_compiled_ops_in_float32_else_torch_and_never_imports_flash
     assert "flashinfer" not in sys.modules
 
 
+def test_cpu_without_the_compiled_library_gets_the_torch_ops(monkeypatch):
+    import minisgl_backend.cpu
+
+    monkeypatch.setattr(minisgl_backend.cpu, "cpu_library", lambda: None)  # e.g. no C compiler
+    assert isinstance(select_ops("cpu", torch.float32), TorchOps)
+
+
 def test_cuda_without_flashinfer_or_in_float32_falls_back_to_torch(monkeypatch):
     monkeypatch.setattr(fused, "flashinfer_installed", lambda: False)
     assert fused.fused_ops_unsupported_reason("cuda", torch.bfloat16) == "flashinfer is not installed"

@@ -37,7 +37,7 @@ def cpu_library() -> ctypes.CDLL | None:
         return ctypes.CDLL(str(build()))
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
         logger.warning("compiled CPU kernels unavailable, the CPU path falls back to torch ops "
-                       "(gather + SDPA for decode attention): %s", exc)
+                       "(gather + SDPA for attention, unfused RMSNorm / rope / SiLU): %s", exc)
         return None
 
 
