@@ -97,7 +97,7 @@ class TorchAttentionBackend:
         return _KernelGroup(layout.rows[idx], layout.seq_lens[idx], q_starts, layout.extend_lens[idx], max_len,
                             torch.from_numpy(tokens).to(device))
 
-    def _plan(self, layout: BatchLayout, members: list[int], starts: list[int]) -> _Group | _KernelGroup:
+    def _plan(self, layout: BatchLayout, members: list[int], starts: list[int]) -> _Group:
         device = self.page_table.device
         whole = len(members) == len(layout.extend_lens_cpu)  # the group is the batch: no row gather
         idx = None if whole else torch.tensor(members, dtype=torch.int64, device=device)

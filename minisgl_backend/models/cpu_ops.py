@@ -63,7 +63,7 @@ class CpuOps:
         tokens, heads, x_st, x_sh = _as_heads(x)
         _, _, o_st, o_sh = _as_heads(out)
         self._rms_norm_f32(x.data_ptr(), tokens, heads, x_st, x_sh, out.data_ptr(), o_st, o_sh,
-                                 x.shape[-1], weight.data_ptr(), eps)
+                           x.shape[-1], weight.data_ptr(), eps)
         return out
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -72,7 +72,7 @@ class CpuOps:
         if not (_fits(x, weight) and _fits(residual)) or x.dim() != 2 or x.shape != residual.shape:
             return self._torch.add_rms_norm(x, residual, weight, eps)
         self._add_rms_norm_f32(x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0),
-                                     x.shape[0], x.shape[1], weight.data_ptr(), eps)
+                               x.shape[0], x.shape[1], weight.data_ptr(), eps)
         return x, residual
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +92,6 @@ class CpuOps:
             raise ValueError(f"rope takes float32 [T, H, D] q / k with unit inner stride, got "
                              f"{q.dtype} {tuple(q.stride())} / {k.dtype} {tuple(k.stride())}")
         self._rope_neox_f32(q.data_ptr(), q.stride(0), q.stride(1), q.shape[1],
-                                  k.data_ptr(), k.stride(0), k.stride(1), k.shape[1],
-                                  positions.data_ptr(), q.shape[0], cos_sin.data_ptr(), q.shape[2])
+                            k.data_ptr(), k.stride(0), k.stride(1), k.shape[1],
+                            positions.data_ptr(), q.shape[0], cos_sin.data_ptr(), q.shape[2])
         return q, k
