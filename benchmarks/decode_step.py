@@ -4,6 +4,12 @@ A decode step must read every weight once and the K/V of every request in the ba
 is (weight bytes + KV bytes read) / measured copy bandwidth of the device; the report gives each
 batch size's step time and the floor as a fraction of it (1.0 = at the bandwidth limit).
 
+`step_ms` is one step alone: launched, then waited for (host and device time in series).
+`loop_step_ms` is a step as the scheduler's loop runs them back to back, with nothing waiting
+but the loop itself: from one decode launch to the next, in a second run of the same batch (with
+the overlap loop, the host prepares a step while the device runs the one before; on the CPU the
+two are the same). `fraction_of_floor` uses `step_ms`, `loop_fraction_of_floor` `loop_step_ms`.
+
 Next to it: `host_ms`, the CPU time of `Engine.forward` until it returns (metadata, planning,
 graph launch, sampling launches; on CUDA the GPU is still running then), and `kernels_per_layer`
 / `kernels_per_step` from a torch profile of one decode step. On CUDA these count CUDA kernels
@@ -208,15 +214,42 @@ class DecodeProbe:
                 "kernel_unit": "cuda kernels" if self.cuda else "aten ops doing work (CPU proxy)"}
 
 
-def measure(llm: LLM, batch_size: int, context: int, steps: int, cuda: bool, trace_dir: str = "") -> dict:
+class LoopProbe:
+    """Wraps `engine.forward` without waiting on anything: the time from one decode step's launch
+    to the next is a step as the scheduler's loop runs them (with overlap, the host prepares step
+    N+1 while the device runs step N)."""
+
+    def __init__(self, engine, batch_size: int) -> None:
+        self.engine, self.batch_size = engine, batch_size
+        self.real_forward = engine.forward
+        self.launches: list[float] = []
+
+    def __call__(self, batch):
+        if batch.is_decode and batch.size == self.batch_size:
+            self.launches.append(time.perf_counter())
+        return self.real_forward(batch)
+
+    def step_s(self) -> float:
+        gaps = [b - a for a, b in zip(self.launches, self.launches[1:])]
+        return statistics.median(gaps[2:] or gaps) if gaps else float("nan")
+
+
+def _generate_with(llm: LLM, probe, batch_size: int, context: int, steps: int) -> None:
     engine = llm.scheduler.engine
-    probe = DecodeProbe(engine, batch_size, cuda)
     engine.forward = probe
     try:
         prompts = [[3 + (i * 7 + j) % 200 for j in range(context)] for i in range(batch_size)]
         llm.generate(prompts, SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True))
     finally:
         engine.forward = probe.real_forward
+
+
+def measure(llm: LLM, batch_size: int, context: int, steps: int, cuda: bool, trace_dir: str = "") -> dict:
+    engine = llm.scheduler.engine
+    probe = DecodeProbe(engine, batch_size, cuda)
+    _generate_with(llm, probe, batch_size, context, steps)
+    loop = LoopProbe(engine, batch_size)
+    _generate_with(llm, loop, batch_size, context, steps)
     # the first steps warm up allocator and caches
     step = statistics.median(probe.step_s[2:] or probe.step_s)
     host = statistics.median(probe.host_s[2:] or probe.host_s)
@@ -224,7 +257,8 @@ def measure(llm: LLM, batch_size: int, context: int, steps: int, cuda: bool, tra
     kv_per_token = KVCache.bytes_per_token(engine.model.num_layers, engine.model.num_kv_heads_per_rank,
                                            engine.model.head_dim, engine.dtype)
     kv_bytes = batch_size * (context + steps // 2) * kv_per_token
-    row = {"batch_size": batch_size, "context": context, "step_ms": 1000 * step, "host_ms": 1000 * host,
+    row = {"batch_size": batch_size, "context": context, "step_ms": 1000 * step,
+           "loop_step_ms": 1000 * loop.step_s(), "host_ms": 1000 * host,
            "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}
     row.update(probe.kernels())
     _print_profile_tables(probe, batch_size, cuda)
@@ -258,6 +292,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--trace-dir", default="", help="write each batch size's profiled step as a chrome trace here")
+    p.add_argument("--settings", nargs="*", default=[], help="engine settings as key=value, e.g. "
+                   "fuse_attention_prologue=false enable_overlap=false")
     args = p.parse_args()
     model = args.model or build_model(args.shape)
     max_bs = max(args.batch_sizes)
@@ -266,18 +302,21 @@ def main() -> None:
               max_total_tokens=max_bs * (args.context + args.steps + 16), enable_prefix_cache=False,
               # every prompt prefilled before the first decode step: each measured step decodes
               # the whole batch (mixed steps would finish early requests before the last joins)
-              enable_mixed_batches=False, max_prefill_steps_in_a_row=1 << 20)
+              enable_mixed_batches=False, max_prefill_steps_in_a_row=1 << 20,
+              **dict(kv.split("=", 1) for kv in args.settings))
     bandwidth = copy_bandwidth(args.device)
     rows = []
     for bs in args.batch_sizes:
         row = measure(llm, bs, args.context, args.steps, cuda, args.trace_dir)
         floor_s = (row["weight_bytes"] + row["kv_bytes"]) / bandwidth
         row.update(floor_ms=1000 * floor_s, fraction_of_floor=floor_s / (row["step_ms"] / 1000),
-                   tokens_per_s=bs / (row["step_ms"] / 1000))
+                   loop_fraction_of_floor=floor_s / (row["loop_step_ms"] / 1000),
+                   tokens_per_s=bs / (row["step_ms"] / 1000), loop_tokens_per_s=bs / (row["loop_step_ms"] / 1000))
         rows.append(row)
     engine = llm.scheduler.engine
     print(json.dumps({"model": args.model or f"random:{args.shape}", "device": args.device, "dtype": args.dtype,
-                      "layer_ops": engine.model.ops.name, "attention": type(engine.attn).__name__,
+                      "layer_ops": engine.model.ops.name, "fused_prologue": engine.model.ops.fused_prologue,
+                      "attention": type(engine.attn).__name__, "settings": args.settings,
                       "cuda_graph": engine.graph_runner is not None, "num_layers": engine.model.num_layers,
                       "copy_bandwidth_gb_s": bandwidth / 1e9, "results": rows}, indent=2))
 

@@ -142,6 +142,9 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"  # auto | torch | cpu | flashinfer
     layer_ops: str = "auto"  # auto (fused: flashinfer on CUDA, compiled C on a float32 CPU) | torch
+    # with layer_ops auto: each layer's q/k norm, rope and K/V store in one kernel (Triton on
+    # CUDA, compiled C on the CPU); false runs them as separate kernels
+    fuse_attention_prologue: bool = True
 
     def validate(self) -> "EngineConfig":
         for section in (self.model, self.cache, self.scheduler, self.parallel, self.graph, self.frontend,

@@ -8,7 +8,8 @@
 # Installs the bundled wheels and flashinfer into a scratch site dir, unpacks tritonserver, then
 # runs the gpu tests and every GPU benchmark, one process each, within a total of 8 minutes
 # (each stage gets what is left of the budget, capped by its own limit). Everything lands in
-# RESULTS_DIR: gpu_tests.log, decode_step.json, engine.json, engine_normal.json,
+# RESULTS_DIR: gpu_tests.log, decode_step.json, decode_step_unfused.json (the attention prologue
+# as separate kernels), engine.json, engine_normal.json,
 # scheduler_cpu.json, hf.json, serving.json, summary.json (one line per stage: rc, seconds),
 # traces/ (chrome traces of the profiled decode steps), and
 # each stage's stderr log.
@@ -87,6 +88,9 @@ stage build 60 "$R/build.json" "$PY" benchmarks/gpu_drive.py build "$MODEL"
 stage decode_step 90 "$R/decode_step.json" \
   "$PY" benchmarks/decode_step.py --model "$MODEL" --device cuda --dtype bfloat16 --trace-dir "$R/traces"
 stage engine 75 "$R/engine.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL"
+# the A/B of the fused attention prologue (Triton): the same decode steps with separate kernels
+stage decode_step_unfused 60 "$R/decode_step_unfused.json" "$PY" benchmarks/decode_step.py --model "$MODEL" \
+  --device cuda --dtype bfloat16 --batch-sizes 1 64 256 --settings fuse_attention_prologue=false
 if ls "$LIBPY"/libpython3.12.so* > /dev/null 2>&1; then
   stage serving 180 "$R/serving.json" "$PY" benchmarks/triton_latency.py --model "$MODEL" \
     --concurrency 1 16 64 256 --output-len 64 --settings device=cuda dtype=bfloat16

@@ -39,6 +39,13 @@ class AttentionBackend(Protocol):
         request's whole sequence (cached prefix + new tokens) through the page table.
         """
 
+    def kv_target(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k pool, v pool [slots, Hkv, D], slots [T]): where `forward` would store the new tokens'
+        K/V; a caller that stores them itself (a fused kernel) then calls `attend`."""
+
+    def attend(self, q: torch.Tensor, layer_id: int) -> torch.Tensor:
+        """`forward` without the store: the new tokens' K/V are already in the pool."""
+
 
 @dataclass
 class ForwardBatch:

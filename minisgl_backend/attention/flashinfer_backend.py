@@ -279,6 +279,14 @@ class FlashInferBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         assert self._wrapper is not None and self._out_loc is not None, "prepare() must run before forward()"
         self.kv_cache.store(layer_id, self._out_loc, k, v)
+        return self.attend(q, layer_id)
+
+    def kv_target(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self._out_loc is not None, "prepare() must run before kv_target()"
+        return self.kv_cache.k[layer_id], self.kv_cache.v[layer_id], self._out_loc
+
+    def attend(self, q: torch.Tensor, layer_id: int) -> torch.Tensor:
+        assert self._wrapper is not None, "prepare() must run before attend()"
         out = self._wrapper.run(q.contiguous(), self._paged_kv(layer_id))
         return out.reshape(q.shape[0], self.num_qo_heads * self.head_dim)
 

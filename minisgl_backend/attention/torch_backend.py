@@ -131,12 +131,20 @@ class TorchAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         assert self._layout is not None, "prepare() must run before forward()"
         self._store(layer_id, k, v)
+        return self.attend(q, layer_id)
+
+    def kv_target(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self._layout is not None, "prepare() must run before kv_target()"
+        return self.kv_cache.k[layer_id], self.kv_cache.v[layer_id], self._layout.out_loc
+
+    def attend(self, q: torch.Tensor, layer_id: int) -> torch.Tensor:
         num_tokens, num_heads, head_dim = q.shape
+        num_kv_heads = self.kv_cache.k[layer_id].shape[1]
         if len(self._groups) == 1:  # one group holds every token, in batch order
-            return self._attend(self._groups[0], q, layer_id, k.shape[1]).reshape(num_tokens, num_heads * head_dim)
+            return self._attend(self._groups[0], q, layer_id, num_kv_heads).reshape(num_tokens, num_heads * head_dim)
         out = q.new_empty(num_tokens, num_heads, head_dim)
         for g in self._groups:
-            out[g.token_index] = self._attend(g, q[g.token_index], layer_id, k.shape[1])
+            out[g.token_index] = self._attend(g, q[g.token_index], layer_id, num_kv_heads)
         return out.reshape(num_tokens, num_heads * head_dim)
 
     def _store(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -50,7 +50,8 @@ class Engine:
         if self.device.type == "cpu":
             keep_freed_memory()  # the step's temporaries are not page-faulted in again every step
         torch.manual_seed(config.seed)
-        self.model = load_model(config.model.model_path, self.dtype, self.device, config.layer_ops)
+        self.model = load_model(config.model.model_path, self.dtype, self.device, config.layer_ops,
+                                config.fuse_attention_prologue)
         self.arch = self.model.arch
         self.vocab_size = self.arch.vocab_size
         self.eos_ids = list(self.arch.eos_token_ids)

@@ -21,6 +21,7 @@ _SIGNATURES = {
     "add_rms_norm_f32": [_P, _I, _P, _I, _I, _I, _P, _F],
     "rope_neox_f32": [_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _P, _I],
     "silu_and_mul_f32": [_P, _I, _I, _I, _P],
+    "attention_prologue_f32": [_P, _I, _I, _P, _I, _P, _I, _I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _P, _P],
 }
 
 
@@ -41,7 +42,8 @@ class CpuOps:
     name = "cpu"
     needs_cos_sin_cache = True  # [max_positions, head_dim] float32: cos half, then sin half
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    def __init__(self, library: ctypes.CDLL, fuse_prologue: bool = True) -> None:
+        self.fused_prologue = fuse_prologue
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(library, name)
             fn.argtypes, fn.restype = argtypes, None
@@ -95,3 +97,28 @@ class CpuOps:
                             k.data_ptr(), k.stride(0), k.stride(1), k.shape[1],
                             positions.data_ptr(), q.shape[0], cos_sin.data_ptr(), q.shape[2])
         return q, k
+
+    def attention_prologue(self, q, k, v, q_weight, k_weight, eps, rope, k_pool, v_pool, slots):
+        positions, cos_sin = rope
+        if not (self.fused_prologue and _heads_side_by_side(q, k, v, k_pool, v_pool) and _fits(cos_sin)
+                and slots.dtype == torch.int64 and slots.is_contiguous()
+                and (q_weight is None or (_fits(q_weight) and _fits(k_weight)))):
+            return None
+        tokens, q_heads, dim = q.shape
+        q_out = torch.empty(q.shape, dtype=q.dtype)
+        no_weight = None
+        self._attention_prologue_f32(
+            q.data_ptr(), q.stride(0), q_heads, k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+            k.shape[1], tokens, dim, no_weight if q_weight is None else q_weight.data_ptr(),
+            no_weight if k_weight is None else k_weight.data_ptr(), eps, positions.data_ptr(),
+            cos_sin.data_ptr(), q_out.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), slots.data_ptr())
+        return q_out
+
+
+def _heads_side_by_side(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
+                        v_pool: torch.Tensor) -> bool:
+    """float32 [T, H, D] views whose heads follow each other (the qkv output's q / k / v), and a
+    contiguous pools [slots, Hkv, D]."""
+    dim = q.shape[-1]
+    return (all(_fits(x) and x.dim() == 3 and x.stride(1) == dim for x in (q, k, v))
+            and all(_fits(p) and p.is_contiguous() for p in (k_pool, v_pool)))

@@ -16,6 +16,10 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from minisgl_backend.models.attention_prologue import attention_prologue as fused_attention_prologue
+from minisgl_backend.models.attention_prologue import triton_installed
+from minisgl_backend.models.attention_prologue import unsupported_reason as prologue_unsupported_reason
+
 logger = logging.getLogger(__name__)
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -44,12 +48,23 @@ class LayerOps(Protocol):
     def apply_rope(self, q: torch.Tensor, k: torch.Tensor, rope: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Neox rope on q [T, Hq, D] and k [T, Hkv, D]; may rotate them in place."""
 
+    def attention_prologue(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
+                           k_weight: torch.Tensor | None, eps: float, rope: Any, k_pool: torch.Tensor,
+                           v_pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+        """Per-head RMSNorm of q and k (when weights are given), rope, and k / v written to the
+        pools [slots, Hkv, D] at `slots`, in one kernel: returns q (contiguous), or None where
+        these ops have no such kernel for these tensors (the caller then runs the steps apart)."""
+
 
 class TorchOps:
     """Plain torch, op for op as transformers computes it (float32 statistics, cast back)."""
 
     name = "torch"
     needs_cos_sin_cache = False
+    fused_prologue = False
+
+    def attention_prologue(self, *args: Any) -> None:
+        return None  # the reference runs norm, rope and store one by one
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         dtype = x.dtype
@@ -106,17 +121,22 @@ def _joint_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
 
 
 class FlashInferOps:
-    """flashinfer's norm / rope / activation kernels (CUDA, fp16 / bf16)."""
+    """flashinfer's norm / rope / activation kernels (CUDA, fp16 / bf16), and with
+    `fuse_prologue` (where triton is installed) the attention prologue in one Triton kernel
+    (`attention_prologue.py`)."""
 
     name = "flashinfer"
     needs_cos_sin_cache = True  # [max_positions, head_dim] float32: cos half, then sin half
 
-    def __init__(self) -> None:
+    def __init__(self, fuse_prologue: bool = True) -> None:
         import flashinfer.activation
         import flashinfer.norm
         import flashinfer.rope
 
         self._norm, self._rope, self._act = flashinfer.norm, flashinfer.rope, flashinfer.activation
+        self.fused_prologue = fuse_prologue and triton_installed()
+        if fuse_prologue and not self.fused_prologue:
+            logger.warning("the attention prologue runs as separate kernels: triton is not installed")
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self._norm.rmsnorm(x, weight, eps)
@@ -143,6 +163,13 @@ class FlashInferOps:
             positions, q.flatten(-2), k.flatten(-2), q.shape[-1], cos_sin_cache, is_neox=True)
         return q, k
 
+    def attention_prologue(self, q, k, v, q_weight, k_weight, eps, rope, k_pool, v_pool, slots):
+        if not self.fused_prologue or prologue_unsupported_reason(q, k, v, k_pool) is not None:
+            return None
+        positions, cos_sin_cache = rope
+        return fused_attention_prologue(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache,
+                                        k_pool, v_pool, slots)
+
 
 def flashinfer_installed() -> bool:
     return importlib.util.find_spec("flashinfer") is not None
@@ -159,14 +186,17 @@ def fused_ops_unsupported_reason(device: torch.device | str, dtype: torch.dtype)
     return None
 
 
-def select_ops(device: torch.device | str, dtype: torch.dtype, name: str = "auto") -> LayerOps:
+def select_ops(device: torch.device | str, dtype: torch.dtype, name: str = "auto",
+               fuse_prologue: bool = True) -> LayerOps:
     """`auto`: flashinfer's fused kernels on CUDA in half precision, the compiled C ops
-    (`cpu_ops.py`) on the CPU in float32, else the torch reference; `torch`: the reference."""
+    (`cpu_ops.py`) on the CPU in float32, else the torch reference; `torch`: the reference.
+    `fuse_prologue`: the attention prologue (q/k norm, rope, K/V store) in one kernel where the
+    chosen ops have one (Triton on CUDA, C on the CPU)."""
     if name == "torch":
         return TorchOps()
     reason = fused_ops_unsupported_reason(device, dtype)
     if reason is None:
-        return FlashInferOps()
+        return FlashInferOps(fuse_prologue)
     if torch.device(device).type == "cuda":
         logger.warning("decoder layers use unfused torch ops: %s", reason)
     elif torch.device(device).type == "cpu" and dtype == torch.float32:
@@ -175,5 +205,5 @@ def select_ops(device: torch.device | str, dtype: torch.dtype, name: str = "auto
 
         library = cpu_library()
         if library is not None:
-            return CpuOps(library)
+            return CpuOps(library, fuse_prologue)
     return TorchOps()

@@ -43,6 +43,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, ops)
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, ops)
         self.qk_norm = arch.qk_norm
+        self.ops = ops
 
     def forward(self, x: torch.Tensor, rope: object, fwd: ForwardBatch) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -51,12 +52,28 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.ops.fused_prologue:
+            fused_q = self._fused_prologue(q, k, v, rope, fwd)
+            if fused_q is not None:
+                return self.o_proj(fwd.attn.attend(fused_q, self.layer_id))
         if self.qk_norm:  # per-head RMSNorm: the same op over [T, H, D]
             # q gets its own (contiguous) tensor; k is normed in place, so it stays beside v and
             # the K/V store is one write
             q, k = self.q_norm(q), self.k_norm.forward_over(k)
         q, k = self.rotary[0].apply(q, k, rope)
         return self.o_proj(fwd.attn.forward(q, k, v, self.layer_id))
+
+
+    def _fused_prologue(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: object,
+                        fwd: ForwardBatch) -> torch.Tensor | None:
+        """q/k norm, rope and the K/V store in one kernel; None where the ops or the backend
+        cannot (the steps then run one by one)."""
+        kv_target = getattr(fwd.attn, "kv_target", None)
+        if kv_target is None:
+            return None
+        k_pool, v_pool, slots = kv_target(self.layer_id)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
+        return self.ops.attention_prologue(q, k, v, *norms, rope, k_pool, v_pool, slots)
 
 
 class LlamaMLP(nn.Module):

@@ -87,3 +87,42 @@ void silu_and_mul_f32(const float *x, int64_t x_st, int64_t tokens, int64_t d, f
             o[i] = g[i] / (1.f + expf(fminf(-g[i], 80.f))) * u[i];
     }
 }
+
+/* One head row of the attention prologue: optional RMSNorm (w != NULL), then neox rope, src -> dst. */
+static inline void prologue_row(const float *src, float *dst, const float *w, float eps,
+                                const float *c, const float *s, int64_t dim)
+{
+    const int64_t half = dim / 2;
+    const float r = w != 0 ? inv_rms(src, dim, eps) : 1.f;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+        const float x1 = w != 0 ? src[i] * r * w[i] : src[i];
+        const float x2 = w != 0 ? src[i + half] * r * w[i + half] : src[i + half];
+        dst[i] = x1 * c[i] - x2 * s[i];
+        dst[i + half] = x2 * c[i] + x1 * s[i];
+    }
+}
+
+/* The attention prologue of a layer in one call: q [T, Hq, D] -> q_out (contiguous), normed with
+ * q_w (when not NULL) and rotated; k [T, Hkv, D] normed with k_w and rotated, and v, written to
+ * k_pool / v_pool [slots, Hkv, D] at slots[t]. Heads of a token sit side by side (stride D). */
+void attention_prologue_f32(const float *q, int64_t q_st, int64_t q_heads,
+                            const float *k, int64_t k_st, const float *v, int64_t v_st, int64_t kv_heads,
+                            int64_t tokens, int64_t dim, const float *q_w, const float *k_w, float eps,
+                            const int64_t *positions, const float *cos_sin,
+                            float *q_out, float *k_pool, float *v_pool, const int64_t *slots)
+{
+    const int64_t half = dim / 2;
+#pragma omp parallel for schedule(static) if (tokens * (q_heads + kv_heads) * dim >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t t = 0; t < tokens; ++t) {
+        const float *c = cos_sin + positions[t] * dim, *s = c + half;
+        for (int64_t h = 0; h < q_heads; ++h)
+            prologue_row(q + t * q_st + h * dim, q_out + (t * q_heads + h) * dim, q_w, eps, c, s, dim);
+        float *kd = k_pool + slots[t] * kv_heads * dim, *vd = v_pool + slots[t] * kv_heads * dim;
+        for (int64_t h = 0; h < kv_heads; ++h)
+            prologue_row(k + t * k_st + h * dim, kd + h * dim, k_w, eps, c, s, dim);
+        const float *vs = v + t * v_st;
+#pragma omp simd
+        for (int64_t i = 0; i < kv_heads * dim; ++i) vd[i] = vs[i];
+    }
+}

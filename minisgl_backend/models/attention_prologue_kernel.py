@@ -1,0 +1,44 @@
+"""The Triton kernel behind `attention_prologue.py` (imported only where triton is installed).
+
+One program per (token, head): heads [0, NUM_Q_HEADS) are q's, written to the contiguous q_out;
+the others are k's, written with v's head of the same index to the pools at the token's slot.
+Left undecorated: `attention_prologue.prologue_kernel()` jits it, or wraps it for the interpreter.
+"""
+
+import triton.language as tl
+
+
+def attention_prologue_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride,
+                              q_weight_ptr, k_weight_ptr, eps, positions_ptr, cos_sin_ptr,
+                              q_out_ptr, k_pool_ptr, v_pool_ptr, slots_ptr,
+                              NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, HALF)
+    if h < NUM_Q_HEADS:
+        src = q_ptr + t * q_stride + h * HEAD_DIM
+        weight = q_weight_ptr
+        dst = q_out_ptr + (t * NUM_Q_HEADS + h) * HEAD_DIM
+    else:
+        kv_head = h - NUM_Q_HEADS
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        src = k_ptr + t * k_stride + kv_head * HEAD_DIM
+        weight = k_weight_ptr
+        dst = k_pool_ptr + (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM
+        full = tl.arange(0, HEAD_DIM)
+        v_row = tl.load(v_ptr + t * v_stride + kv_head * HEAD_DIM + full)
+        tl.store(v_pool_ptr + (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM + full, v_row)
+    x1 = tl.load(src + d).to(tl.float32)
+    x2 = tl.load(src + HALF + d).to(tl.float32)
+    out_type = q_out_ptr.dtype.element_ty
+    if HAS_NORM:
+        inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM + eps)
+        x1 = (x1 * inv_rms * tl.load(weight + d).to(tl.float32)).to(out_type).to(tl.float32)
+        x2 = (x2 * inv_rms * tl.load(weight + HALF + d).to(tl.float32)).to(out_type).to(tl.float32)
+    pos = tl.load(positions_ptr + t).to(tl.int64)
+    cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + d)
+    sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + HALF + d)
+    tl.store(dst + d, (x1 * cos - x2 * sin).to(out_type))
+    tl.store(dst + HALF + d, (x2 * cos + x1 * sin).to(out_type))
