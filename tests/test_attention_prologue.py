@@ -161,3 +161,27 @@ def test_triton_kernel_in_the_interpreter_equals_the_separate_steps():
                           text=True, env=env, timeout=300, cwd=os.path.dirname(tests))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "interpreted kernel ok" in done.stdout
+
+
+@pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qwen3_norms", "llama_no_norm"])
+def test_triton_kernel_compiles_for_hopper_without_a_gpu(qk_norm):
+    """The compiled path (not the interpreter): Triton lowers the kernel to a cubin for sm_90 with
+    its bundled ptxas, as it will at the first launch on an H100 / H200."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from minisgl_backend.models.attention_prologue import prologue_kernel
+
+    ptr = lambda t: f"*{t}"  # noqa: E731
+    signature = {"q_ptr": ptr("bf16"), "k_ptr": ptr("bf16"), "v_ptr": ptr("bf16"), "q_stride": "i32",
+                 "k_stride": "i32", "v_stride": "i32", "q_weight_ptr": ptr("bf16"), "k_weight_ptr": ptr("bf16"),
+                 "eps": "fp32", "positions_ptr": ptr("i64"), "cos_sin_ptr": ptr("fp32"), "q_out_ptr": ptr("bf16"),
+                 "k_pool_ptr": ptr("bf16"), "v_pool_ptr": ptr("bf16"), "slots_ptr": ptr("i64")}
+    constants = {"NUM_Q_HEADS": 16, "NUM_KV_HEADS": 8, "HEAD_DIM": 128, "HALF": 64, "HAS_NORM": qk_norm}
+    signature.update({name: "constexpr" for name in constants})
+    compiled = triton.compile(ASTSource(fn=prologue_kernel(), signature=signature, constexprs=constants),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    assert len(compiled.asm["cubin"]) > 1000
+    assert compiled.asm["ptx"].count("st.global") >= 4  # q or k (two halves) and v

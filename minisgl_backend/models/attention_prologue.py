@@ -76,6 +76,7 @@ def attention_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weig
         q, k, v, q.stride(0), k.stride(0), v.stride(0),
         q_weight if has_norm else q, k_weight if has_norm else q, float(eps), positions, cos_sin_cache,
         q_out, k_pool, v_pool, slots,
-        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HAS_NORM=has_norm,
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2,
+        HAS_NORM=has_norm,
         num_warps=1)
     return q_out

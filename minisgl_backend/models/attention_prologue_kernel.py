@@ -12,8 +12,7 @@ def attention_prologue_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride,
                               q_weight_ptr, k_weight_ptr, eps, positions_ptr, cos_sin_ptr,
                               q_out_ptr, k_pool_ptr, v_pool_ptr, slots_ptr,
                               NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                              HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
-    HALF: tl.constexpr = HEAD_DIM // 2
+                              HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     d = tl.arange(0, HALF)
