@@ -88,8 +88,9 @@ def run_concurrency(url: str, concurrency: int, per_client: int, output_len: int
     pct = lambda xs, q: 1000 * statistics.quantiles(xs, n=100)[q - 1] if len(xs) > 1 else 1000 * xs[0]  # noqa: E731
     return {"concurrency": concurrency, "requests": len(records),
             "errors": sum(len(r["errors"]) for r in records),
-            "ttft_ms": {"p50": pct(ttft, 50), "p90": pct(ttft, 90)},
-            "itl_ms": {"p50": pct(itl, 50), "p90": pct(itl, 90), "mean": 1000 * statistics.mean(itl)},
+            "ttft_ms": {"p50": pct(ttft, 50), "p90": pct(ttft, 90), "p99": pct(ttft, 99)},
+            "itl_ms": {"p50": pct(itl, 50), "p90": pct(itl, 90), "p99": pct(itl, 99),
+                       "mean": 1000 * statistics.mean(itl)},
             "e2e_ms": {"p50": pct(e2e, 50), "p90": pct(e2e, 90)},
             "output_tok_per_s": concurrency * per_client * output_len / elapsed, "seconds": elapsed}
 

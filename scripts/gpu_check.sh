@@ -11,6 +11,7 @@
 # RESULTS_DIR: gpu_tests.log, decode_step.json, decode_step_unfused.json (the attention prologue
 # as separate kernels), engine.json, engine_normal.json,
 # scheduler_cpu.json, hf.json, serving.json, summary.json (one line per stage: rc, seconds),
+# report.json (benchmarks/gpu_report.py: every target next to what was measured),
 # traces/ (chrome traces of the profiled decode steps), and
 # each stage's stderr log.
 set -u
@@ -104,3 +105,5 @@ stage engine_normal 60 "$R/engine_normal.json" "$PY" benchmarks/gpu_drive.py eng
 stage scheduler_cpu 60 "$R/scheduler_cpu.json" "$PY" benchmarks/gpu_drive.py scheduler_cpu "$MODEL"
 echo "=== done at +$(( $(date +%s) - T0 ))s; results in $R"
 cat "$R/summary.json"
+# the targets of the GPU issue next to what this run measured
+"$PY" benchmarks/gpu_report.py "$R" > "$R/report.json" && cat "$R/report.json"

@@ -1,0 +1,113 @@
+"""The numbers of one `gpu-check.sh` run next to the GPU issue's targets, as one JSON document.
+
+Reads what the stages wrote into RESULTS_DIR (decode_step.json, decode_step_unfused.json,
+engine.json, engine_normal.json, hf.json, serving.json; a missing or failed stage leaves its
+rows out) and prints, per target, the measured value and whether it is met, then the decode
+steps per batch size (with the fused attention prologue against separate kernels) and the
+serving latencies.
+
+    python benchmarks/gpu_report.py RESULTS_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+# (name, comparison, target): the GPU decode-step issue's targets on an H100 / H200
+TARGETS = [
+    ("decode_step_ms_bs1", "<=", 1.2),
+    ("decode_step_ms_bs256", "<=", 2.5),
+    ("fraction_of_floor_bs256", ">=", 0.4),
+    ("host_ms_bs64", "<=", 0.3),
+    ("kernels_per_layer", "<=", 12),
+    ("offline_output_tok_per_s", ">=", 40_000),
+    ("offline_vs_transformers", ">=", 35),
+]
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document in `path` (pretty-printed or one line), or None when absent or cut short."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def decode_rows(doc: Any) -> dict[int, dict]:
+    return {row["batch_size"]: row for row in (doc or {}).get("results", [])}
+
+
+def measured(results: Path) -> dict[str, float]:
+    """The value behind each target that this run measured."""
+    steps = decode_rows(read_json(results / "decode_step.json"))
+    values: dict[str, float] = {}
+    for bs, key in ((1, "decode_step_ms_bs1"), (256, "decode_step_ms_bs256")):
+        if bs in steps:
+            values[key] = steps[bs]["step_ms"]
+    if 256 in steps:
+        values["fraction_of_floor_bs256"] = steps[256]["fraction_of_floor"]
+    if 64 in steps:
+        values["host_ms_bs64"] = steps[64]["host_ms"]
+    if steps:
+        values["kernels_per_layer"] = max(row["kernels_per_layer"] for row in steps.values())
+    engine, hf = read_json(results / "engine.json"), read_json(results / "hf.json")
+    if engine:
+        values["offline_output_tok_per_s"] = engine["output_tok_per_s"]
+        if hf and hf.get("output_tok_per_s"):
+            values["offline_vs_transformers"] = engine["output_tok_per_s"] / hf["output_tok_per_s"]
+    return values
+
+
+def _met(value: float, comparison: str, target: float) -> bool:
+    return value <= target if comparison == "<=" else value >= target
+
+
+def decode_table(results: Path) -> list[dict]:
+    """Per batch size: the step alone and in the loop, host time, kernels per layer, and the same
+    step with the attention prologue as separate kernels (where that stage ran)."""
+    fused = decode_rows(read_json(results / "decode_step.json"))
+    unfused = decode_rows(read_json(results / "decode_step_unfused.json"))
+    table = []
+    for bs, row in sorted(fused.items()):
+        entry = {k: row.get(k) for k in ("batch_size", "step_ms", "loop_step_ms", "host_ms", "kernels_per_layer",
+                                         "kernels_per_step", "fraction_of_floor", "loop_fraction_of_floor")}
+        other = unfused.get(bs)
+        if other is not None:
+            entry["unfused_step_ms"] = other["step_ms"]
+            entry["unfused_loop_step_ms"] = other.get("loop_step_ms")
+            entry["unfused_kernels_per_layer"] = other["kernels_per_layer"]
+            entry["prologue_speedup"] = other["step_ms"] / row["step_ms"]
+        table.append(entry)
+    return table
+
+
+def serving_table(results: Path) -> list[dict]:
+    doc = read_json(results / "serving.json") or {}
+    keep = ("concurrency", "ttft_ms", "itl_ms", "output_tok_per_s", "ratio_server_vs_offline")
+    return [{k: row.get(k) for k in keep} for row in doc.get("results", [])]
+
+
+def report(results: Path) -> dict:
+    values = measured(results)
+    targets = [{"name": name, "target": f"{cmp} {target}", "measured": values.get(name),
+                "met": None if name not in values else _met(values[name], cmp, target)}
+               for name, cmp, target in TARGETS]
+    stages = []
+    summary = results / "summary.json"
+    if summary.exists():
+        stages = [json.loads(line) for line in summary.read_text().splitlines() if line.strip()]
+    return {"results": str(results), "stages": stages, "targets": targets,
+            "decode_steps": decode_table(results), "serving": serving_table(results)}
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    print(json.dumps(report(Path(sys.argv[1])), indent=2))
+
+
+if __name__ == "__main__":
+    main()

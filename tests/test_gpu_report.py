@@ -1,0 +1,43 @@
+"""benchmarks/gpu_report.py: a gpu-check results folder against the GPU issue's targets."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.gpu_report import report
+
+
+def _step(bs, step, host, kernels, fraction):
+    return {"batch_size": bs, "step_ms": step, "loop_step_ms": step * 0.8, "host_ms": host,
+            "kernels_per_layer": kernels, "kernels_per_step": 300, "fraction_of_floor": fraction,
+            "loop_fraction_of_floor": fraction / 0.8}
+
+
+def test_targets_are_read_from_the_stage_outputs(tmp_path):
+    decode = {"results": [_step(1, 1.1, 0.5, 10, 0.3), _step(64, 2.0, 0.25, 10, 0.35), _step(256, 3.0, 0.9, 11, 0.45)]}
+    (tmp_path / "decode_step.json").write_text(json.dumps(decode, indent=2))
+    unfused = {"results": [_step(1, 1.5, 0.6, 13, 0.2), _step(256, 3.3, 1.0, 14, 0.4)]}
+    (tmp_path / "decode_step_unfused.json").write_text(json.dumps(unfused))
+    (tmp_path / "engine.json").write_text(json.dumps({"stage": "engine", "output_tok_per_s": 30000.0}) + "\n")
+    (tmp_path / "hf.json").write_text(json.dumps({"stage": "hf", "output_tok_per_s": 1000.0}))
+    (tmp_path / "serving.json").write_text("{\"results\": [")  # the stage was killed mid-write
+    (tmp_path / "summary.json").write_text('{"stage": "gpu_tests", "rc": 0, "seconds": 80}\n')
+    out = report(tmp_path)
+    targets = {t["name"]: (t["measured"], t["met"]) for t in out["targets"]}
+    assert targets["decode_step_ms_bs1"] == (1.1, True)
+    assert targets["decode_step_ms_bs256"] == (3.0, False)
+    assert targets["fraction_of_floor_bs256"] == (0.45, True)
+    assert targets["host_ms_bs64"] == (0.25, True)
+    assert targets["kernels_per_layer"] == (11, True)  # the worst batch size counts
+    assert targets["offline_output_tok_per_s"] == (30000.0, False)
+    assert targets["offline_vs_transformers"] == (30.0, False)
+    rows = {r["batch_size"]: r for r in out["decode_steps"]}
+    assert abs(rows[1]["prologue_speedup"] - 1.5 / 1.1) < 1e-9 and rows[1]["unfused_kernels_per_layer"] == 13
+    assert "prologue_speedup" not in rows[64]  # that stage did not run bs 64
+    assert out["serving"] == [] and out["stages"][0]["stage"] == "gpu_tests"
+
+
+def test_an_empty_results_folder_reports_nothing_measured(tmp_path):
+    out = report(tmp_path)
+    assert all(t["measured"] is None and t["met"] is None for t in out["targets"])
+    assert out["decode_steps"] == [] and out["serving"] == []
