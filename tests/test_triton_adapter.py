@@ -414,3 +414,25 @@ def test_serving_cpu_threads_leave_a_core_to_the_serving_layer(monkeypatch, core
 
     monkeypatch.setattr(adapter.os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert adapter.serving_cpu_threads(tp) == threads
+
+
+def test_stub_calls_of_other_threads_let_a_waiting_execute_go_first():
+    """While execute() waits for the IPC lock, a sender's next stub call waits for it (at most
+    a few ms): a lock is not fair, and new requests would queue behind a stream of sends."""
+    from minisgl_backend.triton import adapter as adapter_module
+
+    adapter = TritonAdapter(FakePb)
+    started = time.monotonic()
+    assert adapter._stub_lock() is adapter._ipc and time.monotonic() - started < 0.004  # nobody waits
+    with adapter._ipc:  # a send in progress; an execute arrives and waits
+        waiter = threading.Thread(target=adapter.execute, args=([],))
+        waiter.start()
+        deadline = time.monotonic() + 2
+        while adapter._no_execute_waiting.is_set() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert not adapter._no_execute_waiting.is_set()
+        started = time.monotonic()
+        adapter._stub_lock()  # the next send steps aside, bounded
+        assert time.monotonic() - started >= 0.8 * adapter_module._EXECUTE_FIRST_MAX_S
+    waiter.join(2)
+    assert adapter._no_execute_waiting.is_set()  # execute got the lock and ran

@@ -2,10 +2,6 @@
 
 All calls into the stub go through the adapter's IPC lock (see adapter.py): the Python-backend
 stub crashes the server when metric updates race with responses sent from other threads.
-Every update is a round trip to tritonserver (~0.1 ms under load, ~25 us when several go in a
-row), so a request only records its values here; the adapter's watcher sends them in chunks
-every stats interval, and the rest goes out before the FINAL of the last request in flight.
-At 64 streams through tritonserver this took 32.6k -> 36.2k tok/s (three alternating pairs).
 
 Counters:   minisgl_prompt_tokens_total, minisgl_generation_tokens_total,
             minisgl_requests_total{finish_reason}, minisgl_cache_hit_tokens_total
