@@ -106,18 +106,17 @@ class CpuOps:
             return None
         tokens, q_heads, dim = q.shape
         q_out = torch.empty(q.shape, dtype=q.dtype)
-        no_weight = None
+        weights = (None, None) if q_weight is None else (q_weight.data_ptr(), k_weight.data_ptr())  # NULL: no norm
         self._attention_prologue_f32(
             q.data_ptr(), q.stride(0), q_heads, k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-            k.shape[1], tokens, dim, no_weight if q_weight is None else q_weight.data_ptr(),
-            no_weight if k_weight is None else k_weight.data_ptr(), eps, positions.data_ptr(),
-            cos_sin.data_ptr(), q_out.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), slots.data_ptr())
+            k.shape[1], tokens, dim, *weights, eps, positions.data_ptr(), cos_sin.data_ptr(),
+            q_out.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), slots.data_ptr())
         return q_out
 
 
 def _heads_side_by_side(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
                         v_pool: torch.Tensor) -> bool:
-    """float32 [T, H, D] views whose heads follow each other (the qkv output's q / k / v), and a
+    """float32 [T, H, D] views whose heads follow each other (the qkv output's q / k / v), and
     contiguous pools [slots, Hkv, D]."""
     dim = q.shape[-1]
     return (all(_fits(x) and x.dim() == 3 and x.stride(1) == dim for x in (q, k, v))

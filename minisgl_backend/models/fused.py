@@ -28,6 +28,7 @@ FUSED_DTYPES = (torch.float16, torch.bfloat16)
 class LayerOps(Protocol):
     name: str
     needs_cos_sin_cache: bool
+    fused_prologue: bool  # `attention_prologue` has a kernel (it may still decline some tensors)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm over the last dim of x ([T, D], or [T, H, D] for per-head q/k norm)."""

@@ -63,7 +63,6 @@ class LlamaAttention(nn.Module):
         q, k = self.rotary[0].apply(q, k, rope)
         return self.o_proj(fwd.attn.forward(q, k, v, self.layer_id))
 
-
     def _fused_prologue(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: object,
                         fwd: ForwardBatch) -> torch.Tensor | None:
         """q/k norm, rope and the K/V store in one kernel; None where the ops or the backend

@@ -33,6 +33,7 @@ driven by a fake in unit tests.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import logging
@@ -56,12 +57,12 @@ from minisgl_backend.triton.stub_check import stub_numpy_problem
 
 logger = logging.getLogger("minisgl.triton")
 
+# the longest a stub call from another thread waits for an execute() to get the IPC lock first
+_EXECUTE_FIRST_MAX_S = 0.005
 # histogram values sent per hold of the IPC lock by the watcher (each a round trip to tritonserver,
 # ~25 us when sent in a row): sends and execute() wait at most this long for it, and between
 # two chunks the watcher pauses (a lock is not fair: it would take it straight back)
 _FLUSH_CHUNK = 16
-# the longest a stub call from another thread waits for an execute() to get the IPC lock first
-_EXECUTE_FIRST_MAX_S = 0.005
 _FLUSH_PAUSE_S = 0.001
 
 DEFAULT_MODEL_SUBDIR = os.path.join("build", "models", "smollm2")
@@ -145,7 +146,7 @@ class TritonAdapter:
         self._sender_stop = threading.Event()
         self._sender: threading.Thread | None = None
         self._finalized = False
-        self._counters_flushed_at = 0.0
+        self._metrics_flushed_at = 0.0
         self.sender_nice = 0
         self.sender_pacing = 0.0
         self._urgent_news = threading.Event()  # a request's end was queued: the sender's pause ends
@@ -323,7 +324,7 @@ class TritonAdapter:
 
     def _reject(self, sender: Any, code: str, message: str, invalid: bool = True) -> None:
         if invalid and self.metrics is not None:
-            with self._stub_lock():
+            with self._ipc:  # execute()'s thread (it holds the lock already)
                 self.metrics.on_invalid()
         self._send_raw(sender, error_reply(code, message))
 
@@ -387,27 +388,18 @@ class TritonAdapter:
         with live.lock:
             if live.first_token_at is None and out.token_ids:
                 live.first_token_at = now
-                self._record("on_first_token", now - live.arrival, out.queue_time)
+                self._metric("on_first_token", now - live.arrival, out.queue_time, stub_call=False)
             replies = live.assembler.on_output(out)
             if out.finished:
                 self._forget(live)
                 reason = out.finish_reason or FinishReason.STOP
                 ttft = None if live.first_token_at is None else live.first_token_at - live.arrival
-                self._record("on_finish", reason, out.num_input_tokens, out.num_output_tokens, out.cached_tokens,
-                             now - live.arrival, ttft)
+                self._metric("on_finish", reason, out.num_input_tokens, out.num_output_tokens, out.cached_tokens,
+                             now - live.arrival, ttft, stub_call=False)
                 if not self._live:  # the last request in flight: everything out before its FINAL
                     self._metric("flush")
             for reply in replies:
                 self._send(live, reply)
-
-    def _record(self, method: str, *args: Any) -> None:
-        """A finished request's counters and histogram values, kept for `_flush_metrics`."""
-        if self.metrics is None:
-            return
-        try:
-            getattr(self.metrics, method)(*args)
-        except Exception:
-            logger.exception("metrics update %s failed", method)
 
     def _flush_metrics(self, now: float) -> None:
         """The watcher sends what finished requests recorded, every stats interval: each counter and
@@ -415,9 +407,9 @@ class TritonAdapter:
         first token, its FINAL). In chunks, each under the IPC lock and only while a request is in
         flight (a stub call is only safe then, see the module docstring); when the last request
         ends, `_on_output` sends the rest before its FINAL."""
-        if now - self._counters_flushed_at < self.stats_interval_s or self.metrics is None:
+        if now - self._metrics_flushed_at < self.stats_interval_s or self.metrics is None:
             return
-        self._counters_flushed_at = now
+        self._metrics_flushed_at = now
         for chunk in itertools.count():
             if chunk:
                 time.sleep(_FLUSH_PAUSE_S)  # a waiting send or execute() gets the lock first
@@ -433,11 +425,13 @@ class TritonAdapter:
             if not more:
                 return
 
-    def _metric(self, method: str, *args: Any) -> None:
+    def _metric(self, method: str, *args: Any, stub_call: bool = True) -> None:
+        """`EngineMetrics.<method>(*args)`; under the IPC lock unless it only records a request's
+        values (`stub_call=False`: on_first_token, on_finish), which `_flush_metrics` sends."""
         if self.metrics is None:
             return
         try:
-            with self._stub_lock():
+            with self._stub_lock() if stub_call else contextlib.nullcontext():
                 getattr(self.metrics, method)(*args)
         except Exception:
             logger.exception("metrics update %s failed", method)
