@@ -130,3 +130,34 @@ def test_torch_silu_and_mul_and_rope_reference():
     x1, x2 = q[1, :, :2], q[1, :, 2:]
     expected = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()), -1)
     torch.testing.assert_close(rq[1], expected)
+
+
+def _prologue_args():
+    qkv = torch.randn(3, (4 + 2 + 2) * 8, dtype=torch.bfloat16)
+    q, k, v = (t.view(3, -1, 8) for t in qkv.split_with_sizes([32, 16, 16], -1))
+    pool = torch.zeros(16, 2, 8, dtype=torch.bfloat16)
+    rope = (torch.arange(3), torch.zeros(16, 8))
+    return (q, k, v, None, None, 1e-6, rope, pool, pool.clone(), torch.arange(3))
+
+
+def test_prologue_kernel_failing_at_first_use_falls_back_to_separate_kernels(fake_flashinfer, monkeypatch):
+    """A Triton kernel that cannot compile on this GPU must not take the server down: the first
+    call's failure switches the layers to the separate kernels (logged); a later failure, after
+    the kernel ran once, is a bug and raises."""
+    monkeypatch.setattr(fused, "triton_installed", lambda: True)
+
+    def broken(*args):
+        raise RuntimeError("PTX JIT compilation failed")
+
+    monkeypatch.setattr(fused, "fused_attention_prologue", broken)
+    ops = FlashInferOps()
+    assert ops.fused_prologue
+    assert ops.attention_prologue(*_prologue_args()) is None and not ops.fused_prologue
+
+    calls = []
+    monkeypatch.setattr(fused, "fused_attention_prologue", lambda *a: calls.append(1) or a[0].clone())
+    ops = FlashInferOps()
+    assert ops.attention_prologue(*_prologue_args()) is not None and calls == [1]
+    monkeypatch.setattr(fused, "fused_attention_prologue", broken)
+    with pytest.raises(RuntimeError):
+        ops.attention_prologue(*_prologue_args())

@@ -136,6 +136,7 @@ class FlashInferOps:
 
         self._norm, self._rope, self._act = flashinfer.norm, flashinfer.rope, flashinfer.activation
         self.fused_prologue = fuse_prologue and triton_installed()
+        self._prologue_proven = False  # one call succeeded: later failures are bugs, and raise
         if fuse_prologue and not self.fused_prologue:
             logger.warning("the attention prologue runs as separate kernels: triton is not installed")
 
@@ -168,8 +169,19 @@ class FlashInferOps:
         if not self.fused_prologue or prologue_unsupported_reason(q, k, v, k_pool) is not None:
             return None
         positions, cos_sin_cache = rope
-        return fused_attention_prologue(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache,
-                                        k_pool, v_pool, slots)
+        if self._prologue_proven:
+            return fused_attention_prologue(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache,
+                                            k_pool, v_pool, slots)
+        try:  # the first call compiles the kernel (Triton JIT): where that fails, serve without it
+            q_out = fused_attention_prologue(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache,
+                                             k_pool, v_pool, slots)
+        except Exception as exc:
+            logger.error("the fused attention prologue failed at its first use (%s: %s); the layers run "
+                         "norm, rope and the K/V store as separate kernels", type(exc).__name__, exc)
+            self.fused_prologue = False
+            return None
+        self._prologue_proven = True
+        return q_out
 
 
 def flashinfer_installed() -> bool:
