@@ -391,3 +391,22 @@ def test_cuda_matches_cpu():
                        hash_uniform(torch.arange(4).cuda(), torch.arange(4).cuda(), 100).cpu())
     assert (res["cpu"] == res["cuda"]).float().mean() > 0.95  # log() may differ by an ulp
     assert math.isfinite(float(logits.sum()))
+
+
+def test_argmax_rows_equals_torch_argmax_with_ties_nan_and_masked_rows():
+    from minisgl_backend.engine.sampling import argmax_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 300)
+    x[1, 7] = x[1, 250] = 50.0  # a tie: the first index wins
+    x[2, :] = float("-inf")  # a row that suppresses everything
+    x[3, 10] = float("nan")  # NaN counts as the maximum
+    x[4, 5:] = float("-inf")
+    got = argmax_rows(x)
+    assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=1))
+    assert got[1].item() == 7 and got[3].item() == 10
+    assert torch.equal(argmax_rows(x.double()), x.double().argmax(dim=1))
+    assert torch.equal(argmax_rows(x[:, :100]), x[:, :100].argmax(dim=1))  # a strided view
+    with torch.inference_mode():
+        y = torch.randn(4, 50)
+        assert torch.equal(argmax_rows(y), y.argmax(dim=1))

