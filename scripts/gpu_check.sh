@@ -86,7 +86,7 @@ cd "$G/proj"
 stage gpu_tests 240 "$R/gpu_tests.log" \
   "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider -o addopts="" ${TESTS:+-k "$TESTS"}
 stage build 60 "$R/build.json" "$PY" benchmarks/gpu_drive.py build "$MODEL"
-stage decode_step 90 "$R/decode_step.json" \
+stage decode_step 120 "$R/decode_step.json" \
   "$PY" benchmarks/decode_step.py --model "$MODEL" --device cuda --dtype bfloat16 --trace-dir "$R/traces"
 stage engine 75 "$R/engine.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL"
 # the A/B of the fused attention prologue (Triton): the same decode steps with separate kernels
