@@ -10,7 +10,8 @@ For each concurrency c: c streams are kept busy, each request a fixed prompt of 
 responses/s, TTFT and inter-token latency (ITL: per request, (last - first response) /
 (tokens - 1)) p50 / p99, and CPU seconds per 1,000 output tokens of every process involved
 (in-process: this process; served: tritonserver, the stub, the scheduler, perf_analyzer, and the
-whole machine's busy time); and the ratio of the served tokens/s to the in-process one.
+whole machine's busy time; and the scheduler's busy share of a core, `scheduler_busy_fraction`);
+and the ratio of the served tokens/s to the in-process one.
 
 Timings on a small shared machine swing by tens of percent from minute to minute: `--rounds N`
 keeps both paths up and runs each concurrency in-process then served, N rounds over; the report
@@ -210,12 +211,19 @@ def measure_served(server: Any, work: Path, data_file: Path, concurrency: int, p
                    output_len: int) -> dict[str, Any]:
     procs = server_processes(server.proc.pid)
     cpu0, tok0 = cpu_snapshot(procs), server.metric("minisgl_generation_tokens_total")
+    started = time.monotonic()
     requests, seconds = profile_streams(server, work, data_file, concurrency, per_stream)
+    wall = time.monotonic() - started
+    cpu_mid = cpu_snapshot(procs)
     time.sleep(0.6)  # the metrics port refreshes its counters every few hundred ms
     cpu1, tok1 = cpu_snapshot(procs), server.metric("minisgl_generation_tokens_total")
     # CPU over the whole run (perf_analyzer's ramp-up and drain too), per token generated in it
-    return {"concurrency": concurrency, **summarize(requests, output_len, seconds,
-                                                    {k: cpu1[k] - cpu0[k] for k in cpu0}, int(tok1 - tok0))}
+    row = {"concurrency": concurrency, **summarize(requests, output_len, seconds,
+                                                   {k: cpu1[k] - cpu0[k] for k in cpu0}, int(tok1 - tok0))}
+    # the scheduler's share of one core over the run (it runs one torch thread under Triton): the
+    # rest it spent blocked, waiting for requests to come back through the serving layer
+    row["scheduler_busy_fraction"] = (cpu_mid["scheduler"] - cpu0["scheduler"]) / wall
+    return row
 
 
 # ---------------------------------------------------------------- the serving layer's floor
