@@ -73,7 +73,8 @@ OUTPUTS: tuple[TensorSpec, ...] = (
 # Settings of the Python adapter itself (not engine settings), read from config.pbtxt parameters.
 ADAPTER_PARAMETERS: dict[str, str] = {
     "cancel_poll_interval_ms": "50",  # how often live requests are checked for cancellation
-    "stats_interval_ms": "500",  # how often the running/pending/KV gauges are refreshed
+    # how often the running/pending/KV gauges are refreshed and recorded counters / histogram values sent
+    "stats_interval_ms": "500",
     "cancel_grace_s": "10",  # a cancelled request gets its CANCELLED final at the latest after this
     # nice value of the response sender thread (0-19): above 0, on a machine short of CPU the
     # engine's steps come first (without pacing: 14.0k -> 16.2k tok/s at 64 streams on 2 cores),
