@@ -169,12 +169,11 @@ class FlashInferOps:
         if not self.fused_prologue or prologue_unsupported_reason(q, k, v, k_pool) is not None:
             return None
         positions, cos_sin_cache = rope
+        args = (q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, k_pool, v_pool, slots)
         if self._prologue_proven:
-            return fused_attention_prologue(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache,
-                                            k_pool, v_pool, slots)
+            return fused_attention_prologue(*args)
         try:  # the first call compiles the kernel (Triton JIT): where that fails, serve without it
-            q_out = fused_attention_prologue(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache,
-                                             k_pool, v_pool, slots)
+            q_out = fused_attention_prologue(*args)
         except Exception as exc:
             logger.error("the fused attention prologue failed at its first use (%s: %s); the layers run "
                          "norm, rope and the K/V store as separate kernels", type(exc).__name__, exc)

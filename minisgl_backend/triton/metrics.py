@@ -63,7 +63,7 @@ class EngineMetrics:
         labels = {"model": model_name, "version": str(model_version)}
         self._families: list[Any] = []
         self._last_gauges: dict[str, float] = {}
-        # what finished requests recorded and Triton has not been sent yet (see `flush`): every
+        # what requests recorded and Triton has not been sent yet (see `flush`): every
         # update is a round trip to tritonserver, so none is made on a request's own path
         self._pending_lock = threading.Lock()
         self._pending_counts: dict[Any, int] = {}  # counter -> amount
@@ -137,11 +137,12 @@ class EngineMetrics:
                 observations = observations[:max_observations]
             else:
                 self._pending_observations = []
+            more = bool(self._pending_observations)
         for metric, amount in counts.items():
             metric.increment(amount)
         for histogram, value in observations:
             histogram.observe(value)
-        return bool(self._pending_observations)
+        return more
 
     # ------------------------------------------------------------ gauges
 
