@@ -15,7 +15,9 @@ graph launch, sampling launches; on CUDA the GPU is still running then), and `ke
 / `kernels_per_step` from a torch profile of one decode step. On CUDA these count CUDA kernels
 (per layer from an eager step, whose launches are those a graph captures; per step from a
 graph replay); on the CPU they count the aten ops that do work (leaf ops, views and allocations
-left out), the proxy for kernels.
+left out), the proxy for kernels. On CUDA each row also lists `kernels_by_name` (the replayed
+step's kernels grouped by name, by device time); `--host-profile` adds `host_profile` (a pass
+under cProfile: each function's host microseconds per step).
 
     python benchmarks/decode_step.py                                  # CPU, small random model
     python benchmarks/decode_step.py --device cuda --dtype bfloat16 --shape qwen3-0.6b
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -196,6 +200,18 @@ class DecodeProbe:
             self.step_profile = self.layer_profile
         return result
 
+    def kernels_by_name(self, top: int = 25) -> list[dict]:
+        """The step as run (graph replay on CUDA): its kernels grouped by name, most device time
+        first, with how many ran and their total microseconds."""
+        if not self.cuda:
+            return []
+        groups: dict[str, list[float]] = {}
+        for e in self.step_profile.events():
+            if _is_kernel(e):
+                groups.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
+        rows = sorted(groups.items(), key=lambda kv: -sum(kv[1]))
+        return [{"name": name[:120], "count": len(us), "total_us": round(sum(us), 1)} for name, us in rows[:top]]
+
     def kernels(self) -> dict:
         count = _cuda_kernels if self.cuda else _cpu_kernels
         events = self.layer_profile.events()
@@ -234,6 +250,38 @@ class LoopProbe:
         return statistics.median(gaps[2:] or gaps) if gaps else float("nan")
 
 
+class HostProfileProbe:
+    """Wraps `engine.forward` under cProfile for decode steps of one batch size (a pass of its
+    own: the profiler slows the host, so no step time is taken from it). Where the host time of
+    a step goes, by function, own time first."""
+
+    def __init__(self, engine, batch_size: int) -> None:
+        self.engine, self.batch_size = engine, batch_size
+        self.real_forward = engine.forward
+        self.profiler = cProfile.Profile()
+        self.steps = 0
+
+    def __call__(self, batch):
+        if not (batch.is_decode and batch.size == self.batch_size):
+            return self.real_forward(batch)
+        self.steps += 1
+        if self.steps <= 2:  # warm-up
+            return self.real_forward(batch)
+        self.profiler.enable()
+        try:
+            return self.real_forward(batch)
+        finally:
+            self.profiler.disable()
+
+    def top(self, n: int = 20) -> list[dict]:
+        stats = pstats.Stats(self.profiler)
+        measured = max(1, self.steps - 2)
+        rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:n]  # by own time
+        return [{"function": f"{Path(file).name}:{line}:{name}", "calls_per_step": round(nc / measured, 2),
+                 "own_us_per_step": round(1e6 * tt / measured, 1), "total_us_per_step": round(1e6 * ct / measured, 1)}
+                for (file, line, name), (_cc, nc, tt, ct, _callers) in rows]
+
+
 def _generate_with(llm: LLM, probe, batch_size: int, context: int, steps: int) -> None:
     engine = llm.scheduler.engine
     engine.forward = probe
@@ -244,7 +292,8 @@ def _generate_with(llm: LLM, probe, batch_size: int, context: int, steps: int) -
         engine.forward = probe.real_forward
 
 
-def measure(llm: LLM, batch_size: int, context: int, steps: int, cuda: bool, trace_dir: str = "") -> dict:
+def measure(llm: LLM, batch_size: int, context: int, steps: int, cuda: bool, trace_dir: str = "",
+            host_profile: bool = False) -> dict:
     engine = llm.scheduler.engine
     probe = DecodeProbe(engine, batch_size, cuda)
     _generate_with(llm, probe, batch_size, context, steps)
@@ -261,6 +310,12 @@ def measure(llm: LLM, batch_size: int, context: int, steps: int, cuda: bool, tra
            "loop_step_ms": 1000 * loop.step_s(), "host_ms": 1000 * host,
            "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}
     row.update(probe.kernels())
+    if cuda:
+        row["kernels_by_name"] = probe.kernels_by_name()
+    if host_profile:
+        host = HostProfileProbe(engine, batch_size)
+        _generate_with(llm, host, batch_size, context, steps)
+        row["host_profile"] = host.top()
     _print_profile_tables(probe, batch_size, cuda)
     if trace_dir:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
@@ -292,6 +347,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--trace-dir", default="", help="write each batch size's profiled step as a chrome trace here")
+    p.add_argument("--host-profile", action="store_true", help="one more pass per batch size under cProfile: "
+                   "where a step's host time goes, by function (`host_profile` in each row)")
     p.add_argument("--settings", nargs="*", default=[], help="engine settings as key=value, e.g. "
                    "fuse_attention_prologue=false enable_overlap=false")
     args = p.parse_args()
@@ -307,7 +364,7 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.device)
     rows = []
     for bs in args.batch_sizes:
-        row = measure(llm, bs, args.context, args.steps, cuda, args.trace_dir)
+        row = measure(llm, bs, args.context, args.steps, cuda, args.trace_dir, args.host_profile)
         floor_s = (row["weight_bytes"] + row["kv_bytes"]) / bandwidth
         row.update(floor_ms=1000 * floor_s, fraction_of_floor=floor_s / (row["step_ms"] / 1000),
                    loop_fraction_of_floor=floor_s / (row["loop_step_ms"] / 1000),

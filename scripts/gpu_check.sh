@@ -87,7 +87,7 @@ stage gpu_tests 240 "$R/gpu_tests.log" \
   "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider -o addopts="" ${TESTS:+-k "$TESTS"}
 stage build 60 "$R/build.json" "$PY" benchmarks/gpu_drive.py build "$MODEL"
 stage decode_step 120 "$R/decode_step.json" \
-  "$PY" benchmarks/decode_step.py --model "$MODEL" --device cuda --dtype bfloat16 --trace-dir "$R/traces"
+  "$PY" benchmarks/decode_step.py --model "$MODEL" --device cuda --dtype bfloat16 --trace-dir "$R/traces" --host-profile
 stage engine 75 "$R/engine.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL"
 # the A/B of the fused attention prologue (Triton): the same decode steps with separate kernels
 stage decode_step_unfused 60 "$R/decode_step_unfused.json" "$PY" benchmarks/decode_step.py --model "$MODEL" \

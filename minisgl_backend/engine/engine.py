@@ -140,7 +140,7 @@ class Engine:
             logits = self.graph_runner.replay(input_ids, idx.positions, layout)
         else:
             self.attn.prepare(layout)
-            logits = self.model(input_ids, idx.positions, ForwardBatch(self.attn, idx.last_token))
+            logits = self.model(input_ids, idx.positions, ForwardBatch(self.attn, idx.last_token)).float()
         next_ids, logprobs = self._sample(batch, logits)
         # the next step reads its input ids from the token pool, so they never wait on the host
         self.page_table.tokens.view(-1)[idx.sampled_flat] = next_ids

@@ -1,8 +1,9 @@
 """CUDA graphs for decode batches: capture the model forward (and logits) once per batch size,
 replay it with the batch copied into static input buffers.
 
-What is captured: `forward_fn(input_ids, positions, fwd) -> float32 logits [bs, vocab]` (the
-model's forward, `fwd = ForwardBatch(attn, last_token_indices)`), including the attention
+What is captured: `forward_fn(input_ids, positions, fwd) -> logits [bs, vocab]` (the model's
+forward, `fwd = ForwardBatch(attn, last_token_indices)`; its logits are cast to float32 in the
+copy into the static buffer, one kernel), including the attention
 backend's per-layer `forward()` (K/V store + flashinfer decode kernel). Sampling is not captured:
 it runs eagerly on the returned logits.
 

@@ -136,7 +136,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """`forward(input_ids [T], positions [T], fwd) -> float32 logits [B, vocab]` for the rows
+    """`forward(input_ids [T], positions [T], fwd) -> logits [B, vocab]` (in the model's dtype:
+    the caller casts, the CUDA graph straight into its float32 buffer) for the rows
     `fwd.last_token_indices` of the flattened batch."""
 
     # HF sub-module name -> (our merged parameter's sub-module, shard id)
@@ -187,5 +188,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fwd: ForwardBatch) -> torch.Tensor:
         h, residual = self.model(input_ids, positions, fwd)
         last = fwd.last_token_indices
-        h = self.model.final_norm(h[last], None if residual is None else residual[last])
-        return self.lm_head(h).float()
+        # every request has >= 1 token, so B last tokens among B tokens are all of them, in order
+        # (a decode step): no gather
+        if last.shape[0] != h.shape[0]:
+            h, residual = h[last], None if residual is None else residual[last]
+        return self.lm_head(self.model.final_norm(h, residual))
