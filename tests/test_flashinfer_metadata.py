@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,25 +243,34 @@ def test_pick_graph_bs():
     assert pick_graph_bs(0, sizes) is None
 
 
-def test_static_inputs_fill_pads_with_spare_row_and_slot():
+def _decode_indices(rows, lens, width):
+    from minisgl_backend.engine.metadata import HostBatchIndices
+
+    return HostBatchIndices.build(rows, [n - 1 for n in lens], lens, width)
+
+
+def test_static_inputs_pack_one_copy_padded_with_dummies():
     st = StaticDecodeInputs.allocate(8, "cpu")
-    st.input_ids.fill_(-7)  # stale values from an earlier, larger batch
-    st.out_loc.fill_(-7)
-    ids, pos = torch.tensor([11, 12, 13]), torch.tensor([4, 9, 2])
-    out_loc, rows, lens = torch.tensor([40, 81, 22]), torch.tensor([5, 0, 2]), torch.tensor([5, 10, 3])
-    st.fill(ids, pos, out_loc, rows, lens, padded_bs=4, spare_row=9, spare_slot=96)
-    assert st.input_ids[:4].tolist() == [11, 12, 13, 0]
-    assert st.positions[:4].tolist() == [4, 9, 2, 0]
-    assert st.out_loc[:4].tolist() == [40, 81, 22, 96]
-    assert st.rows[:4].tolist() == [5, 0, 2, 9]
-    assert st.seq_lens[:4].tolist() == [5, 10, 3, 1]
-    assert st.input_ids[4:].tolist() == [-7] * 4  # beyond the padded size: untouched
+    st.packed.fill_(-7)  # stale values from an earlier, larger batch
+    host = _decode_indices([5, 0, 2], [5, 10, 3], width=16)
+    pad = (9 * 16, 0, 9, 1, 9 * 16 + 15)  # spare cell, position, spare row, length 1, dump cell
+    values = StaticDecodeInputs.host_values(host, 4, pad)
+    st.packed[:values.shape[0]] = torch.from_numpy(values)
+    v = st.views(4)
+    assert v["token_cells"].tolist() == [5 * 16 + 4, 9, 2 * 16 + 2, 144]
+    assert v["positions"].tolist() == [4, 9, 2, 0]
+    assert v["rows"].tolist() == [5, 0, 2, 9]
+    assert v["seq_lens"].tolist() == [5, 10, 3, 1]
+    assert v["sampled_cells"].tolist() == [5 * 16 + 5, 10, 2 * 16 + 3, 159]
+    assert st.packed[20:].tolist() == [-7] * 20  # beyond the padded size: untouched
     layout = st.layout(4, [5, 10, 3])
     assert layout.is_decode and layout.seq_lens_cpu == [5, 10, 3, 1] and layout.extend_lens_cpu == [1] * 4
-    assert layout.rows.tolist() == [5, 0, 2, 9] and layout.out_loc.tolist() == [40, 81, 22, 96]
+    assert layout.rows.tolist() == [5, 0, 2, 9] and layout.out_loc.data_ptr() == st.out_loc.data_ptr()
     assert st.last_token_indices[:4].tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError):
-        st.fill(ids, pos, out_loc, rows, lens, padded_bs=2, spare_row=9, spare_slot=96)
+        StaticDecodeInputs.host_values(host, 2, pad)  # 3 requests in a graph of 2
+    with pytest.raises(ValueError):  # a prefill chunk is no decode batch
+        StaticDecodeInputs.host_values(_decode_indices([1], [4], 16).__class__.build([1], [0], [4], 16), 4, pad)
     with pytest.raises(ValueError):
         st.layout(2, [1, 1, 1])
 
@@ -272,13 +282,46 @@ def test_padded_layout_metadata_reads_the_spare_page():
     spare_row, spare_slot = 2, num_pages * page_size  # the engine's extra page
     table[spare_row, 0] = spare_slot
     st = StaticDecodeInputs.allocate(4, "cpu")
-    st.fill(torch.tensor([1, 2]), torch.tensor([5, 8]), table[[0, 1], [5, 8]].long(), torch.tensor([0, 1]),
-            torch.tensor([6, 9]), padded_bs=4, spare_row=spare_row, spare_slot=spare_slot)
+    values = StaticDecodeInputs.host_values(_decode_indices([0, 1], [6, 9], 12), 4, (spare_row * 12, 0, spare_row, 1, 35))
+    st.packed[:values.shape[0]] = torch.from_numpy(values)
     layout = st.layout(4, [6, 9])
     md = build_paged_metadata(table, layout.rows, layout.seq_lens_cpu, layout.extend_lens_cpu, page_size)
     assert_matches_reference(md, table, [0, 1, 2, 2], [6, 9, 1, 1], [1] * 4, page_size)
     assert md.kv_indices[-2:].tolist() == [num_pages, num_pages]
     assert md.kv_last_page_len[-2:].tolist() == [1, 1]
+
+
+def test_metadata_writes_page_ids_in_place_and_through_the_host_converter():
+    page_size = 4
+    table = make_page_table([6, 9, 13], page_size, 12, width=16, rng=random.Random(2))
+    rows, lens, ext = [2, 0, 1], [13, 6, 9], [1, 1, 1]
+    expected = build_paged_metadata(table, rows, lens, ext, page_size)
+    out = torch.full((32,), -1, dtype=torch.int32)
+    seen = []
+    md = build_paged_metadata(table, rows, lens, ext, page_size, kv_indices_out=out,
+                              host_i32=lambda a: seen.append(a.copy()) or torch.from_numpy(a.astype(np.int32)))
+    n = expected.num_pages
+    assert md.kv_indices.data_ptr() == out.data_ptr() and md.kv_indices.tolist() == expected.kv_indices.tolist()
+    assert out[n:].tolist() == [-1] * (32 - n), "nothing written past the batch's pages"
+    assert len(seen) == 4 and md.kv_indptr.tolist() == expected.kv_indptr.tolist()
+    with pytest.raises(ValueError):
+        build_paged_metadata(table, rows, lens, ext, page_size, kv_indices_out=out[:n - 1])
+
+
+def test_pinned_plan_arrays_reuse_their_buffers_plan_after_plan():
+    from minisgl_backend.attention.flashinfer_backend import PinnedPlanArrays
+
+    on_cpu = PinnedPlanArrays(cuda=False)
+    on_cpu.start()
+    assert on_cpu(np.array([1, 2, 3])).tolist() == [1, 2, 3]
+    arrays = PinnedPlanArrays(cuda=True)
+    arrays._bufs = [torch.zeros(8, dtype=torch.int32), torch.zeros(8, dtype=torch.int32)]  # as if pinned
+    arrays.start()
+    a, b = arrays(np.array([4, 5])), arrays(np.array([6, 7, 8]))
+    assert a.dtype == torch.int32 and a.tolist() == [4, 5] and b.tolist() == [6, 7, 8]
+    arrays.start()  # the next plan rewrites the same buffers in the same order
+    c = arrays(np.array([9]))
+    assert c.data_ptr() == a.data_ptr() and c.tolist() == [9]
 
 
 class _FakeHooks:
@@ -298,15 +341,14 @@ class _FakeHooks:
         raise AssertionError("not called on CPU")
 
 
-class _FakeGraph:
-    """Stands in for a captured graph: 'replays' logits computed from the static inputs."""
+class _StepOnCpu:
+    """Stands in for a captured graph: a replay runs what the graph captured, `_step`, eagerly."""
 
     def __init__(self, runner, bs):
         self.runner, self.bs = runner, bs
 
     def replay(self):
-        st = self.runner.inputs
-        self.runner.logits[:self.bs] = (st.input_ids[:self.bs] * 1000 + st.rows[:self.bs]).float()[:, None]
+        self.runner._step(self.bs)
 
 
 def test_page_table_maps_the_spare_row_to_the_spare_page():
@@ -319,22 +361,40 @@ def test_page_table_maps_the_spare_row_to_the_spare_page():
     assert table.slots[4, 0] == 40, "the spare row's first position maps to the spare slot"
 
 
-def test_runner_replay_pads_and_slices_on_cpu():
-    table = torch.zeros(5, 8, dtype=torch.int32)
+def test_runner_replay_pads_gathers_and_writes_greedy_ids_on_cpu():
+    from minisgl_backend.kvcache import PageTable
+    from minisgl_backend.kvcache.staging import HostStaging
+
+    vocab = 50
+    table = PageTable(num_rows=4, max_seq_len=11, page_size=4, spare_slot=40, device="cpu")
+    table.slots[:4] = torch.arange(4 * table.width, dtype=torch.int32).view(4, -1) + 100
+    table.tokens[:4] = torch.arange(4 * table.width).view(4, -1) % 7
     hooks = _FakeHooks()
-    runner = CudaGraphRunner(lambda ids, pos, fwd: None, hooks, max_bs=8, vocab_size=3,
-                             spare_row=4, spare_slot=40, device="cpu")
+
+    def forward_fn(ids, pos, fwd):  # the argmax of row i is (3 * id + pos) % vocab
+        logits = torch.zeros(ids.shape[0], vocab)
+        logits[torch.arange(ids.shape[0]), (3 * ids + pos) % vocab] = 1.0
+        return logits[fwd.last_token_indices]
+
+    runner = CudaGraphRunner(forward_fn, hooks, max_bs=8, vocab_size=vocab, token_pool=table.tokens,
+                             slot_table=table.slots, table_width=table.width, spare_row=table.spare_row,
+                             dump_cell=table.dump_cell, logits_dtype=torch.float32, device="cpu")
     assert runner.sizes == [1, 2, 4, 8] and not runner.can_run(1), "nothing captured yet"
-    runner.graphs = {bs: _FakeGraph(runner, bs) for bs in runner.sizes}
+    runner.graphs = {bs: _StepOnCpu(runner, bs) for bs in runner.sizes}
     assert runner.can_run(8) and not runner.can_run(9) and not runner.can_run(0)
-    layout = BatchLayout(True, torch.tensor([3, 1, 0]), torch.tensor([7, 2, 5]), torch.ones(3, dtype=torch.int64),
-                         torch.tensor([17, 9, 4]), [7, 2, 5], [1, 1, 1])
-    logits = runner.replay(torch.tensor([5, 6, 7]), torch.tensor([6, 1, 4]), layout)
-    assert logits.shape == (3, 3)
-    assert logits[:, 0].tolist() == [5003.0, 6001.0, 7000.0]
-    assert hooks.calls[-1] == ("replay", 4, [3, 1, 0, 4], [7, 2, 5, 1], [17, 9, 4, 40])
+    rows, lens = [3, 1, 0], [7, 2, 5]
+    ids = [int(table.tokens[r, n - 1]) for r, n in zip(rows, lens)]
+    out = runner.replay(_decode_indices(rows, lens, table.width), HostStaging("cpu"))
+    want = [(3 * i + n - 1) % vocab for i, n in zip(ids, lens)]
+    assert out.logits.shape == (3, vocab) and out.logits.argmax(1).tolist() == want
+    assert out.greedy_ids.tolist() == want
+    assert [int(table.tokens[r, n]) for r, n in zip(rows, lens)] == want, "greedy ids land in the token pool"
+    assert out.sampled_cells.tolist() == [r * table.width + n for r, n in zip(rows, lens)]
+    slots = [int(table.slots[r, n - 1]) for r, n in zip(rows, lens)]
+    assert hooks.calls[-1][:4] == ("replay", 4, rows + [table.spare_row], lens + [1])
+    assert runner.inputs.out_loc[:4].tolist() == slots + [40], "KV slots gathered in the graph, dummies: spare"
     assert not supports_cuda_graph(TorchAttentionBackend(KVCache(1, 2, 4, 1, 8, torch.float32,
-                                                                 torch.device("cpu")), table))
+                                                                 torch.device("cpu")), table.slots))
     assert supports_cuda_graph(hooks)
 
 
@@ -503,15 +563,19 @@ def test_backend_graph_hooks_on_stand_in(fake_flashinfer, page_size):
     fi = fake_flashinfer.FlashInferBackend(cache, table, 4, 2, 8, torch.float32, "cpu", max_batch_size=8)
     fi.init_cuda_graph(8)
     st = StaticDecodeInputs.allocate(8, "cpu")
-    st.fill_dummy(8, spare_row, spare_slot)
+    st.packed[:40] = torch.tensor([spare_row * table.shape[1], 0, spare_row, 1, 0]).repeat_interleave(8)
+    st.out_loc.fill_(spare_slot)  # what the graph gathers for dummies
     fi.prepare_for_capture(8, st.layout(8, [1] * 8))
     graph_wrapper = fi._wrapper
     assert graph_wrapper.use_cuda_graph and graph_wrapper is not fi.decode_wrapper
     q, k, v = qkv[0]
     pad = lambda t: torch.cat([t, t.new_zeros(3, *t.shape[1:])])  # noqa: E731
     fi.forward(pad(q), pad(k), pad(v), 0)  # the capture run: dummies write the spare slot only
-    st.fill(torch.zeros(5, dtype=torch.int64), layout.seq_lens - 1, layout.out_loc, layout.rows, layout.seq_lens,
-            8, spare_row, spare_slot)
+    lens = layout.seq_lens_cpu
+    values = StaticDecodeInputs.host_values(_decode_indices(layout.rows.tolist(), lens, table.shape[1]), 8,
+                                            (spare_row * table.shape[1], 0, spare_row, 1, 0))
+    st.packed[:40] = torch.from_numpy(values)
+    st.out_loc[:5] = layout.out_loc
     padded = st.layout(8, layout.seq_lens_cpu)
     fi.prepare_for_replay(8, padded)
     assert graph_wrapper.num_plans == 2 and fi._wrapper is graph_wrapper
@@ -531,7 +595,10 @@ def test_build_graph_runner_off_on_cpu_and_when_disabled(tiny_llama):
     from minisgl_backend.engine.graph import build_graph_runner
 
     hooks = _FakeHooks()
-    kwargs = dict(vocab_size=4, spare_row=2, spare_slot=8, max_running_requests=2)
+    from minisgl_backend.kvcache import PageTable
+
+    table = PageTable(num_rows=2, max_seq_len=8, page_size=4, spare_slot=8, device="cpu")
+    kwargs = dict(vocab_size=4, page_table=table, logits_dtype=torch.float32, max_running_requests=2)
     config = EngineConfig.from_flat(model_path=tiny_llama)
     assert build_graph_runner(config, None, hooks, device="cpu", **kwargs) is None
     config = EngineConfig.from_flat(model_path=tiny_llama, enable_cuda_graph=False)

@@ -87,17 +87,23 @@ def test_flashinfer_matches_torch_backend(page_size, tensor_cores, kind):
 
 
 def test_graph_runner_replay_matches_eager():
-    """A one-layer attention 'model' captured by CudaGraphRunner gives the eager logits,
-    for batches padded to a larger captured size."""
+    """A one-layer attention 'model' captured by CudaGraphRunner gives the eager logits, for
+    batches padded to a larger captured size; the graph's argmax lands in the token pool."""
     from minisgl_backend.attention.flashinfer_backend import FlashInferBackend
     from minisgl_backend.engine.graph import CudaGraphRunner
+    from minisgl_backend.engine.metadata import HostBatchIndices
+    from minisgl_backend.kvcache.staging import HostStaging
 
     hq, hkv, dim, page_size, vocab = 4, 2, 64, 16, 32
     seq_lens = [5, 40, 17]
     table, cache, layout, _ = _setup(seq_lens, [1, 1, 1], page_size, hq, hkv, dim, seed=1)
+    # one more page of columns: the cell after a request's last position receives its next id
+    table = torch.cat([table, torch.zeros_like(table[:, :page_size])], dim=1)
+    width = table.shape[1]
     # like the engine's extra page past the scheduler's pool: _page_table never hands it out
     spare_row, spare_slot = table.shape[0] - 1, cache.spare_slot
     table[spare_row, 0] = spare_slot  # as PageTable maps its spare row
+    tokens = torch.randint(0, vocab, table.shape, device="cuda")
     emb = torch.randn(vocab, hq * dim, device="cuda", dtype=DTYPE)
     wk = torch.randn(hq * dim, hkv * dim, device="cuda", dtype=DTYPE) / dim
     head = torch.randn(hq * dim, vocab, device="cuda", dtype=DTYPE) / dim
@@ -107,21 +113,26 @@ def test_graph_runner_replay_matches_eager():
         q = x.view(-1, hq, dim)
         kv = (x @ wk).view(-1, hkv, dim)
         out = fwd.attn.forward(q, kv, kv.contiguous(), 0)
-        return (out[fwd.last_token_indices] @ head).float()
+        return out[fwd.last_token_indices] @ head
 
     attn = FlashInferBackend(cache, table, hq, hkv, dim, DTYPE, "cuda", max_batch_size=8)
-    runner = CudaGraphRunner(forward_fn, attn, max_bs=8, vocab_size=vocab,
-                             spare_row=spare_row, spare_slot=spare_slot, device="cuda")
+    runner = CudaGraphRunner(forward_fn, attn, max_bs=8, vocab_size=vocab, token_pool=tokens, slot_table=table,
+                             table_width=width, spare_row=spare_row, dump_cell=spare_row * width + width - 1,
+                             logits_dtype=DTYPE, device="cuda")
     runner.capture()
     assert runner.sizes == [1, 2, 4, 8] and runner.can_run(3)
-    ids = torch.tensor([3, 7, 11], device="cuda")
-    pos = layout.seq_lens - 1
+    rows, lens = layout.rows.tolist(), layout.seq_lens_cpu
+    ids = torch.tensor([int(tokens[r, n - 1]) for r, n in zip(rows, lens)], device="cuda")
+    host = HostBatchIndices.build(rows, [n - 1 for n in lens], lens, width)
     with torch.inference_mode():
         attn.prepare(layout)
-        eager = forward_fn(ids, pos, ForwardBatch(attn, torch.arange(3, device="cuda")))
-        replayed = runner.replay(ids, pos, layout).clone()
+        eager = forward_fn(ids, layout.seq_lens - 1, ForwardBatch(attn, torch.arange(3, device="cuda")))
+        out = runner.replay(host, HostStaging("cuda"))
+        replayed, greedy = out.logits.clone(), out.greedy_ids.clone()
         torch.cuda.synchronize()
-    torch.testing.assert_close(replayed, eager, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(replayed.float(), eager.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(greedy, replayed.argmax(dim=1))
+    assert [int(tokens[r, n]) for r, n in zip(rows, lens)] == greedy.tolist()
     runner.close()
 
 
@@ -150,6 +161,23 @@ def test_cuda_graph_generation_equals_eager(gpu_model):
     graph = _generate(gpu_model, enable_cuda_graph=True, enable_overlap=False)
     assert all(len(t) > 0 for t in eager)
     assert graph == eager
+
+
+def test_eager_sampling_on_graph_logits_equals_the_graphs_argmax(gpu_model):
+    """Greedy rows that ask for logprobs leave the graph's argmax aside: they sample eagerly from
+    the graph's logits and write their ids over it. Same ids as the in-graph argmax."""
+    from minisgl_backend import LLM, SamplingParams
+
+    outs = {}
+    for logprobs in (False, True):
+        llm = LLM(gpu_model, device="cuda", dtype="bfloat16", page_size=16, max_total_tokens=8192,
+                  attention_backend="flashinfer", cuda_graph_max_bs=16, enable_overlap=True)
+        assert llm.scheduler.engine.graph_runner is not None
+        outs[logprobs] = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0, logprobs=logprobs))
+        llm.shutdown()
+    assert [o["token_ids"] for o in outs[True]] == [o["token_ids"] for o in outs[False]]
+    for o in outs[True]:
+        assert len(o["logprobs"]) == len(o["token_ids"]) and all(-1e4 < lp <= 0 for lp in o["logprobs"])
 
 
 def test_overlap_loop_equals_normal_loop_on_gpu(gpu_model):

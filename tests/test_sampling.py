@@ -89,7 +89,7 @@ def test_plain_greedy_shortcut_builds_what_the_general_path_builds(monkeypatch):
 
     params = [SP(temperature=0.0), SP(top_k=1, temperature=0.7), SP(temperature=0.0, top_p=0.5)]
     fast = SamplingTensors.build(params, [1, 2, 3], [0, 4, 9], "cpu")
-    monkeypatch.setattr(sampling, "_plain_greedy", lambda p: False)
+    monkeypatch.setattr(sampling, "plain_greedy", lambda p: False)
     assert SamplingTensors.build(params, [1, 2, 3], [0, 4, 9], "cpu") == fast
     assert fast.all_greedy and fast.temperatures is None
     # a penalty or logprobs leaves the shortcut: their rows need tensors

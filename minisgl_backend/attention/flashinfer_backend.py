@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -110,13 +110,17 @@ def _host_i32(a: np.ndarray) -> torch.Tensor:
 
 def build_paged_metadata(page_table: torch.Tensor, rows: Sequence[int] | torch.Tensor,
                          seq_lens: Sequence[int] | torch.Tensor, extend_lens: Sequence[int] | torch.Tensor,
-                         page_size: int, staging: HostStaging | None = None) -> PagedMetadata:
+                         page_size: int, staging: HostStaging | None = None, *,
+                         host_i32: Callable[[np.ndarray], torch.Tensor] | None = None,
+                         kv_indices_out: torch.Tensor | None = None) -> PagedMetadata:
     """CSR metadata of a batch: request i owns page-table row `rows[i]`, has `seq_lens[i]` positions
     after this batch, of which the last `extend_lens[i]` are new (the query tokens).
 
     All three are host values (a device `rows` is read back, which syncs: pass `BatchLayout.rows_cpu`).
     The arithmetic runs in numpy on the host; the device does one gather of the page ids through
     the flat page-table cells computed here, sent in one copy (`staging`). No repeat_interleave.
+    `host_i32` turns the host arrays into int32 tensors (default: new ones; the backend passes
+    its pinned ones); `kv_indices_out` (int32, on the device) receives the page ids in place.
     """
     if page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {page_size}")
@@ -144,11 +148,46 @@ def build_paged_metadata(page_table: torch.Tensor, rows: Sequence[int] | torch.T
     cells = rows_h[req_of_page] * width + page_in_req * page_size
     cells_d = (staging.to_device(cells) if staging is not None
                else torch.from_numpy(cells).to(page_table.device, non_blocking=True))
-    first_slot = page_table.view(-1)[cells_d]
-    kv_indices = torch.div(first_slot, page_size, rounding_mode="floor").to(torch.int32)
+    if kv_indices_out is not None:
+        if total > kv_indices_out.shape[0]:
+            raise ValueError(f"{total} pages do not fit a buffer of {kv_indices_out.shape[0]}")
+        kv_indices = torch.index_select(page_table.view(-1), 0, cells_d, out=kv_indices_out[:total])
+        if page_size > 1:
+            kv_indices.div_(page_size, rounding_mode="floor")
+    else:
+        first_slot = page_table.view(-1)[cells_d]
+        kv_indices = torch.div(first_slot, page_size, rounding_mode="floor").to(torch.int32)
     last_page_len = seq - (num_pages - 1) * page_size
-    return PagedMetadata(_host_i32(_indptr(ext)), _host_i32(kv_indptr), kv_indices,
-                         _host_i32(last_page_len), _host_i32(seq))
+    i32 = host_i32 or _host_i32
+    return PagedMetadata(i32(_indptr(ext)), i32(kv_indptr), kv_indices, i32(last_page_len), i32(seq))
+
+
+class PinnedPlanArrays:
+    """The host int32 arrays of one plan() in pinned buffers reused from plan to plan, so that
+    plan()'s copies of them to the device are plain DMA. The backend waits until the last plan's
+    copies ran (`_before_plan`) before it writes the next plan's arrays (`start` numbers them
+    anew); off CUDA they are ordinary tensors."""
+
+    def __init__(self, cuda: bool, capacity: int = 1024) -> None:
+        self._cuda, self._capacity = cuda, capacity
+        self._bufs: list[torch.Tensor] = []
+        self._used = 0
+
+    def start(self) -> None:
+        self._used = 0
+
+    def __call__(self, a: np.ndarray) -> torch.Tensor:
+        if not self._cuda:
+            return _host_i32(a)
+        i, n = self._used, a.shape[0]
+        self._used += 1
+        if i == len(self._bufs):
+            self._bufs.append(torch.empty(0, dtype=torch.int32))
+        if self._bufs[i].numel() < n:
+            self._bufs[i] = torch.empty(max(n, self._capacity), dtype=torch.int32, pin_memory=True)
+        out = self._bufs[i][:n]
+        out.numpy()[:] = a
+        return out
 
 
 def paged_view(pool: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -183,6 +222,8 @@ class FlashInferBackend:
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
         self.staging = HostStaging(self.device)
+        self._plan_arrays = PinnedPlanArrays(self.device.type == "cuda")
+        self._no_indices = torch.empty(0, dtype=torch.int32, device=self.device)
         if use_tensor_cores is None:
             use_tensor_cores = num_qo_heads // num_kv_heads >= TENSOR_CORE_MIN_GROUP
         self.use_tensor_cores = use_tensor_cores
@@ -237,18 +278,17 @@ class FlashInferBackend:
             self._plan_done = torch.cuda.Event()
         self._plan_done.record()
 
-    def _plan_decode(self, wrapper, md: PagedMetadata) -> None:
-        self._before_plan()
+    def _plan_decode(self, wrapper, md: PagedMetadata, indices_in_place: bool = False) -> None:
+        """`indices_in_place`: the page ids already sit in the graph's fixed indices buffer
+        (`kv_indices_out`), so plan() is given none to copy there."""
         wrapper.plan(
-            md.kv_indptr, md.kv_indices, md.kv_last_page_len,
+            md.kv_indptr, self._no_indices if indices_in_place else md.kv_indices, md.kv_last_page_len,
             self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
             pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.kv_dtype,
             non_blocking=True,
         )
-        self._after_plan()
 
     def _plan_prefill(self, md: PagedMetadata) -> None:
-        self._before_plan()
         self.prefill_wrapper.plan(
             qo_indptr=md.qo_indptr, paged_kv_indptr=md.kv_indptr, paged_kv_indices=md.kv_indices,
             paged_kv_last_page_len=md.kv_last_page_len,
@@ -257,16 +297,19 @@ class FlashInferBackend:
             pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.kv_dtype,
             non_blocking=True,
         )
-        self._after_plan()
 
-    def _metadata(self, layout: BatchLayout) -> PagedMetadata:
+    def _metadata(self, layout: BatchLayout, kv_indices_out: torch.Tensor | None = None) -> PagedMetadata:
+        """Call after `_before_plan()`: the pinned arrays of the last plan are rewritten here."""
         rows = layout.rows_cpu if layout.rows_cpu is not None else layout.rows
-        return build_paged_metadata(self.page_table, rows, layout.seq_lens_cpu,
-                                    layout.extend_lens_cpu, self.page_size, self.staging)
+        self._plan_arrays.start()
+        return build_paged_metadata(self.page_table, rows, layout.seq_lens_cpu, layout.extend_lens_cpu,
+                                    self.page_size, self.staging, host_i32=self._plan_arrays,
+                                    kv_indices_out=kv_indices_out)
 
     # ------------------------------------------------------------ protocol
 
     def prepare(self, layout: BatchLayout) -> None:
+        self._before_plan()
         md = self._metadata(layout)
         if layout.is_decode and all(n == 1 for n in layout.extend_lens_cpu):
             self._plan_decode(self.decode_wrapper, md)
@@ -274,6 +317,7 @@ class FlashInferBackend:
         else:
             self._plan_prefill(md)
             self._wrapper = self.prefill_wrapper
+        self._after_plan()
         self._out_loc = layout.out_loc
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
@@ -330,7 +374,7 @@ class FlashInferBackend:
         static out_loc buffer; `forward()` then records that wrapper's kernels into the graph."""
         self._check_graph_layout(bs, layout)
         wrapper = self._graph_wrapper(bs)
-        self._plan_decode(wrapper, self._metadata(layout))
+        self._plan_graph(wrapper, layout)
         self._wrapper = wrapper
         self._out_loc = layout.out_loc
 
@@ -339,4 +383,9 @@ class FlashInferBackend:
         self._check_graph_layout(bs, layout)
         if bs not in self._graph_wrappers:
             raise RuntimeError(f"no graph was captured for batch size {bs}")
-        self._plan_decode(self._graph_wrappers[bs], self._metadata(layout))
+        self._plan_graph(self._graph_wrappers[bs], layout)
+
+    def _plan_graph(self, wrapper, layout: BatchLayout) -> None:
+        self._before_plan()
+        self._plan_decode(wrapper, self._metadata(layout, self._graph_indices), indices_in_place=True)
+        self._after_plan()

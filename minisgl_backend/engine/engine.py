@@ -16,11 +16,11 @@ from minisgl_backend.config import EngineConfig
 from minisgl_backend.distributed.group import destroy_distributed
 from minisgl_backend.engine.graph import build_graph_runner
 from minisgl_backend.engine.host_malloc import keep_freed_memory
-from minisgl_backend.engine.sampling import PenaltyInputs, Sampler, SamplingTensors
+from minisgl_backend.engine.sampling import PenaltyInputs, Sampler, SamplingTensors, plain_greedy
 from minisgl_backend.engine.metadata import DeviceBatchIndices, HostBatchIndices
 from minisgl_backend.grammar.bitmask import apply_mask
 from minisgl_backend.kvcache import KVCache, PageTable
-from minisgl_backend.kvcache.staging import HostStaging
+from minisgl_backend.kvcache.staging import HostResults, HostStaging
 from minisgl_backend.models import load_model
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,9 @@ _CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on CPU when max_total_tokens i
 @dataclass
 class ForwardResult:
     next_ids: torch.Tensor  # [B] on the device
-    next_ids_host: torch.Tensor  # [B] host copy (pinned on CUDA), valid once `ready` has fired
+    # [B] host copy, valid once `ready` has fired; on CUDA a view of a reused pinned buffer
+    # (`HostResults`): read it before 8 more steps have run (the scheduler reads it one step later)
+    next_ids_host: torch.Tensor
     logprobs_host: torch.Tensor | None
     ready: torch.cuda.Event | None  # None on CPU: the copy is already done
 
@@ -66,13 +68,12 @@ class Engine:
                                            head_dim=self.model.head_dim, dtype=self.dtype)
         self.sampler = Sampler()
         self.staging = HostStaging(self.device)
-        # ids sampled for a chunk that does not sample land in the spare row's last cell (never read)
-        self._dump_cell = self.page_table.spare_row * self.page_table.width + self.page_table.width - 1
+        self.results = HostResults()
         # The engine stream runs batches; the scheduler enqueues its table writes on the default one.
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.graph_runner = build_graph_runner(
-            config, self.model, self.attn, vocab_size=self.vocab_size, spare_row=self.page_table.spare_row,
-            spare_slot=self.kv_cache.spare_slot, max_running_requests=self.page_table.num_rows,
+            config, self.model, self.attn, vocab_size=self.vocab_size, page_table=self.page_table,
+            logits_dtype=self.dtype, max_running_requests=self.page_table.num_rows,
             device=self.device, stream=self.stream)
 
     @property
@@ -130,21 +131,40 @@ class Engine:
         items = batch.items
         ends, ext = [it.end for it in items], [it.end - it.start for it in items]
         rows = [it.req.row for it in items]
+        # ids sampled for a chunk that does not sample land in the dump cell (never read)
         host = HostBatchIndices.build(rows, [it.start for it in items], ends, self.page_table.width,
-                                      [it.samples for it in items], self._dump_cell)
+                                      [it.samples for it in items], self.page_table.dump_cell)
+        if batch.is_decode and self.graph_runner is not None and self.graph_runner.can_run(len(items)):
+            return self._forward_graph(batch, host)
         idx = DeviceBatchIndices.unpack(self.staging.to_device(host.pack()), len(items))
         input_ids = self.page_table.tokens.view(-1)[idx.token_flat]
         out_loc = self.page_table.slots.view(-1)[idx.token_flat].long()
-        layout = BatchLayout(batch.is_decode, idx.rows, idx.seq_lens, idx.extend_lens, out_loc, ends, ext, rows)
-        if batch.is_decode and self.graph_runner is not None and self.graph_runner.can_run(len(items)):
-            logits = self.graph_runner.replay(input_ids, idx.positions, layout)
-        else:
-            self.attn.prepare(layout)
-            logits = self.model(input_ids, idx.positions, ForwardBatch(self.attn, idx.last_token)).float()
+        self.attn.prepare(BatchLayout(batch.is_decode, idx.rows, idx.seq_lens, idx.extend_lens, out_loc,
+                                      ends, ext, rows))
+        logits = self.model(input_ids, idx.positions, ForwardBatch(self.attn, idx.last_token)).float()
         next_ids, logprobs = self._sample(batch, logits)
         # the next step reads its input ids from the token pool, so they never wait on the host
         self.page_table.tokens.view(-1)[idx.sampled_flat] = next_ids
         return self._copy_to_host(next_ids, logprobs)
+
+    def _forward_graph(self, batch: Batch, host: HostBatchIndices) -> ForwardResult:
+        out = self.graph_runner.replay(host, self.staging)
+        if self._greedy_argmax_suffices(batch):  # the graph's argmax, already in the token pool
+            return self._copy_to_host(out.greedy_ids, None)
+        next_ids, logprobs = self._sample(batch, out.logits)
+        self.page_table.tokens.view(-1)[out.sampled_cells] = next_ids
+        return self._copy_to_host(next_ids, logprobs)
+
+    @staticmethod
+    def _greedy_argmax_suffices(batch: Batch) -> bool:
+        """Every row takes its plain argmax: greedy, no penalty, logprob, grammar or min_tokens."""
+        if batch.grammar_mask is not None:
+            return False
+        for it in batch.items:
+            p = it.req.params
+            if not plain_greedy(p) or (p.min_tokens and it.end - len(it.req.input_ids) < p.min_tokens):
+                return False
+        return True
 
     def _engine_stream(self):
         if self.stream is None:
@@ -193,12 +213,8 @@ class Engine:
     def _copy_to_host(self, next_ids: torch.Tensor, logprobs: torch.Tensor | None) -> ForwardResult:
         if self.device.type != "cuda":
             return ForwardResult(next_ids, next_ids, logprobs, None)
-        host_ids = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
-        host_ids.copy_(next_ids, non_blocking=True)
-        host_lp = None
-        if logprobs is not None:
-            host_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
-            host_lp.copy_(logprobs, non_blocking=True)
+        host_ids = self.results.copy(next_ids)
+        host_lp = self.results.copy(logprobs) if logprobs is not None else None
         event = torch.cuda.Event()
         event.record(self.stream)
         return ForwardResult(next_ids, host_ids, host_lp, event)

@@ -157,7 +157,7 @@ class SamplingTensors:
         n = len(params)
         if len(seeds) != n or len(steps) != n:
             raise ValueError(f"got {n} params, {len(seeds)} seeds, {len(steps)} steps")
-        if all(_plain_greedy(p) for p in params):  # the common serving case: no tensor, no list
+        if all(plain_greedy(p) for p in params):  # the common serving case: no tensor, no list
             return cls.plain_greedy(n)
         greedy = [p.is_greedy for p in params]
         temps = [1.0 if g else float(p.temperature) for p, g in zip(params, greedy)]
@@ -234,7 +234,8 @@ class SamplingTensors:
         )
 
 
-def _plain_greedy(p: SamplingParams) -> bool:
+def plain_greedy(p: SamplingParams) -> bool:
+    """Greedy without penalties or logprobs: the row's argmax is its next id."""
     return (p.is_greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
             and p.frequency_penalty == 0.0 and not p.logprobs)
 

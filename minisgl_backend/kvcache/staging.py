@@ -1,5 +1,6 @@
-"""Host index arrays -> device tensors through persistent pinned buffers (the per-step metadata
-that addresses the KV pool and the page table: one copy per array, no allocation, no sync)."""
+"""Host arrays <-> device tensors through persistent pinned buffers (the per-step metadata that
+addresses the KV pool and the page table, and the sampled ids coming back): one copy per array,
+no allocation, no sync."""
 
 from __future__ import annotations
 
@@ -29,20 +30,61 @@ class HostStaging:
         src = torch.from_numpy(np.ascontiguousarray(host))
         if not self._cuda:
             return src
+        slot, staged = self._stage(src)
+        out = staged.to(self.device, non_blocking=True)
+        self._record(slot)
+        return out
+
+    def copy_into(self, dst: torch.Tensor, host: np.ndarray) -> None:
+        """dst[...] = host (a 1-D array of dst's dtype and size), enqueued on the current stream."""
+        src = torch.from_numpy(np.ascontiguousarray(host))
+        if src.dtype != dst.dtype or src.numel() != dst.numel():
+            raise ValueError(f"{src.numel()} {src.dtype} values for a {dst.numel()} {dst.dtype} tensor")
+        if not self._cuda:
+            dst.copy_(src.view(dst.shape))
+            return
+        slot, staged = self._stage(src)
+        dst.copy_(staged.view(dst.shape), non_blocking=True)
+        self._record(slot)
+
+    def _stage(self, src: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """src written into the next pinned slot, once the copy that last read that slot has run."""
         slot = self._next
         self._next = (slot + 1) % len(self._bufs)
         nbytes = src.numel() * src.element_size()
+        if self._events[slot] is not None:
+            self._events[slot].synchronize()
         buf = self._bufs[slot]
         if buf is None or buf.numel() < nbytes:
-            if self._events[slot] is not None:
-                self._events[slot].synchronize()
             buf = self._bufs[slot] = torch.empty(max(nbytes, self._capacity), dtype=torch.uint8, pin_memory=True)
-        elif self._events[slot] is not None:
-            self._events[slot].synchronize()  # the copy that last read this slot has run
         staged = buf[:nbytes].view(src.dtype)
         staged.copy_(src)
-        out = staged.to(self.device, non_blocking=True)
+        return slot, staged
+
+    def _record(self, slot: int) -> None:
         event = self._events[slot] or torch.cuda.Event()
         event.record()
         self._events[slot] = event
+
+
+class HostResults:
+    """Device results -> persistent pinned host buffers: a ring of `slots` per dtype, no allocation
+    per step. A returned host view stays valid until `slots` more copies of its dtype were made,
+    so the reader (the scheduler reads each step's ids one step later) must read it before then."""
+
+    def __init__(self, slots: int = 8, capacity: int = 1024) -> None:
+        self._slots, self._capacity = slots, capacity
+        self._rings: dict[torch.dtype, list[torch.Tensor | None]] = {}
+        self._next: dict[torch.dtype, int] = {}
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A pinned host view of the 1-D device tensor `t`, filled by a copy enqueued on the current stream."""
+        ring = self._rings.setdefault(t.dtype, [None] * self._slots)
+        slot = self._next.get(t.dtype, 0)
+        self._next[t.dtype] = (slot + 1) % self._slots
+        buf = ring[slot]
+        if buf is None or buf.numel() < t.numel():
+            buf = ring[slot] = torch.empty(max(t.numel(), self._capacity), dtype=t.dtype, pin_memory=True)
+        out = buf[:t.numel()]
+        out.copy_(t, non_blocking=True)
         return out

@@ -29,3 +29,8 @@ class PageTable:
     @property
     def width(self) -> int:
         return self.slots.shape[1]
+
+    @property
+    def dump_cell(self) -> int:
+        """The spare row's last cell (flat index): ids sampled where nothing reads them land here."""
+        return self.spare_row * self.width + self.width - 1
