@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +37,14 @@ class Req:
     grammar: Any = None  # GrammarState of a constrained request, set once its grammar compiled
     # device_len below which another decode step may be scheduled (-1: none at all)
     max_device_len: int = field(init=False, default=-1)
+    # a step ending at `end` >= this takes the plain argmax as its next id (never: sys.maxsize)
+    argmax_from: int = field(init=False, default=sys.maxsize)
 
     def __post_init__(self) -> None:
         if self.max_output_tokens > 0:
             self.max_device_len = len(self.input_ids) + self.max_output_tokens
+        if self.params.argmax_only:  # before min_tokens, EOS and stop ids are suppressed
+            self.argmax_from = len(self.input_ids) + self.params.min_tokens
 
     @property
     def num_pages(self) -> int:

@@ -40,6 +40,13 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy without penalties or logprobs: the row's argmax is the next id (once
+        `min_tokens` no longer suppresses EOS / stop ids)."""
+        return (self.is_greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
+                and self.frequency_penalty == 0.0 and not self.logprobs)
+
     def validate(self) -> None:
         _check(1 <= self.max_tokens <= _INT32_MAX, "max_tokens", f"must be in [1, {_INT32_MAX}]", self.max_tokens)
         _check(_finite(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0", self.temperature)

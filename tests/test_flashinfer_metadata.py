@@ -604,3 +604,70 @@ def test_build_graph_runner_off_on_cpu_and_when_disabled(tiny_llama):
     config = EngineConfig.from_flat(model_path=tiny_llama, enable_cuda_graph=False)
     assert build_graph_runner(config, None, hooks, device="cuda", **kwargs) is None
     assert hooks.calls == []
+
+
+class _EagerGraphHooks:
+    """The graph hooks over the engine's torch backend: a 'replay' then runs the captured step
+    eagerly on the CPU (with `_StepOnCpu`), through the engine's real graph path."""
+
+    def __init__(self, attn):
+        self.attn = attn
+
+    def init_cuda_graph(self, max_bs):
+        pass
+
+    def prepare_for_capture(self, bs, layout):
+        self.attn.prepare(layout)
+
+    def prepare_for_replay(self, bs, layout):
+        self.attn.prepare(layout)
+
+    def __getattr__(self, name):  # forward / kv_target / attend
+        return getattr(self.attn, name)
+
+
+def _with_graph_runner_on_cpu(llm, max_bs=8):
+    engine = llm.scheduler.engine
+    table = engine.page_table
+    runner = CudaGraphRunner(engine.model, _EagerGraphHooks(engine.attn), max_bs=max_bs, vocab_size=engine.vocab_size,
+                             token_pool=table.tokens, slot_table=table.slots, table_width=table.width,
+                             spare_row=table.spare_row, dump_cell=table.dump_cell, logits_dtype=engine.dtype,
+                             device="cpu")
+    runner.graphs = {bs: _StepOnCpu(runner, bs) for bs in runner.sizes}
+    engine.graph_runner = runner
+    return runner
+
+
+def test_engine_graph_path_equals_eager_for_every_kind_of_sampling(tiny_llama):
+    """The engine's decode-graph path (padded static inputs, in-graph gathers, the graph's argmax
+    in the token pool, eager sampling over the graph's logits for the other rows) on the CPU:
+    the same tokens and logprobs as the eager path, for plain greedy batches and for batches
+    that mix greedy, logprobs, min_tokens and seeded temperature sampling."""
+    from minisgl_backend import LLM, SamplingParams
+
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [3] * 7, [20, 21], [30, 31, 32, 33]]
+    greedy = [SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)] * len(prompts)
+    mixed = [SamplingParams(max_tokens=9, temperature=0),
+             SamplingParams(max_tokens=9, temperature=0, logprobs=True),
+             SamplingParams(max_tokens=9, temperature=0, min_tokens=6),
+             SamplingParams(max_tokens=9, temperature=0.8, seed=11),
+             SamplingParams(max_tokens=9, temperature=0, repetition_penalty=1.3)]
+    results = {}
+    for use_graph in (False, True):
+        llm = LLM(tiny_llama, device="cpu", dtype="float32", page_size=4, max_total_tokens=512,
+                  enable_prefix_cache=False)
+        runner = _with_graph_runner_on_cpu(llm) if use_graph else None
+        replays = []
+        if runner is not None:
+            real = runner.replay
+            runner.replay = lambda host, staging: replays.append(host.rows.shape[0]) or real(host, staging)
+        results[use_graph] = [llm.generate(prompts, greedy), llm.generate(prompts, mixed)]
+        if runner is not None:
+            assert replays and max(replays) == 5, "the decode steps ran as 'graphs' (5 requests in a graph of 8)"
+        llm.shutdown()
+    for eager, graph in zip(results[False], results[True]):
+        assert [o["token_ids"] for o in graph] == [o["token_ids"] for o in eager]
+        for g, e in zip(graph, eager):
+            assert (g["logprobs"] is None) == (e["logprobs"] is None)
+            if e["logprobs"] is not None:
+                assert g["logprobs"] == pytest.approx(e["logprobs"], abs=1e-5)

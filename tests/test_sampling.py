@@ -410,3 +410,21 @@ def test_argmax_rows_equals_torch_argmax_with_ties_nan_and_masked_rows():
     with torch.inference_mode():
         y = torch.randn(4, 50)
         assert torch.equal(argmax_rows(y), y.argmax(dim=1))
+
+
+def test_requests_know_from_which_step_their_argmax_is_their_next_id():
+    """`Req.argmax_from`: the CUDA graph's argmax stands as the next id for plain greedy rows
+    once min_tokens no longer suppresses EOS; never for sampled, penalised or logprob rows."""
+    import sys
+
+    from minisgl_backend.batch import Req
+
+    def req(**params):
+        return Req(rid=0, input_ids=[1, 2, 3], params=SamplingParams(**params), seed=0, max_output_tokens=8)
+
+    assert req(temperature=0).argmax_from == 3
+    assert req(temperature=0, min_tokens=2).argmax_from == 5
+    assert req(top_k=1, temperature=0.7).argmax_from == 3
+    for params in (dict(temperature=0.7), dict(temperature=0, logprobs=True),
+                   dict(temperature=0, repetition_penalty=1.2), dict(temperature=0, presence_penalty=0.5)):
+        assert req(**params).argmax_from == sys.maxsize, params

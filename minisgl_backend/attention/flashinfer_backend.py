@@ -366,7 +366,7 @@ class FlashInferBackend:
         return wrapper
 
     def _check_graph_layout(self, bs: int, layout: BatchLayout) -> None:
-        if len(layout.seq_lens_cpu) != bs or any(n != 1 for n in layout.extend_lens_cpu):
+        if len(layout.seq_lens_cpu) != bs or list(layout.extend_lens_cpu).count(1) != bs:
             raise ValueError(f"a graph of batch size {bs} needs a padded decode layout of {bs} requests")
 
     def prepare_for_capture(self, bs: int, layout: BatchLayout) -> None:

@@ -16,7 +16,7 @@ from minisgl_backend.config import EngineConfig
 from minisgl_backend.distributed.group import destroy_distributed
 from minisgl_backend.engine.graph import build_graph_runner
 from minisgl_backend.engine.host_malloc import keep_freed_memory
-from minisgl_backend.engine.sampling import PenaltyInputs, Sampler, SamplingTensors, plain_greedy
+from minisgl_backend.engine.sampling import PenaltyInputs, Sampler, SamplingTensors, argmax_rows
 from minisgl_backend.engine.metadata import DeviceBatchIndices, HostBatchIndices
 from minisgl_backend.grammar.bitmask import apply_mask
 from minisgl_backend.kvcache import KVCache, PageTable
@@ -150,7 +150,9 @@ class Engine:
     def _forward_graph(self, batch: Batch, host: HostBatchIndices) -> ForwardResult:
         out = self.graph_runner.replay(host, self.staging)
         if self._greedy_argmax_suffices(batch):  # the graph's argmax, already in the token pool
-            return self._copy_to_host(out.greedy_ids, None)
+            # the next replay overwrites it: on CUDA it is copied out first, elsewhere cloned
+            ids = out.greedy_ids if self.device.type == "cuda" else out.greedy_ids.clone()
+            return self._copy_to_host(ids, None)
         next_ids, logprobs = self._sample(batch, out.logits)
         self.page_table.tokens.view(-1)[out.sampled_cells] = next_ids
         return self._copy_to_host(next_ids, logprobs)
@@ -158,13 +160,7 @@ class Engine:
     @staticmethod
     def _greedy_argmax_suffices(batch: Batch) -> bool:
         """Every row takes its plain argmax: greedy, no penalty, logprob, grammar or min_tokens."""
-        if batch.grammar_mask is not None:
-            return False
-        for it in batch.items:
-            p = it.req.params
-            if not plain_greedy(p) or (p.min_tokens and it.end - len(it.req.input_ids) < p.min_tokens):
-                return False
-        return True
+        return batch.grammar_mask is None and all(it.end >= it.req.argmax_from for it in batch.items)
 
     def _engine_stream(self):
         if self.stream is None:
@@ -173,6 +169,8 @@ class Engine:
         return torch.cuda.stream(self.stream)
 
     def _sample(self, batch: Batch, logits: torch.Tensor):
+        if self._greedy_argmax_suffices(batch):  # no per-row sampling state to build
+            return argmax_rows(logits), None
         if batch.grammar_mask is not None:  # structured output: forbidden tokens -> -inf before any sampling step
             logits = apply_mask(logits, batch.grammar_mask)
         reqs = [it.req for it in batch.items]

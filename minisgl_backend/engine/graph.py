@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -94,6 +94,7 @@ class StaticDecodeInputs:
     out_loc: torch.Tensor  # [max_bs] int64 KV slot of each new token (written by the graph)
     extend_lens: torch.Tensor  # [max_bs] int64, all ones
     last_token_indices: torch.Tensor  # [max_bs] int64, arange: one logit row per request
+    _views: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     FIELDS = ("token_cells", "positions", "rows", "seq_lens", "sampled_cells")
 
@@ -109,8 +110,11 @@ class StaticDecodeInputs:
         return self.out_loc.shape[0]
 
     def views(self, bs: int) -> dict[str, torch.Tensor]:
-        """The five rows of a graph of `bs` requests, by name (views into `packed`)."""
-        return {name: self.packed[i * bs:(i + 1) * bs] for i, name in enumerate(self.FIELDS)}
+        """The five rows of a graph of `bs` requests, by name (views into `packed`, made once per size)."""
+        views = self._views.get(bs)
+        if views is None:
+            views = self._views[bs] = {name: self.packed[i * bs:(i + 1) * bs] for i, name in enumerate(self.FIELDS)}
+        return views
 
     @staticmethod
     def host_values(host: HostBatchIndices, padded_bs: int, pad: Sequence[int]) -> np.ndarray:

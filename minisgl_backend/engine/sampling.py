@@ -236,8 +236,7 @@ class SamplingTensors:
 
 def plain_greedy(p: SamplingParams) -> bool:
     """Greedy without penalties or logprobs: the row's argmax is its next id."""
-    return (p.is_greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
-            and p.frequency_penalty == 0.0 and not p.logprobs)
+    return p.argmax_only
 
 
 # ---------------------------------------------------------------- penalties
