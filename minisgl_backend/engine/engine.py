@@ -153,7 +153,7 @@ class Engine:
             # the next replay overwrites it: on CUDA it is copied out first, elsewhere cloned
             ids = out.greedy_ids if self.device.type == "cuda" else out.greedy_ids.clone()
             return self._copy_to_host(ids, None)
-        next_ids, logprobs = self._sample(batch, out.logits)
+        next_ids, logprobs = self._sample_rows(batch, out.logits)
         self.page_table.tokens.view(-1)[out.sampled_cells] = next_ids
         return self._copy_to_host(next_ids, logprobs)
 
@@ -171,6 +171,10 @@ class Engine:
     def _sample(self, batch: Batch, logits: torch.Tensor):
         if self._greedy_argmax_suffices(batch):  # no per-row sampling state to build
             return argmax_rows(logits), None
+        return self._sample_rows(batch, logits)
+
+    def _sample_rows(self, batch: Batch, logits: torch.Tensor):
+        """Sampling with per-row state: temperature, penalties, logprobs, min_tokens, a grammar mask."""
         if batch.grammar_mask is not None:  # structured output: forbidden tokens -> -inf before any sampling step
             logits = apply_mask(logits, batch.grammar_mask)
         reqs = [it.req for it in batch.items]
