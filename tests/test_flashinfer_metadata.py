@@ -443,7 +443,7 @@ class _FakeWrapperBase:
 
 
 class _FakeDecode(_FakeWrapperBase):
-    PLAN_KWARGS = frozenset({"pos_encoding_mode", "q_data_type", "kv_data_type", "non_blocking"})
+    PLAN_KWARGS = frozenset({"pos_encoding_mode", "q_data_type", "kv_data_type", "non_blocking", "seq_lens"})
 
     def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, use_tensor_cores=False,
                  paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None,
@@ -458,6 +458,9 @@ class _FakeDecode(_FakeWrapperBase):
 
     def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, **kwargs):
         bsz = len(last_page_len)
+        if kwargs.get("seq_lens") is not None:  # must be what flashinfer would derive (get_seq_lens)
+            derived = (indptr[1:] - indptr[:-1] - 1) * page_size + last_page_len
+            assert kwargs["seq_lens"].device.type == "cpu" and kwargs["seq_lens"].tolist() == derived.tolist()
         self._store(torch.arange(bsz + 1, dtype=torch.int32), indptr, indices, last_page_len, kwargs, page_size, False)
 
     def run(self, q, paged_kv_cache):

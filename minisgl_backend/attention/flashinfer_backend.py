@@ -285,7 +285,7 @@ class FlashInferBackend:
             md.kv_indptr, self._no_indices if indices_in_place else md.kv_indices, md.kv_last_page_len,
             self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
             pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.kv_dtype,
-            non_blocking=True,
+            non_blocking=True, seq_lens=md.seq_lens,  # known here: plan() need not derive them
         )
 
     def _plan_prefill(self, md: PagedMetadata) -> None:
