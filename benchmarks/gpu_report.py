@@ -1,7 +1,7 @@
 """The numbers of one `gpu-check.sh` run next to the GPU issue's targets, as one JSON document.
 
 Reads what the stages wrote into RESULTS_DIR (decode_step.json, decode_step_unfused.json,
-engine.json, engine_normal.json, hf.json, serving.json; a missing or failed stage leaves its
+decode_step_triton.json, engine.json, engine_normal.json, hf.json, serving.json; a missing or failed stage leaves its
 rows out) and prints, per target, the measured value and whether it is met, then the decode
 steps per batch size (with the fused attention prologue against separate kernels) and the
 serving latencies.
@@ -76,9 +76,11 @@ def _met(value: float, comparison: str, target: float) -> bool:
 
 def decode_table(results: Path) -> list[dict]:
     """Per batch size: the step alone and in the loop, host time, kernels per layer, and the same
-    step with the attention prologue as separate kernels (where that stage ran)."""
+    step with the attention prologue as separate kernels and with the Triton decode attention
+    (where those stages ran)."""
     fused = decode_rows(read_json(results / "decode_step.json"))
     unfused = decode_rows(read_json(results / "decode_step_unfused.json"))
+    triton = decode_rows(read_json(results / "decode_step_triton.json"))
     table = []
     for bs, row in sorted(fused.items()):
         entry = {k: row.get(k) for k in ("batch_size", "step_ms", "loop_step_ms", "host_ms", "kernels_per_layer",
@@ -89,6 +91,12 @@ def decode_table(results: Path) -> list[dict]:
             entry["unfused_loop_step_ms"] = other.get("loop_step_ms")
             entry["unfused_kernels_per_layer"] = other["kernels_per_layer"]
             entry["prologue_speedup"] = other["step_ms"] / row["step_ms"]
+        other = triton.get(bs)
+        if other is not None:
+            entry["triton_decode_step_ms"] = other["step_ms"]
+            entry["triton_decode_loop_step_ms"] = other.get("loop_step_ms")
+            entry["triton_decode_host_ms"] = other.get("host_ms")
+            entry["triton_decode_kernels_per_layer"] = other["kernels_per_layer"]
         table.append(entry)
     return table
 

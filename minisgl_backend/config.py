@@ -145,6 +145,9 @@ class EngineConfig:
     # with layer_ops auto: each layer's q/k norm, rope and K/V store in one kernel (Triton on
     # CUDA, compiled C on the CPU); false runs them as separate kernels
     fuse_attention_prologue: bool = True
+    # decode attention on flashinfer: its kernel (a host plan() per step) or triton (reads the
+    # page table on the device: no host planning, CUDA graphs replay without it)
+    decode_attention: str = "flashinfer"
 
     def validate(self) -> "EngineConfig":
         for section in (self.model, self.cache, self.scheduler, self.parallel, self.graph, self.frontend,
@@ -154,6 +157,8 @@ class EngineConfig:
             raise ConfigError("attention_backend must be auto, torch, cpu or flashinfer")
         if self.layer_ops not in ("auto", "torch"):
             raise ConfigError("layer_ops must be auto or torch")
+        if self.decode_attention not in ("flashinfer", "triton"):
+            raise ConfigError("decode_attention must be flashinfer or triton")
         return self
 
     @property

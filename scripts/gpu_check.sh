@@ -9,7 +9,8 @@
 # runs the gpu tests and every GPU benchmark, one process each, within a total of 8 minutes
 # (each stage gets what is left of the budget, capped by its own limit). Everything lands in
 # RESULTS_DIR: gpu_tests.log, decode_step.json, decode_step_unfused.json (the attention prologue
-# as separate kernels), engine.json, engine_normal.json, graph_launch.json,
+# as separate kernels), decode_step_triton.json (Triton decode attention), engine.json,
+# engine_normal.json, graph_launch.json,
 # scheduler_cpu.json, hf.json, serving.json, summary.json (one line per stage: rc, seconds),
 # report.json (benchmarks/gpu_report.py: every target next to what was measured),
 # traces/ (chrome traces of the profiled decode steps), and
@@ -88,9 +89,10 @@ stage gpu_tests 240 "$R/gpu_tests.log" \
 stage build 60 "$R/build.json" "$PY" benchmarks/gpu_drive.py build "$MODEL"
 stage decode_step 120 "$R/decode_step.json" \
   "$PY" benchmarks/decode_step.py --model "$MODEL" --device cuda --dtype bfloat16 --trace-dir "$R/traces" --host-profile
+# the A/B of the decode attention kernel: Triton (no host plan per step) against flashinfer's
+stage decode_step_triton 60 "$R/decode_step_triton.json" "$PY" benchmarks/decode_step.py --model "$MODEL" \
+  --device cuda --dtype bfloat16 --batch-sizes 1 64 256 --settings decode_attention=triton
 stage engine 75 "$R/engine.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL"
-# what cudaGraphLaunch costs the host per node, by node kind (the largest item of a step's host time)
-stage graph_launch 40 "$R/graph_launch.json" "$PY" benchmarks/graph_launch.py
 if ls "$LIBPY"/libpython3.12.so* > /dev/null 2>&1; then
   stage serving 180 "$R/serving.json" "$PY" benchmarks/triton_latency.py --model "$MODEL" \
     --concurrency 1 16 64 256 --output-len 64 --settings device=cuda dtype=bfloat16
@@ -98,6 +100,8 @@ else
   echo "=== serving skipped: $LIBPY has no libpython3.12.so (the Python backend stub links it)"
   summary serving '"no libpython3.12.so"' 0
 fi
+# what cudaGraphLaunch costs the host per node, by node kind (the largest item of a step's host time)
+stage graph_launch 40 "$R/graph_launch.json" "$PY" benchmarks/graph_launch.py
 # after serving: the HF baseline is the one stage that a later run can reuse
 stage hf 70 "$R/hf.json" "$PY" benchmarks/gpu_drive.py hf "$MODEL" --max-new 256
 # the A/B of the fused attention prologue (Triton): the same decode steps with separate kernels

@@ -674,3 +674,45 @@ def test_engine_graph_path_equals_eager_for_every_kind_of_sampling(tiny_llama):
             assert (g["logprobs"] is None) == (e["logprobs"] is None)
             if e["logprobs"] is not None:
                 assert g["logprobs"] == pytest.approx(e["logprobs"], abs=1e-5)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_triton_decode_kernel_plans_nothing_and_reads_the_page_table(fake_flashinfer, monkeypatch, page_size):
+    """decode_kernel "triton": decode batches (eager, captured, replayed) go to the Triton kernel
+    with the layout's device rows / lengths and the page table, and plan() never runs for them;
+    prefill still plans flashinfer. (The kernel itself: tests/test_triton_decode.py; here a torch
+    stand-in with its signature.)"""
+    from minisgl_backend.attention import triton_decode
+    from tests.test_triton_decode import reference_decode
+
+    calls = []
+
+    def stand_in(q, k_pool, v_pool, slot_table, rows, seq_lens, splits):
+        calls.append((rows, seq_lens, splits))
+        return reference_decode(q, k_pool, v_pool, slot_table, rows, seq_lens).to(q.dtype)
+
+    monkeypatch.setattr(triton_decode, "paged_decode_attention", stand_in)
+    monkeypatch.setattr(triton_decode, "unsupported_reason", lambda head_dim, dtype: None)
+    table, cache, layout, qkv = _backend_case(page_size, True, seed=7)
+    ref_cache = _clone_cache(cache)
+    ref = TorchAttentionBackend(ref_cache, table)
+    fi = fake_flashinfer.FlashInferBackend(cache, table, 4, 2, 8, torch.float32, "cpu", max_batch_size=8,
+                                           decode_kernel="triton")
+    ref.prepare(layout)
+    fi.prepare(layout)
+    for layer, (q, k, v) in enumerate(qkv):
+        torch.testing.assert_close(fi.forward(q, k, v, layer), ref.forward(q, k, v, layer), atol=1e-5, rtol=1e-5)
+        assert torch.equal(cache.k[layer], ref_cache.k[layer]), "K/V stored as before"
+    assert fi.decode_wrapper.num_plans == 0 and [c[2] for c in calls] == [triton_decode.num_splits(5, 2, 132)] * 2
+    assert calls[0][0] is layout.rows and calls[0][1] is layout.seq_lens
+    fi.init_cuda_graph(8)
+    st = StaticDecodeInputs.allocate(8, "cpu")
+    fi.prepare_for_capture(8, st.layout(8, [1] * 8))
+    fi.prepare_for_replay(8, st.layout(8, [3] * 8))
+    assert fi._graph_wrappers == {} and fi._triton_decode[0] is st.views(8)["rows"]
+    _, _, prefill, _ = _backend_case(page_size, False, seed=8)
+    fi.prepare(prefill)
+    assert fi._triton_decode is None and fi.prefill_wrapper.num_plans == 1
+    with pytest.raises(ValueError):
+        fake_flashinfer.FlashInferBackend(cache, table, 4, 2, 8, torch.float32, "cpu", max_batch_size=8,
+                                          decode_kernel="nope")

@@ -18,6 +18,8 @@ def test_targets_are_read_from_the_stage_outputs(tmp_path):
     (tmp_path / "decode_step.json").write_text(json.dumps(decode, indent=2))
     unfused = {"results": [_step(1, 1.5, 0.6, 13, 0.2), _step(256, 3.3, 1.0, 14, 0.4)]}
     (tmp_path / "decode_step_unfused.json").write_text(json.dumps(unfused))
+    triton = {"results": [_step(64, 1.6, 0.15, 10, 0.4)]}
+    (tmp_path / "decode_step_triton.json").write_text(json.dumps(triton))
     (tmp_path / "engine.json").write_text(json.dumps({"stage": "engine", "output_tok_per_s": 30000.0}) + "\n")
     (tmp_path / "hf.json").write_text(json.dumps({"stage": "hf", "output_tok_per_s": 1000.0}))
     (tmp_path / "serving.json").write_text("{\"results\": [")  # the stage was killed mid-write
@@ -34,6 +36,9 @@ def test_targets_are_read_from_the_stage_outputs(tmp_path):
     rows = {r["batch_size"]: r for r in out["decode_steps"]}
     assert abs(rows[1]["prologue_speedup"] - 1.5 / 1.1) < 1e-9 and rows[1]["unfused_kernels_per_layer"] == 13
     assert "prologue_speedup" not in rows[64]  # that stage did not run bs 64
+    assert rows[64]["triton_decode_step_ms"] == 1.6 and rows[64]["triton_decode_host_ms"] == 0.15
+    assert targets["loop_step_ms_bs1"] == (1.1 * 0.8, True)
+    assert "triton_decode_step_ms" not in rows[1]
     assert out["serving"] == [] and out["stages"][0]["stage"] == "gpu_tests"
 
 

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from minisgl_backend.attention import triton_decode
 from minisgl_backend.attention.base import BatchLayout
 from minisgl_backend.kvcache.staging import HostStaging
 from minisgl_backend.kvcache import KVCache
@@ -204,8 +205,12 @@ class FlashInferBackend:
     def __init__(self, kv_cache: KVCache, page_table: torch.Tensor, num_qo_heads: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str,
                  max_batch_size: int, *, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-                 use_tensor_cores: bool | None = None) -> None:
+                 use_tensor_cores: bool | None = None, decode_kernel: str = "flashinfer") -> None:
         reason = flashinfer_unsupported_reason(head_dim, dtype, device)
+        if reason is None and decode_kernel == "triton":
+            reason = triton_decode.unsupported_reason(head_dim, dtype)
+        elif reason is None and decode_kernel != "flashinfer":
+            reason = f"decode_kernel must be flashinfer or triton, got {decode_kernel!r}"
         if reason is not None:
             raise ValueError(reason)
         if num_qo_heads % num_kv_heads:
@@ -243,6 +248,11 @@ class FlashInferBackend:
         self._share_int_workspace(self.decode_wrapper)
 
         self._wrapper = None  # the wrapper planned for the current batch
+        # or, with decode_kernel "triton", the current decode batch's (rows, seq_lens, splits)
+        self.decode_kernel = decode_kernel
+        self._sm_count = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                          if self.device.type == "cuda" else 132)
+        self._triton_decode: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self._out_loc: torch.Tensor | None = None
         self._plan_done: torch.cuda.Event | None = None
 
@@ -308,7 +318,22 @@ class FlashInferBackend:
 
     # ------------------------------------------------------------ protocol
 
+    def _use_triton_decode(self, layout: BatchLayout) -> bool:
+        """With decode_kernel "triton", a decode batch needs no plan: the kernel reads the rows
+        and lengths on the device (a graph's static buffers when captured)."""
+        if self.decode_kernel != "triton" or not layout.is_decode:
+            return False
+        bs = len(layout.seq_lens_cpu)
+        self._triton_decode = (layout.rows, layout.seq_lens, triton_decode.num_splits(bs, self.num_kv_heads,
+                                                                                      self._sm_count))
+        self._wrapper = None
+        self._out_loc = layout.out_loc
+        return True
+
     def prepare(self, layout: BatchLayout) -> None:
+        if self._use_triton_decode(layout):
+            return
+        self._triton_decode = None
         self._before_plan()
         md = self._metadata(layout)
         if layout.is_decode and all(n == 1 for n in layout.extend_lens_cpu):
@@ -321,7 +346,7 @@ class FlashInferBackend:
         self._out_loc = layout.out_loc
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
-        assert self._wrapper is not None and self._out_loc is not None, "prepare() must run before forward()"
+        assert self._out_loc is not None, "prepare() must run before forward()"
         self.kv_cache.store(layer_id, self._out_loc, k, v)
         return self.attend(q, layer_id)
 
@@ -330,6 +355,12 @@ class FlashInferBackend:
         return self.kv_cache.k[layer_id], self.kv_cache.v[layer_id], self._out_loc
 
     def attend(self, q: torch.Tensor, layer_id: int) -> torch.Tensor:
+        if self._triton_decode is not None:
+            rows, seq_lens, splits = self._triton_decode
+            out = triton_decode.paged_decode_attention(q.contiguous(), self.kv_cache.k[layer_id],
+                                                       self.kv_cache.v[layer_id], self.page_table, rows,
+                                                       seq_lens, splits)
+            return out.reshape(q.shape[0], self.num_qo_heads * self.head_dim)
         assert self._wrapper is not None, "prepare() must run before attend()"
         out = self._wrapper.run(q.contiguous(), self._paged_kv(layer_id))
         return out.reshape(q.shape[0], self.num_qo_heads * self.head_dim)
@@ -373,6 +404,8 @@ class FlashInferBackend:
         """Plan the bs-wrapper on a dummy (padded) decode layout whose `out_loc` is the graph's
         static out_loc buffer; `forward()` then records that wrapper's kernels into the graph."""
         self._check_graph_layout(bs, layout)
+        if self._use_triton_decode(layout):
+            return
         wrapper = self._graph_wrapper(bs)
         self._plan_graph(wrapper, layout)
         self._wrapper = wrapper
@@ -381,6 +414,8 @@ class FlashInferBackend:
     def prepare_for_replay(self, bs: int, layout: BatchLayout) -> None:
         """Re-plan the bs-wrapper for the real (padded) batch; plan() refills the fixed buffers."""
         self._check_graph_layout(bs, layout)
+        if self._use_triton_decode(layout):  # nothing to plan: the graph reads its static rows / lengths
+            return
         if bs not in self._graph_wrappers:
             raise RuntimeError(f"no graph was captured for batch size {bs}")
         self._plan_graph(self._graph_wrappers[bs], layout)

@@ -1,0 +1,77 @@
+"""The Triton kernels behind `triton_decode.py` (imported only where triton is installed).
+
+`decode_split_kernel`: one program per (request, KV head, split). It attends the GROUP query heads
+that share the KV head to positions [split * chunk, (split + 1) * chunk) of the request, chunk =
+ceil(length / NUM_SPLITS), reading each position's KV slot from the page table row. With one
+split it writes the output; otherwise each split's normalised output and log-sum-exp.
+`decode_merge_kernel`: one program per (request, query head), the splits weighted by their
+log-sum-exp. Left undecorated: `triton_decode.decode_kernels()` jits them.
+"""
+
+import triton.language as tl
+
+
+def decode_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, slot_table_ptr, rows_ptr, seq_lens_ptr,
+                        part_out_ptr, part_lse_ptr, out_ptr, table_width, sm_scale,
+                        NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    length = tl.load(seq_lens_ptr + b).to(tl.int32)
+    chunk = tl.cdiv(length, NUM_SPLITS)
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    g_mask = g < GROUP
+    heads = kv_head * GROUP + g
+    q_rows = b * (NUM_KV_HEADS * GROUP) + heads
+    q = tl.load(q_ptr + q_rows[:, None] * HEAD_DIM + d[None, :], mask=g_mask[:, None], other=0.0)
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < end
+        slot = tl.load(slot_table_ptr + row * table_width + n, mask=n_mask, other=0).to(tl.int64)
+        kv = (slot * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + d[None, :]
+        k = tl.load(k_pool_ptr + kv, mask=n_mask[:, None], other=0.0)
+        v = tl.load(v_pool_ptr + kv, mask=n_mask[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * sm_scale
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+
+    safe_l = tl.where(l > 0, l, 1.0)
+    if NUM_SPLITS == 1:
+        out = acc / safe_l[:, None]
+        tl.store(out_ptr + q_rows[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=g_mask[:, None])
+    else:
+        parts = q_rows * NUM_SPLITS + split
+        tl.store(part_out_ptr + parts[:, None] * HEAD_DIM + d[None, :], acc / safe_l[:, None], mask=g_mask[:, None])
+        lse = tl.where(l > 0, m + tl.log(safe_l), float("-inf"))
+        tl.store(part_lse_ptr + parts, lse, mask=g_mask)
+
+
+def decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr,
+                        HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    q_row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, SPLITS_PAD)
+    s_mask = s < NUM_SPLITS
+    lse = tl.load(part_lse_ptr + q_row * NUM_SPLITS + s, mask=s_mask, other=float("-inf"))
+    weight = tl.exp(lse - tl.max(lse, 0))  # split 0 is never empty: the maximum is finite
+    weight = weight / tl.sum(weight, 0)
+    d = tl.arange(0, HEAD_DIM)
+    parts = tl.load(part_out_ptr + (q_row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
+                    mask=s_mask[:, None], other=0.0)
+    out = tl.sum(parts * weight[:, None], 0)
+    tl.store(out_ptr + q_row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
