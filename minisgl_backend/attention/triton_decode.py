@@ -33,9 +33,11 @@ def decode_kernels() -> tuple[Any, Any]:
 
     from minisgl_backend.attention.triton_decode_kernel import decode_merge_kernel, decode_split_kernel
 
-    # rows / lengths are slices of a packed buffer: one compiled variant whatever their alignment
-    split = triton.jit(decode_split_kernel, do_not_specialize_on_alignment=["rows_ptr", "seq_lens_ptr"])
-    return split, triton.jit(decode_merge_kernel)
+    # rows / lengths are slices of a packed buffer: one compiled variant whatever their alignment;
+    # the split count is not specialised on either (one variant per SPLIT, whatever the batch)
+    split = triton.jit(decode_split_kernel, do_not_specialize=["num_splits"],
+                       do_not_specialize_on_alignment=["rows_ptr", "seq_lens_ptr"])
+    return split, triton.jit(decode_merge_kernel, do_not_specialize=["num_splits"])
 
 
 def num_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
@@ -68,12 +70,14 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         part_lse = torch.empty(batch * num_q_heads * splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"splits must be in [1, {MAX_SPLITS}], got {splits}")
     split_kernel[(batch, num_kv_heads, splits)](
         q, k_pool, v_pool, slot_table, rows, seq_lens, part_out, part_lse, out, slot_table.stride(0),
-        1.0 / math.sqrt(head_dim),
+        1.0 / math.sqrt(head_dim), splits,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
-        HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, NUM_SPLITS=splits, num_warps=4)
+        HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, SPLIT=splits > 1, num_warps=4)
     if splits > 1:
-        merge_kernel[(batch * num_q_heads,)](part_out, part_lse, out, HEAD_DIM=head_dim, NUM_SPLITS=splits,
-                                            SPLITS_PAD=max(2, 1 << (splits - 1).bit_length()), num_warps=1)
+        merge_kernel[(batch * num_q_heads,)](part_out, part_lse, out, splits, HEAD_DIM=head_dim,
+                                            SPLITS_PAD=MAX_SPLITS, num_warps=1)
     return out
