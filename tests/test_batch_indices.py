@@ -106,3 +106,24 @@ def test_kv_store_writes_an_adjacent_pair_at_once_and_equals_two_writes():
     assert torch.equal(a.k[1][loc], k) and torch.equal(a.v[1][loc], v)
     assert a.k[1].is_contiguous() and a.v[1].is_contiguous()
     assert not a.k[0].any()
+
+
+def test_host_results_reuse_a_buffer_only_once_its_view_is_gone():
+    """The scheduler reads a step's ids a step later, fault isolation drops results unread, and a
+    benchmark may hold one longer: a buffer is handed out again only when nothing can read it."""
+    import gc
+
+    from minisgl_backend.kvcache.staging import HostResults
+
+    results = HostResults(capacity=8, pin=False)
+    held = results.copy(torch.arange(4))
+    others = [results.copy(torch.full((4,), i)) for i in range(20)]  # more steps than any ring
+    assert held.tolist() == [0, 1, 2, 3], "a result still held is never overwritten"
+    dropped = {t.data_ptr() for t in others}
+    assert len(dropped) == 20 and held.data_ptr() not in dropped
+    del others
+    gc.collect()
+    again = results.copy(torch.tensor([7, 8]))
+    assert again.tolist() == [7, 8] and again.data_ptr() in dropped, "a dropped result's buffer is reused"
+    assert results.copy(torch.arange(20)).tolist() == list(range(20)), "larger than every free buffer"
+    assert results.copy(torch.tensor([0.5])).dtype == torch.float32, "pooled per dtype"

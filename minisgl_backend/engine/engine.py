@@ -31,8 +31,8 @@ _CPU_KV_BUDGET_BYTES = 1 << 30  # default KV pool on CPU when max_total_tokens i
 @dataclass
 class ForwardResult:
     next_ids: torch.Tensor  # [B] on the device
-    # [B] host copy, valid once `ready` has fired; on CUDA a view of a reused pinned buffer
-    # (`HostResults`): read it before 8 more steps have run (the scheduler reads it one step later)
+    # [B] host copy, valid once `ready` has fired; on CUDA a view of a pinned buffer that is
+    # reused once this view is gone (`HostResults`)
     next_ids_host: torch.Tensor
     logprobs_host: torch.Tensor | None
     ready: torch.cuda.Event | None  # None on CPU: the copy is already done

@@ -4,6 +4,8 @@ no allocation, no sync."""
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -68,23 +70,26 @@ class HostStaging:
 
 
 class HostResults:
-    """Device results -> persistent pinned host buffers: a ring of `slots` per dtype, no allocation
-    per step. A returned host view stays valid until `slots` more copies of its dtype were made,
-    so the reader (the scheduler reads each step's ids one step later) must read it before then."""
+    """Device results -> persistent pinned host buffers, no allocation per step. A buffer goes back
+    to the pool when the host view handed out for it is gone: the scheduler reads a step's ids one
+    step later, fault isolation drops some results unread, and a result held longer (a benchmark
+    that waits on it twice) is never overwritten. A buffer returned while its copy is still in
+    flight is safe too: the next copy into it is ordered after it on the stream."""
 
-    def __init__(self, slots: int = 8, capacity: int = 1024) -> None:
-        self._slots, self._capacity = slots, capacity
-        self._rings: dict[torch.dtype, list[torch.Tensor | None]] = {}
-        self._next: dict[torch.dtype, int] = {}
+    def __init__(self, capacity: int = 1024, pin: bool = True) -> None:
+        self._capacity, self._pin = capacity, pin
+        self._free: dict[torch.dtype, list[torch.Tensor]] = {}
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
-        """A pinned host view of the 1-D device tensor `t`, filled by a copy enqueued on the current stream."""
-        ring = self._rings.setdefault(t.dtype, [None] * self._slots)
-        slot = self._next.get(t.dtype, 0)
-        self._next[t.dtype] = (slot + 1) % self._slots
-        buf = ring[slot]
-        if buf is None or buf.numel() < t.numel():
-            buf = ring[slot] = torch.empty(max(t.numel(), self._capacity), dtype=t.dtype, pin_memory=True)
-        out = buf[:t.numel()]
+        """A host view of the 1-D device tensor `t`, filled by a copy enqueued on the current stream."""
+        free = self._free.setdefault(t.dtype, [])
+        n = t.numel()
+        fits = [i for i, buf in enumerate(free) if buf.numel() >= n]
+        if fits:
+            buf = free.pop(fits[-1])
+        else:
+            buf = torch.empty(max(n, self._capacity), dtype=t.dtype, pin_memory=self._pin)
+        out = buf[:n]
         out.copy_(t, non_blocking=True)
+        weakref.finalize(out, free.append, buf)
         return out
