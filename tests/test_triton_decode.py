@@ -109,6 +109,7 @@ def test_kernels_compile_for_hopper_without_a_gpu(splits):
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert len(compiled.asm["cubin"]) > 1000
     assert "mma" in compiled.asm["ptx"], "the two products run on tensor cores"
+    assert "cp.async" in compiled.asm["ptx"], "the position loop is software-pipelined"
     merge_sig = {"part_out_ptr": ptr("fp32"), "part_lse_ptr": ptr("fp32"), "out_ptr": ptr("bf16"),
                  "num_splits": "i32"}
     merge_consts = {"HEAD_DIM": 128, "SPLITS_PAD": MAX_SPLITS}

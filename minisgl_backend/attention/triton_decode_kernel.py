@@ -35,7 +35,8 @@ def decode_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, slot_table_ptr, rows_ptr,
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+    # pipelined (cp.async): the next tiles' slots and K/V load while this one computes
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=3):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
         slot = tl.load(slot_table_ptr + row * table_width + n, mask=n_mask, other=0).to(tl.int64)
