@@ -56,12 +56,12 @@ def _llm(model_dir: str, **extra):
     return llm
 
 
-def engine(model_dir: str, overlap: bool) -> dict:
-    llm = _llm(model_dir, enable_overlap=overlap)
+def engine(model_dir: str, overlap: bool, settings: dict[str, str] | None = None) -> dict:
+    llm = _llm(model_dir, enable_overlap=overlap, **(settings or {}))
     prompts, outputs = workload()
     result = run_engine(llm, prompts, outputs)
     eng = llm.scheduler.engine
-    result.update(overlap=overlap, layer_ops=eng.model.ops.name, attention=type(eng.attn).__name__,
+    result.update(overlap=overlap, settings=settings or {}, layer_ops=eng.model.ops.name, attention=type(eng.attn).__name__,
                   cuda_graph=eng.graph_runner is not None, num_pages=eng.num_pages,
                   max_mem_gb=torch.cuda.max_memory_allocated() / 2**30)
     return result
@@ -88,11 +88,14 @@ def main() -> None:
     p.add_argument("model_dir")
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--max-new", type=int, default=0)
+    p.add_argument("--settings", nargs="*", default=[], help="engine: more engine settings as key=value, "
+                   "e.g. decode_attention=triton")
     args = p.parse_args()
     if args.stage == "build":
         out = build(args.model_dir)
     elif args.stage == "engine":
-        out = engine(args.model_dir, overlap=not args.no_overlap)
+        out = engine(args.model_dir, overlap=not args.no_overlap,
+                     settings=dict(kv.split("=", 1) for kv in args.settings))
     elif args.stage == "scheduler_cpu":
         out = scheduler_cpu(args.model_dir)
     else:

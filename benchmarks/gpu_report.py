@@ -116,8 +116,11 @@ def report(results: Path) -> dict:
     summary = results / "summary.json"
     if summary.exists():
         stages = [json.loads(line) for line in summary.read_text().splitlines() if line.strip()]
+    offline = {name: (read_json(results / f"{name}.json") or {}).get("output_tok_per_s")
+               for name in ("engine", "engine_triton", "engine_normal", "hf")}
     return {"results": str(results), "stages": stages, "targets": targets,
-            "decode_steps": decode_table(results), "serving": serving_table(results)}
+            "decode_steps": decode_table(results), "offline_output_tok_per_s": offline,
+            "serving": serving_table(results)}
 
 
 def main() -> None:

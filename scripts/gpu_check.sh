@@ -10,7 +10,7 @@
 # (each stage gets what is left of the budget, capped by its own limit). Everything lands in
 # RESULTS_DIR: gpu_tests.log, decode_step.json, decode_step_unfused.json (the attention prologue
 # as separate kernels), decode_step_triton.json (Triton decode attention), engine.json,
-# engine_normal.json, graph_launch.json,
+# engine_triton.json, engine_normal.json, graph_launch.json,
 # scheduler_cpu.json, hf.json, serving.json, summary.json (one line per stage: rc, seconds),
 # report.json (benchmarks/gpu_report.py: every target next to what was measured),
 # traces/ (chrome traces of the profiled decode steps), and
@@ -100,6 +100,9 @@ else
   echo "=== serving skipped: $LIBPY has no libpython3.12.so (the Python backend stub links it)"
   summary serving '"no libpython3.12.so"' 0
 fi
+# the offline run with the Triton decode attention
+stage engine_triton 75 "$R/engine_triton.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL" \
+  --settings decode_attention=triton
 # what cudaGraphLaunch costs the host per node, by node kind (the largest item of a step's host time)
 stage graph_launch 40 "$R/graph_launch.json" "$PY" benchmarks/graph_launch.py
 # after serving: the HF baseline is the one stage that a later run can reuse

@@ -40,6 +40,8 @@ def test_targets_are_read_from_the_stage_outputs(tmp_path):
     assert targets["loop_step_ms_bs1"] == (1.1 * 0.8, True)
     assert "triton_decode_step_ms" not in rows[1]
     assert out["serving"] == [] and out["stages"][0]["stage"] == "gpu_tests"
+    assert out["offline_output_tok_per_s"] == {"engine": 30000.0, "engine_triton": None, "engine_normal": None,
+                                               "hf": 1000.0}
 
 
 def test_an_empty_results_folder_reports_nothing_measured(tmp_path):
