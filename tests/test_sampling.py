@@ -343,6 +343,15 @@ def test_hash32_matches_reference(xs):
     assert got == [_lowbias32_ref(x) for x in xs]
 
 
+def test_uniform_from_the_extreme_bit_patterns_stays_inside_the_open_interval():
+    """All-ones and all-zeros hash bits: u never rounds to 1.0 (an infinite Gumbel sample) or 0."""
+    from minisgl_backend.engine.sampling import _uniform_from_bits_
+
+    u = _uniform_from_bits_(torch.tensor([0, 2**32 - 1, 2**31, 2**32 - 2**10], dtype=torch.int64))
+    assert bool((u > 0).all()) and bool((u < 1).all()) and u.unique().numel() == 4
+    assert bool(torch.isfinite(-torch.log(-torch.log(u))).all())
+
+
 @settings(max_examples=100, deadline=None)
 @given(hs.lists(hs.tuples(hs.integers(0, 2**63 - 1), hs.integers(0, 2**40)), min_size=1, max_size=6),
        hs.integers(1, 300))

@@ -88,8 +88,10 @@ def _index_hash(vocab_size: int, device: torch.device) -> torch.Tensor:
 
 
 def _uniform_from_bits_(x: torch.Tensor) -> torch.Tensor:
-    # top 24 bits -> float32 exactly; +0.5 keeps it strictly inside (0, 1)
-    return x.bitwise_right_shift_(8).to(torch.float32).add_(0.5).mul_(1.0 / 16777216.0)
+    # top 23 bits + 0.5, exact in float32 (24 significant bits), times 2^-23: strictly inside
+    # (0, 1). With 24 bits, 2^24 - 1 + 0.5 rounds to 2^24, i.e. u = 1.0 and an infinite Gumbel
+    # sample for one index in 2^24: ~1 % of the rows of a 150k vocabulary.
+    return x.bitwise_right_shift_(9).to(torch.float32).add_(0.5).mul_(1.0 / 8388608.0)
 
 
 def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int,
