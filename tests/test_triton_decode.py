@@ -117,3 +117,45 @@ def test_kernels_compile_for_hopper_without_a_gpu(splits):
     merged = triton.compile(ASTSource(fn=merge_kernel, signature=merge_sig, constexprs=merge_consts),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
     assert len(merged.asm["cubin"]) > 500
+
+
+_ENGINE = textwrap.dedent("""
+    import sys, types, torch
+    sys.path.insert(0, {root!r})
+    import minisgl_backend.attention.flashinfer_backend as fib
+    from tests.test_flashinfer_metadata import _FakeDecode, _FakeEvent, _FakePrefill
+    from minisgl_backend import LLM, SamplingParams
+
+    module = types.ModuleType("flashinfer")
+    module.BatchDecodeWithPagedKVCacheWrapper, module.BatchPrefillWithPagedKVCacheWrapper = _FakeDecode, _FakePrefill
+    sys.modules["flashinfer"] = module
+    fib.flashinfer_unsupported_reason = lambda *a: None
+    torch.cuda.Event = _FakeEvent
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [3] * 19, [20, 21]]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outs = {{}}
+    for name, settings in (("triton", dict(attention_backend="flashinfer", decode_attention="triton")),
+                           ("torch", dict(attention_backend="torch"))):
+        llm = LLM({model!r}, device="cpu", dtype="float16", page_size=4, max_total_tokens=256,
+                  layer_ops="torch", **settings)
+        assert (name == "triton") == (getattr(llm.scheduler.engine.attn, "decode_kernel", None) == "triton")
+        outs[name] = [o["token_ids"] for o in llm.generate(prompts, params)]
+        llm.shutdown()
+    assert outs["triton"] == outs["torch"], outs
+    print("engine decode ok", outs["triton"])
+""")
+
+
+@pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
+def test_engine_decodes_through_the_triton_kernel_like_the_torch_backend(tmp_path):
+    """The whole engine in fp16 with decode_attention=triton (prefill on the flashinfer stand-in,
+    every decode step in the Triton kernel, interpreted) generates the torch backend's tokens."""
+    from minisgl_backend.tools.make_tiny_model import make_tiny_model
+
+    model = make_tiny_model(str(tmp_path / "tiny"), arch="llama", hidden_size=64, num_heads=4, num_kv_heads=2)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _ENGINE.format(root=root, model=model)], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "engine decode ok" in done.stdout
