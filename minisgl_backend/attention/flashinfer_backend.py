@@ -22,6 +22,10 @@ last_page_len buffers shared by one decode wrapper per captured batch size
 one `forward()` uses while the graph is captured; `prepare_for_replay(bs, layout)` re-plans it
 (plan() copies the new metadata into the fixed buffers) right before `graph.replay()`.
 
+With `decode_kernel="triton"` decode batches skip all of that: `attention/triton_decode.py`
+reads the page table and the batch's rows / lengths on the device, so neither an eager decode
+step nor a replayed graph plans anything on the host. Prefill stays on flashinfer.
+
 `import flashinfer` happens inside the constructor only: the package imports on a CPU machine
 but none of its kernels run there. `build_paged_metadata` is plain torch and runs anywhere.
 """
