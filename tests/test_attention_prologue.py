@@ -4,9 +4,6 @@ Triton kernel (the CUDA one) in Triton's interpreter on CPU tensors."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,6 +13,7 @@ from minisgl_backend import LLM, SamplingParams
 from minisgl_backend.cpu import cpu_library
 from minisgl_backend.models.attention_prologue import triton_installed, unsupported_reason
 from minisgl_backend.models.fused import TorchOps
+from tests.triton_interpreter import TESTS, run_interpreted
 
 LIBRARY = cpu_library()
 needs_compiler = pytest.mark.skipif(LIBRARY is None, reason="no C compiler here")
@@ -155,12 +153,7 @@ _INTERPRETED = textwrap.dedent("""
 def test_triton_kernel_in_the_interpreter_equals_the_separate_steps():
     """The CUDA kernel's code, run by Triton's interpreter on the CPU (set before triton is
     imported, hence a fresh process)."""
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED.format(tests=tests)], capture_output=True,
-                          text=True, env=env, timeout=300, cwd=os.path.dirname(tests))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "interpreted kernel ok" in done.stdout
+    assert "interpreted kernel ok" in run_interpreted(_INTERPRETED.format(tests=TESTS), timeout=300)
 
 
 @pytest.mark.skipif(not triton_installed(), reason="triton is not installed")

@@ -5,9 +5,6 @@ to them is checked on the stand-in flashinfer."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 
 from minisgl_backend.attention.triton_decode import MAX_SPLITS, num_splits, unsupported_reason
 from minisgl_backend.models.attention_prologue import triton_installed
+from tests.triton_interpreter import ROOT, TESTS, run_interpreted
 
 
 def decode_case(lens, num_q_heads, num_kv_heads, head_dim, dtype, seed=0, width=80):
@@ -78,12 +76,7 @@ def test_kernels_in_the_interpreter_match_the_reference():
     grouped query heads 1, 2 and 4 per KV head, in fp16. (Triton 3.6's interpreter gets `tl.dot`
     on bf16 operands wrong, off by ~1e9 where fp16 is within 5e-4; bf16 is checked compiled, on
     the GPU, against flashinfer: tests/test_gpu.py.)"""
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED.format(tests=tests)], capture_output=True,
-                          text=True, env=env, timeout=600, cwd=os.path.dirname(tests))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "interpreted decode ok" in done.stdout
+    assert "interpreted decode ok" in run_interpreted(_INTERPRETED.format(tests=TESTS))
 
 
 @pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
@@ -153,9 +146,4 @@ def test_engine_decodes_through_the_triton_kernel_like_the_torch_backend(tmp_pat
     from minisgl_backend.tools.make_tiny_model import make_tiny_model
 
     model = make_tiny_model(str(tmp_path / "tiny"), arch="llama", hidden_size=64, num_heads=4, num_kv_heads=2)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", _ENGINE.format(root=root, model=model)], capture_output=True,
-                          text=True, env=env, timeout=600, cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "engine decode ok" in done.stdout
+    assert "engine decode ok" in run_interpreted(_ENGINE.format(root=ROOT, model=model))
