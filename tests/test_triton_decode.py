@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from minisgl_backend.attention.triton_decode import MAX_SPLITS, num_splits, unsupported_reason
+from minisgl_backend.attention.triton_decode import MAX_SPLITS, num_splits, paged_decode_attention, unsupported_reason
 from minisgl_backend.models.attention_prologue import triton_installed
 from tests.triton_interpreter import ROOT, TESTS, run_interpreted
 
@@ -48,9 +48,14 @@ def test_split_count_fills_the_gpu_and_stays_bounded():
     assert num_splits(1, 8, 132) == MAX_SPLITS
     assert num_splits(4, 8, 132) == 9
     assert num_splits(64, 8, 132) == 1 and num_splits(256, 8, 132) == 1
-    assert unsupported_reason(128, torch.bfloat16) is None
-    assert "power of two" in unsupported_reason(96, torch.bfloat16)
-    assert "dtype" in unsupported_reason(128, torch.float32)
+    if triton_installed():
+        assert unsupported_reason(128, torch.bfloat16) is None
+        assert "power of two" in unsupported_reason(96, torch.bfloat16)
+        assert "dtype" in unsupported_reason(128, torch.float32)
+    else:
+        assert "triton" in unsupported_reason(128, torch.bfloat16)
+    with pytest.raises(ValueError):
+        paged_decode_attention(*decode_case([3], 4, 2, 16, torch.float16), splits=MAX_SPLITS + 1)
 
 
 _INTERPRETED = textwrap.dedent("""

@@ -18,6 +18,7 @@ TRITON_INTERPRET=1 (set before triton is imported) they run in Triton's interpre
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from typing import Any
 
@@ -46,6 +47,10 @@ def num_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
 
 
 def unsupported_reason(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot serve this model, or None (checked when the backend is built, so a
+    missing triton fails the start, not the first decode step)."""
+    if importlib.util.find_spec("triton") is None:
+        return "decode_attention=triton needs the triton package (CUDA builds of torch bring it)"
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} is not a power of two >= 16"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -58,6 +63,8 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     """q [B, Hq, D] (one new token per request, contiguous), pools [slots, Hkv, D], slot_table
     [table rows, width] (int32 KV slot of each position), rows / seq_lens [B] on the device ->
     [B, Hq, D]: each request's query heads attending to its positions [0, seq_lens)."""
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"splits must be in [1, {MAX_SPLITS}], got {splits}")
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[1]
     group = num_q_heads // num_kv_heads
@@ -70,8 +77,6 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         part_lse = torch.empty(batch * num_q_heads * splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
-    if not 1 <= splits <= MAX_SPLITS:
-        raise ValueError(f"splits must be in [1, {MAX_SPLITS}], got {splits}")
     split_kernel[(batch, num_kv_heads, splits)](
         q, k_pool, v_pool, slot_table, rows, seq_lens, part_out, part_lse, out, slot_table.stride(0),
         1.0 / math.sqrt(head_dim), splits,
