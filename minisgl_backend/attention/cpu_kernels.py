@@ -15,7 +15,7 @@ import torch
 from minisgl_backend.cpu import cpu_library
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_ATTENTION_ARGS = [_P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _I, _P]
+_ATTENTION_ARGS = [_P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
 _STORE_ARGS = [_P, _I, _P, _I, _I, _I, _P, _P, _P]
 
 
@@ -28,7 +28,7 @@ class PagedAttentionKernel:
 
     def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
                  rows: torch.Tensor, seq_lens: torch.Tensor, q_starts: torch.Tensor, extend_lens: torch.Tensor,
-                 max_len: int, scale: float) -> torch.Tensor:
+                 scale: float) -> torch.Tensor:
         """q [T, Hq, D] (tokens and heads may be strided): row b's `extend_lens[b]` new tokens from
         `q_starts[b]` on, the last at position `seq_lens[b] - 1`; pools [slots, Hkv, D] float32,
         table [R, W] int32 slot ids, rows / seq_lens / q_starts / extend_lens [B] int64 -> [T, Hq, D]."""
@@ -41,7 +41,7 @@ class PagedAttentionKernel:
         out = torch.empty(tokens, num_heads, head_dim, dtype=torch.float32)
         failed = self.fn(q.data_ptr(), q.stride(0), q.stride(1), k_pool.data_ptr(), v_pool.data_ptr(),
                          table.data_ptr(), table.stride(0), *(t.data_ptr() for t in held),
-                         rows.shape[0], tokens, num_heads, k_pool.shape[1], head_dim, scale, max_len, out.data_ptr())
+                         rows.shape[0], tokens, num_heads, k_pool.shape[1], head_dim, scale, out.data_ptr())
         if failed:
             raise MemoryError("paged attention: no memory for its score buffers")
         return out

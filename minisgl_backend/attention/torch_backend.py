@@ -46,7 +46,6 @@ class _KernelGroup:
     seq_lens: torch.Tensor  # [B] int64
     q_starts: torch.Tensor  # [B] int64 each row's first token among the group's tokens
     extend_lens: torch.Tensor  # [B] int64
-    max_len: int
     token_index: torch.Tensor | None  # [T_g] the group's tokens in the batch's flat token order (None: all)
 
 
@@ -89,12 +88,11 @@ class TorchAttentionBackend:
         device = self.page_table.device
         q_starts = torch.tensor(list(itertools.accumulate((ext[i] for i in members), initial=0))[:-1],
                                 dtype=torch.int64, device=device)
-        max_len = max(layout.seq_lens_cpu[i] for i in members)
         if len(members) == len(ext):  # the whole batch: its tokens in order, no row gather
-            return _KernelGroup(layout.rows, layout.seq_lens, q_starts, layout.extend_lens, max_len, None)
+            return _KernelGroup(layout.rows, layout.seq_lens, q_starts, layout.extend_lens, None)
         idx = torch.tensor(members, dtype=torch.int64, device=device)
         tokens = np.concatenate([np.arange(starts[i], starts[i] + ext[i]) for i in members])
-        return _KernelGroup(layout.rows[idx], layout.seq_lens[idx], q_starts, layout.extend_lens[idx], max_len,
+        return _KernelGroup(layout.rows[idx], layout.seq_lens[idx], q_starts, layout.extend_lens[idx],
                             torch.from_numpy(tokens).to(device))
 
     def _plan(self, layout: BatchLayout, members: list[int], starts: list[int]) -> _Group:
@@ -156,7 +154,7 @@ class TorchAttentionBackend:
         num_heads, head_dim = q.shape[1], q.shape[2]
         if isinstance(g, _KernelGroup):
             return self.kernel(q, self.kv_cache.k[layer_id], self.kv_cache.v[layer_id], self.page_table,
-                               g.rows, g.seq_lens, g.q_starts, g.extend_lens, g.max_len, head_dim ** -0.5)
+                               g.rows, g.seq_lens, g.q_starts, g.extend_lens, head_dim ** -0.5)
         decode = g.shape[1] == 1  # one query per row: nothing to pad
         if decode:
             q_pad = q.unsqueeze(1)

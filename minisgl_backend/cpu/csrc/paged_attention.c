@@ -205,14 +205,16 @@ int paged_attention_f32(
     const int32_t *table, int64_t table_width,
     const int64_t *rows, const int64_t *seq_lens, const int64_t *q_starts, const int64_t *extend_lens,
     int64_t batch, int64_t tokens, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-    float scale, int64_t max_len, float *out)
+    float scale, float *out)
 {
     const int64_t group = num_q_heads / num_kv_heads;
     const int64_t kv_row = num_kv_heads * head_dim;
+    int64_t max_len = 1; /* the score buffers' length, from the lengths they will hold */
+    for (int64_t b = 0; b < batch; ++b) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
     int failed = 0;
 #pragma omp parallel
     {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(num_q_heads * (max_len > 0 ? max_len : 1)));
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(num_q_heads * max_len));
         if (scores == NULL) {
 #pragma omp atomic write
             failed = 1;
