@@ -14,7 +14,8 @@ Next to it: `host_ms`, the CPU time of `Engine.forward` until it returns (metada
 graph launch, sampling launches; on CUDA the GPU is still running then), and `kernels_per_layer`
 / `kernels_per_step` from a torch profile of one decode step. On CUDA these count CUDA kernels
 (per layer from an eager step, whose launches are those a graph captures; per step from a
-graph replay); on the CPU they count the aten ops that do work (leaf ops, views and allocations
+graph replay), and `graph_census` gives the replayed graph's nodes and edges by type and whether it
+is a straight line (CUDA 12.6+ launches a straight line of kernel nodes in constant time); on the CPU they count the aten ops that do work (leaf ops, views and allocations
 left out), the proxy for kernels. On CUDA each row also lists `kernels_by_name` (the replayed
 step's kernels grouped by name, by device time); `--host-profile` adds `host_profile` (a pass
 under cProfile: each function's host microseconds per step).
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.offline_throughput import build_model  # noqa: E402
 from minisgl_backend import LLM, SamplingParams  # noqa: E402
+from minisgl_backend.engine.graph import pick_graph_bs  # noqa: E402
 from minisgl_backend.kvcache import KVCache  # noqa: E402
 
 # aten ops that launch no kernel even when they are leaves of the profile
@@ -312,6 +314,9 @@ def measure(llm: LLM, batch_size: int, context: int, steps: int, cuda: bool, tra
     row.update(probe.kernels())
     if cuda:
         row["kernels_by_name"] = probe.kernels_by_name()
+    runner = engine.graph_runner
+    if runner is not None and runner.can_run(batch_size):
+        row["graph_census"] = runner.census(pick_graph_bs(batch_size, runner.sizes))
     if host_profile:
         host = HostProfileProbe(engine, batch_size)
         _generate_with(llm, host, batch_size, context, steps)

@@ -4,8 +4,12 @@ A decode step's `cudaGraphLaunch` takes 0.56-0.72 ms of host time on an H100 for
 nodes (`decode_step.py`), the largest single item of a step's host time. This captures graphs
 of N nodes of one kind (a torch elementwise op, a small cuBLAS GEMM, a Triton kernel) and times
 `replay()` on the host: the slope per node says whether the cost is per node, and which kinds
-cost most. The device runs the graphs too, so the host waits for it every `--sync-every`
-replays (outside the timed calls) and never runs far ahead.
+cost most. CUDA 12.6+ launches a straight line of kernel nodes in constant time: the kinds
+`elementwise_and_one_memcpy` (one same-dtype `copy_`, a memcpy node, among the kernels) and
+`elementwise_forked` (every 8th kernel on a side stream) show whether one non-kernel node or
+a fork puts a graph back on the per-node path; each kind's `census` (engine/graph_census.py)
+says what its largest graph holds. The device runs the graphs too, so the host waits for it
+every `--sync-every` replays (outside the timed calls) and never runs far ahead.
 
     python benchmarks/graph_launch.py --nodes 32 128 320
 """
@@ -15,9 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from minisgl_backend.engine.graph_census import census_of, instantiate_kept, new_graph  # noqa: E402
 
 
 def _elementwise(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
@@ -44,21 +54,49 @@ def _triton_kernel():
     return launch
 
 
-def launch_cost_us(op, nodes: int, replays: int, sync_every: int) -> float:
-    """Median host microseconds of one `replay()` of a graph of `nodes` launches of `op`."""
+def _repeat(op):
+    def issue(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, nodes: int) -> None:
+        for _ in range(nodes):
+            op(x, w, y)
+
+    return issue
+
+
+def _with_one_memcpy(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, nodes: int) -> None:
+    for i in range(nodes - 1):
+        _elementwise(x, w, y)
+        if i == nodes // 2:
+            y.copy_(x)  # same dtype, contiguous, one device: cudaMemcpyAsync, a memcpy node
+
+
+def _forked(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, nodes: int) -> None:
+    side = _forked.side
+    for i in range(nodes):
+        if i % 8 == 7:  # a branch that joins back right away: the graph is no longer a line
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                y.add_(1.0)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            _elementwise(x, w, y)
+
+
+def launch_cost_us(issue, nodes: int, replays: int, sync_every: int) -> tuple[float, dict]:
+    """Median host microseconds of one `replay()` of the graph `issue(x, w, y, nodes)` captures,
+    and that graph's census."""
     x = torch.zeros(1, 1024, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16) / 32
     y = torch.zeros(1, 1024, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
+    _forked.side = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
-            op(x, w, y)
+        issue(x, w, y, 3)
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
+    graph = new_graph()
     with torch.cuda.graph(graph, stream=stream):
-        for _ in range(nodes):
-            op(x, w, y)
+        issue(x, w, y, nodes)
+    instantiate_kept(graph)
     times = []
     for i in range(replays):
         if i % sync_every == 0:
@@ -67,7 +105,7 @@ def launch_cost_us(op, nodes: int, replays: int, sync_every: int) -> float:
         graph.replay()
         times.append(time.perf_counter() - start)
     torch.cuda.synchronize()
-    return 1e6 * statistics.median(times[sync_every:] or times)
+    return 1e6 * statistics.median(times[sync_every:] or times), census_of(graph)
 
 
 def main() -> None:
@@ -76,18 +114,20 @@ def main() -> None:
     p.add_argument("--replays", type=int, default=200)
     p.add_argument("--sync-every", type=int, default=4)
     args = p.parse_args()
-    kinds = {"elementwise": _elementwise, "cublas_gemm_1x1024x1024": _gemm}
+    kinds = {"elementwise": _repeat(_elementwise), "elementwise_and_one_memcpy": _with_one_memcpy,
+             "elementwise_forked": _forked, "cublas_gemm_1x1024x1024": _repeat(_gemm)}
     try:
-        kinds["triton"] = _triton_kernel()
+        kinds["triton"] = _repeat(_triton_kernel())
     except Exception as exc:  # no triton on this host: the other kinds still run
         print(json.dumps({"triton": f"skipped: {exc}"}))
     rows = []
-    for name, op in kinds.items():
-        costs = {n: launch_cost_us(op, n, args.replays, args.sync_every) for n in args.nodes}
+    for name, issue in kinds.items():
+        runs = {n: launch_cost_us(issue, n, args.replays, args.sync_every) for n in args.nodes}
+        costs = {n: cost for n, (cost, _) in runs.items()}
         lo, hi = min(args.nodes), max(args.nodes)
         slope = (costs[hi] - costs[lo]) / (hi - lo) if hi > lo else float("nan")
         rows.append({"kind": name, "replay_us_by_nodes": {str(n): round(c, 1) for n, c in costs.items()},
-                     "us_per_node": round(slope, 3)})
+                     "us_per_node": round(slope, 3), "census": runs[hi][1]})
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "cuda": torch.version.cuda, "results": rows}, indent=2))
 

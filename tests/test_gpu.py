@@ -180,6 +180,22 @@ def test_eager_sampling_on_graph_logits_equals_the_graphs_argmax(gpu_model):
         assert len(o["logprobs"]) == len(o["token_ids"]) and all(-1e4 < lp <= 0 for lp in o["logprobs"])
 
 
+def test_decode_graph_census_reads_the_captured_graph(gpu_model):
+    """The driver queries on a real captured decode graph: every node typed, the graph's own part
+    free of memcpy nodes (its logits copy is a kernel); the full census is in decode_step.py's
+    report."""
+    from minisgl_backend import LLM
+
+    llm = LLM(gpu_model, device="cuda", dtype="bfloat16", page_size=16, max_total_tokens=8192,
+              attention_backend="flashinfer", cuda_graph_max_bs=16)
+    runner = llm.scheduler.engine.graph_runner
+    got = runner.census(runner.sizes[0])
+    llm.shutdown()
+    assert "error" not in got, got
+    assert got["nodes"] == sum(got["node_types"].values()) > 4 * 2, got  # >= 4 kernels a layer, 2 layers
+    assert got["node_types"].get("kernel", 0) > got["nodes"] // 2 and "memcpy" not in got["node_types"], got
+
+
 def test_overlap_loop_equals_normal_loop_on_gpu(gpu_model):
     normal = _generate(gpu_model, enable_cuda_graph=True, enable_overlap=False)
     overlap = _generate(gpu_model, enable_cuda_graph=True, enable_overlap=True)

@@ -6,7 +6,7 @@ What is captured, for a graph of `bs` requests (`StaticDecodeInputs` holds its i
     table at each request's cell (row * width + position);
   - `forward_fn(input_ids, positions, fwd) -> logits [bs, vocab]` (the model's forward, `fwd =
     ForwardBatch(attn, last_token_indices)`), including the attention backend's per-layer kernels;
-    the logits are copied into one static buffer [max_bs, vocab] in the model's dtype;
+    the logits are copied (by a kernel) into one static buffer [max_bs, vocab] in the model's dtype;
   - greedy sampling: each row's argmax, written into the token pool at the cell that receives the
     request's next id. A batch that samples otherwise (temperature, penalties, a grammar mask...)
     samples eagerly from the logits and writes its ids over those.
@@ -38,6 +38,7 @@ import torch
 
 from minisgl_backend.attention.base import BatchLayout
 from minisgl_backend.attention.base import ForwardBatch
+from minisgl_backend.engine.graph_census import census_of, instantiate_kept, new_graph
 from minisgl_backend.engine.metadata import HostBatchIndices
 from minisgl_backend.kvcache.staging import HostStaging
 
@@ -191,8 +192,11 @@ class CudaGraphRunner:
         input_ids = self.token_pool[v["token_cells"]]
         self.inputs.out_loc[:bs].copy_(self.slot_table[v["token_cells"]])
         fwd = ForwardBatch(self.attn, self.inputs.last_token_indices[:bs])
-        self.logits[:bs].copy_(self.forward_fn(input_ids, v["positions"], fwd))
-        torch.argmax(self.logits[:bs], dim=1, out=self.greedy_ids[:bs])
+        logits = self.forward_fn(input_ids, v["positions"], fwd)
+        # an elementwise kernel, not copy_(): a same-dtype copy_ is a memcpy node, and a graph that
+        # is not all kernel nodes may lose CUDA 12.6+'s constant-time launch (graph_census.py)
+        torch.mul(logits, 1, out=self.logits[:bs])
+        torch.argmax(logits, dim=1, out=self.greedy_ids[:bs])
         self.token_pool.index_put_((v["sampled_cells"],), self.greedy_ids[:bs])
 
     @torch.inference_mode()
@@ -210,9 +214,10 @@ class CudaGraphRunner:
             with torch.cuda.stream(stream):  # warm up (lazy inits, kernel loads) outside the graph
                 self._step(bs)
             torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
+            graph = new_graph()
             with torch.cuda.graph(graph, pool=self.pool, stream=stream):
                 self._step(bs)
+            instantiate_kept(graph)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[bs] = graph
@@ -232,6 +237,11 @@ class CudaGraphRunner:
                                                                 self.spare_row))
         self.graphs[padded].replay()
         return GraphStepOutput(self.logits[:bs], self.greedy_ids[:bs], self.inputs.views(padded)["sampled_cells"][:bs])
+
+    def census(self, bs: int) -> dict:
+        """The captured graph of `bs` requests: its nodes and edges by type, and whether it is a
+        straight line (`graph_census.census`)."""
+        return census_of(self.graphs[bs])
 
     def close(self) -> None:
         """Drop the graphs (before tearing down NCCL, whose communicators they reference)."""
