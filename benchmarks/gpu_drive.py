@@ -56,14 +56,29 @@ def _llm(model_dir: str, **extra):
     return llm
 
 
+def kv_tokens_read(prompts: list[list[int]], outputs: list[int]) -> int:
+    """K/V positions the decode steps of the workload read: output token t of a request with an
+    n-token prompt attends over n + t + 1 positions."""
+    return sum(len(p) * n + n * (n + 1) // 2 for p, n in zip(prompts, outputs))
+
+
 def engine(model_dir: str, overlap: bool, settings: dict[str, str] | None = None) -> dict:
+    from benchmarks.decode_step import copy_bandwidth
+    from minisgl_backend.kvcache import KVCache
+
     llm = _llm(model_dir, enable_overlap=overlap, **(settings or {}))
     prompts, outputs = workload()
     result = run_engine(llm, prompts, outputs)
     eng = llm.scheduler.engine
+    # the rate at which reading the K/V cache alone, at the device's copy bandwidth, takes all the
+    # time (weights, prefill and everything else on top): no run of this workload can pass it
+    kv_bytes = kv_tokens_read(prompts, outputs) * KVCache.bytes_per_token(
+        eng.model.num_layers, eng.model.num_kv_heads_per_rank, eng.model.head_dim, eng.kv_cache.k[0].dtype)
+    bandwidth = copy_bandwidth("cuda")
     result.update(overlap=overlap, settings=settings or {}, layer_ops=eng.model.ops.name, attention=type(eng.attn).__name__,
                   cuda_graph=eng.graph_runner is not None, num_pages=eng.num_pages,
-                  max_mem_gb=torch.cuda.max_memory_allocated() / 2**30)
+                  max_mem_gb=torch.cuda.max_memory_allocated() / 2**30, copy_bandwidth_gb_s=bandwidth / 1e9,
+                  kv_read_bound_output_tok_per_s=sum(outputs) / (kv_bytes / bandwidth))
     return result
 
 

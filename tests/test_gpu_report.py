@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from benchmarks.gpu_drive import kv_tokens_read
 from benchmarks.gpu_report import report
 
 
@@ -42,6 +43,27 @@ def test_targets_are_read_from_the_stage_outputs(tmp_path):
     assert out["serving"] == [] and out["stages"][0]["stage"] == "gpu_tests"
     assert out["offline_output_tok_per_s"] == {"engine": 30000.0, "engine_triton": None, "engine_normal": None,
                                                "hf": 1000.0}
+
+
+def test_targets_scale_with_the_device_copy_bandwidth(tmp_path):
+    """The issue's targets are an H200's (copy bandwidth 4.29 TB/s), "H100: same ratios": on a device
+    with half the bandwidth a step may take twice as long and the offline rate be half."""
+    decode = {"copy_bandwidth_gb_s": 2145.0, "results": [_step(1, 2.0, 0.5, 10, 0.3), _step(256, 5.5, 1, 9, 0.4)]}
+    (tmp_path / "decode_step.json").write_text(json.dumps(decode))
+    (tmp_path / "engine.json").write_text(json.dumps({"output_tok_per_s": 21000.0,
+                                                      "kv_read_bound_output_tok_per_s": 28000.0}))
+    out = report(tmp_path)
+    targets = {t["name"]: t for t in out["targets"]}
+    assert targets["decode_step_ms_bs1"]["target"] == "<= 2.4" and targets["decode_step_ms_bs1"]["met"]
+    assert targets["decode_step_ms_bs256"]["target_h200"] == "<= 2.5" and not targets["decode_step_ms_bs256"]["met"]
+    assert targets["offline_output_tok_per_s"]["target"] == ">= 20000.0" and targets["offline_output_tok_per_s"]["met"]
+    assert targets["host_ms_bs64"]["target"] == "<= 0.3", "host time does not scale"
+    assert out["offline_fraction_of_kv_read_bound"] == 0.75
+
+
+def test_kv_tokens_read_counts_every_decode_steps_context():
+    # 2-token prompt, 3 outputs: 3 + 4 + 5 positions; 1-token prompt, 1 output: 2
+    assert kv_tokens_read([[7, 8], [9]], [3, 1]) == 12 + 2
 
 
 def test_an_empty_results_folder_reports_nothing_measured(tmp_path):
