@@ -1,8 +1,9 @@
 """The numbers of one `gpu-check.sh` run next to the GPU issue's targets, as one JSON document.
 
 Reads what the stages wrote into RESULTS_DIR (decode_step.json, decode_step_unfused.json,
-decode_step_triton.json, engine.json, engine_normal.json, hf.json, serving.json; a missing or failed stage leaves its
-rows out) and prints, per target, the measured value and whether it is met, then the decode
+decode_step_triton.json, engine.json, engine_triton.json, engine_fp8kv.json, engine_normal.json,
+hf.json, serving.json; a missing or failed stage leaves its rows out) and prints, per target
+(scaled from the issue's H200 to this device), the measured value and whether it is met, then the decode
 steps per batch size (with the fused attention prologue against separate kernels) and the
 serving latencies.
 
@@ -133,7 +134,7 @@ def report(results: Path) -> dict:
     if summary.exists():
         stages = [json.loads(line) for line in summary.read_text().splitlines() if line.strip()]
     offline = {name: (read_json(results / f"{name}.json") or {}).get("output_tok_per_s")
-               for name in ("engine", "engine_triton", "engine_normal", "hf")}
+               for name in ("engine", "engine_triton", "engine_fp8kv", "engine_normal", "hf")}
     engine = read_json(results / "engine.json") or {}
     bound = engine.get("kv_read_bound_output_tok_per_s")
     return {"results": str(results), "copy_bandwidth_gb_s": bandwidth, "stages": stages, "targets": targets,

@@ -10,7 +10,7 @@
 # (each stage gets what is left of the budget, capped by its own limit). Everything lands in
 # RESULTS_DIR: gpu_tests.log, decode_step.json, decode_step_unfused.json (the attention prologue
 # as separate kernels), decode_step_triton.json (Triton decode attention), engine.json,
-# engine_triton.json, engine_normal.json, graph_launch.json,
+# engine_triton.json, engine_fp8kv.json (an fp8 KV cache), engine_normal.json, graph_launch.json,
 # scheduler_cpu.json, hf.json, serving.json, summary.json (one line per stage: rc, seconds),
 # report.json (benchmarks/gpu_report.py: every target next to what was measured),
 # traces/ (chrome traces of the profiled decode steps), and
@@ -92,6 +92,10 @@ stage decode_step 120 "$R/decode_step.json" \
 # the A/B of the decode attention kernel: Triton (no host plan per step) against flashinfer's
 stage decode_step_triton 60 "$R/decode_step_triton.json" "$PY" benchmarks/decode_step.py --model "$MODEL" \
   --device cuda --dtype bfloat16 --batch-sizes 1 64 256 --settings decode_attention=triton
+# what cudaGraphLaunch costs the host per node, by node kind and with a memcpy node or a fork in
+# the graph (the largest item of a step's host time; decode_step.json's graph_census says what
+# the decode graph holds)
+stage graph_launch 40 "$R/graph_launch.json" "$PY" benchmarks/graph_launch.py
 stage engine 75 "$R/engine.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL"
 if ls "$LIBPY"/libpython3.12.so* > /dev/null 2>&1; then
   stage serving 180 "$R/serving.json" "$PY" benchmarks/triton_latency.py --model "$MODEL" \
@@ -103,8 +107,9 @@ fi
 # the offline run with the Triton decode attention
 stage engine_triton 75 "$R/engine_triton.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL" \
   --settings decode_attention=triton
-# what cudaGraphLaunch costs the host per node, by node kind (the largest item of a step's host time)
-stage graph_launch 40 "$R/graph_launch.json" "$PY" benchmarks/graph_launch.py
+# the offline run with an fp8 KV cache (half the K/V bytes: the workload is bound by reading them)
+stage engine_fp8kv 90 "$R/engine_fp8kv.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL" \
+  --settings kv_cache_dtype=fp8
 # after serving: the HF baseline is the one stage that a later run can reuse
 stage hf 70 "$R/hf.json" "$PY" benchmarks/gpu_drive.py hf "$MODEL" --max-new 256
 # the A/B of the fused attention prologue (Triton): the same decode steps with separate kernels

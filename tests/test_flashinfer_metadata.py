@@ -158,8 +158,9 @@ def paged_attention_from_metadata(q, k_pages, v_pages, md: PagedMetadata, page_s
     for i in range(md.batch_size):
         pages = md.kv_indices[md.kv_indptr[i]:md.kv_indptr[i + 1]].long()
         length = (len(pages) - 1) * page_size + int(md.kv_last_page_len[i])
-        keys = k_pages[pages].reshape(-1, *k_pages.shape[2:])[:length]
-        vals = v_pages[pages].reshape(-1, *v_pages.shape[2:])[:length]
+        # an fp8 cache (kv_cache_dtype) is widened to q's dtype, as flashinfer's kernels load it
+        keys = k_pages[pages].reshape(-1, *k_pages.shape[2:])[:length].to(q.dtype)
+        vals = v_pages[pages].reshape(-1, *v_pages.shape[2:])[:length].to(q.dtype)
         group = num_heads // keys.shape[1]
         keys, vals = keys.repeat_interleave(group, 1), vals.repeat_interleave(group, 1)
         qi = q[md.qo_indptr[i]:md.qo_indptr[i + 1]]

@@ -41,8 +41,8 @@ def test_targets_are_read_from_the_stage_outputs(tmp_path):
     assert targets["loop_step_ms_bs1"] == (1.1 * 0.8, True)
     assert "triton_decode_step_ms" not in rows[1]
     assert out["serving"] == [] and out["stages"][0]["stage"] == "gpu_tests"
-    assert out["offline_output_tok_per_s"] == {"engine": 30000.0, "engine_triton": None, "engine_normal": None,
-                                               "hf": 1000.0}
+    assert out["offline_output_tok_per_s"] == {"engine": 30000.0, "engine_triton": None, "engine_fp8kv": None,
+                                               "engine_normal": None, "hf": 1000.0}
 
 
 def test_targets_scale_with_the_device_copy_bandwidth(tmp_path):

@@ -52,6 +52,8 @@ def test_split_count_fills_the_gpu_and_stays_bounded():
         assert unsupported_reason(128, torch.bfloat16) is None
         assert "power of two" in unsupported_reason(96, torch.bfloat16)
         assert "dtype" in unsupported_reason(128, torch.float32)
+        assert unsupported_reason(128, torch.bfloat16, torch.float8_e4m3fn) is None, "an fp8 KV cache"
+        assert "KV cache dtype" in unsupported_reason(128, torch.bfloat16, torch.float16)
     else:
         assert "triton" in unsupported_reason(128, torch.bfloat16)
     with pytest.raises(ValueError):
@@ -71,6 +73,12 @@ _INTERPRETED = textwrap.dedent("""
                 want = reference_decode(*case)
                 assert got.dtype == dtype and got.shape == want.shape
                 torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    for pool_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # kv_cache_dtype fp8: widened on load
+        q, k_pool, v_pool, *rest = decode_case([1, 5, 37, 70], 8, 2, 64, torch.float16, seed=4)
+        case = (q, k_pool.to(pool_dtype), v_pool.to(pool_dtype), *rest)
+        for splits in (1, 3):
+            got = paged_decode_attention(*case, splits=splits)
+            torch.testing.assert_close(got.float(), reference_decode(*case), atol=2e-3, rtol=2e-3)
     print("interpreted decode ok")
 """)
 
@@ -85,9 +93,10 @@ def test_kernels_in_the_interpreter_match_the_reference():
 
 
 @pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
-@pytest.mark.parametrize("splits", [1, 4])
-def test_kernels_compile_for_hopper_without_a_gpu(splits):
-    """Both kernels lowered to sm_90 cubins (bf16, Qwen3-0.6B's heads), as at their first launch."""
+@pytest.mark.parametrize("splits,pool", [(1, "bf16"), (4, "bf16"), (1, "fp8e4nv"), (4, "fp8e5")])
+def test_kernels_compile_for_hopper_without_a_gpu(splits, pool):
+    """Both kernels lowered to sm_90 cubins (bf16, Qwen3-0.6B's heads; the KV pools bf16 or fp8),
+    as at their first launch."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -96,7 +105,7 @@ def test_kernels_compile_for_hopper_without_a_gpu(splits):
 
     split_kernel, merge_kernel = decode_kernels()
     ptr = lambda t: f"*{t}"  # noqa: E731
-    signature = {"q_ptr": ptr("bf16"), "k_pool_ptr": ptr("bf16"), "v_pool_ptr": ptr("bf16"),
+    signature = {"q_ptr": ptr("bf16"), "k_pool_ptr": ptr(pool), "v_pool_ptr": ptr(pool),
                  "slot_table_ptr": ptr("i32"), "rows_ptr": ptr("i64"), "seq_lens_ptr": ptr("i64"),
                  "part_out_ptr": ptr("fp32"), "part_lse_ptr": ptr("fp32"), "out_ptr": ptr("bf16"),
                  "table_width": "i32", "sm_scale": "fp32", "num_splits": "i32"}
@@ -131,15 +140,18 @@ _ENGINE = textwrap.dedent("""
     torch.cuda.Event = _FakeEvent
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [3] * 19, [20, 21]]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    outs = {{}}
-    for name, settings in (("triton", dict(attention_backend="flashinfer", decode_attention="triton")),
-                           ("torch", dict(attention_backend="torch"))):
-        llm = LLM({model!r}, device="cpu", dtype="float16", page_size=4, max_total_tokens=256,
-                  layer_ops="torch", **settings)
-        assert (name == "triton") == (getattr(llm.scheduler.engine.attn, "decode_kernel", None) == "triton")
-        outs[name] = [o["token_ids"] for o in llm.generate(prompts, params)]
-        llm.shutdown()
-    assert outs["triton"] == outs["torch"], outs
+    for kv_cache_dtype in ("auto", "fp8"):
+        outs = {{}}
+        for name, settings in (("triton", dict(attention_backend="flashinfer", decode_attention="triton")),
+                               ("torch", dict(attention_backend="torch"))):
+            llm = LLM({model!r}, device="cpu", dtype="float16", page_size=4, max_total_tokens=256,
+                      layer_ops="torch", kv_cache_dtype=kv_cache_dtype, **settings)
+            engine = llm.scheduler.engine
+            assert (name == "triton") == (getattr(engine.attn, "decode_kernel", None) == "triton")
+            assert engine.kv_cache.k[0].dtype == (torch.float16 if kv_cache_dtype == "auto" else torch.float8_e4m3fn)
+            outs[name] = [o["token_ids"] for o in llm.generate(prompts, params)]
+            llm.shutdown()
+        assert outs["triton"] == outs["torch"], (kv_cache_dtype, outs)
     print("engine decode ok", outs["triton"])
 """)
 
@@ -147,7 +159,8 @@ _ENGINE = textwrap.dedent("""
 @pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 def test_engine_decodes_through_the_triton_kernel_like_the_torch_backend(tmp_path):
     """The whole engine in fp16 with decode_attention=triton (prefill on the flashinfer stand-in,
-    every decode step in the Triton kernel, interpreted) generates the torch backend's tokens."""
+    every decode step in the Triton kernel, interpreted) generates the torch backend's tokens, with
+    the model's dtype in the KV cache and with fp8."""
     from minisgl_backend.tools.make_tiny_model import make_tiny_model
 
     model = make_tiny_model(str(tmp_path / "tiny"), arch="llama", hidden_size=64, num_heads=4, num_kv_heads=2)

@@ -51,7 +51,8 @@ class PagedAttentionKernel:
         """k / v [T, Hkv, D] into `slots` [T] int64 of the pools, or False (nothing written) for a
         layout the kernel does not take."""
         heads, dim = k.shape[1], k.shape[2]
-        if (k.dtype != torch.float32 or v.dtype != torch.float32 or k.stride(1) != dim or v.stride(1) != dim
+        if (k.dtype != torch.float32 or v.dtype != torch.float32 or k_pool.dtype != torch.float32
+                or v_pool.dtype != torch.float32 or k.stride(1) != dim or v.stride(1) != dim
                 or k.stride(2) != 1 or v.stride(2) != 1 or slots.dtype != torch.int64):
             return False
         slots = slots.contiguous()

@@ -43,6 +43,7 @@ from minisgl_backend.attention import triton_decode
 from minisgl_backend.attention.base import BatchLayout
 from minisgl_backend.kvcache.staging import HostStaging
 from minisgl_backend.kvcache import KVCache
+from minisgl_backend.kvcache.pool import FP8_DTYPES
 
 # Head sizes flashinfer's fa2 paged kernels are built and tested for (its AOT set); others may
 # JIT-compile but are not relied on. Float32 has no flashinfer kernel at all.
@@ -210,9 +211,12 @@ class FlashInferBackend:
                  head_dim: int, dtype: torch.dtype, device: torch.device | str,
                  max_batch_size: int, *, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
                  use_tensor_cores: bool | None = None, decode_kernel: str = "flashinfer") -> None:
+        kv_dtype = kv_cache.k[0].dtype if kv_cache.k else dtype
         reason = flashinfer_unsupported_reason(head_dim, dtype, device)
+        if reason is None and kv_dtype not in (dtype, *FP8_DTYPES):
+            reason = f"a KV cache of {kv_dtype} with a {dtype} model (the model's dtype or fp8 only)"
         if reason is None and decode_kernel == "triton":
-            reason = triton_decode.unsupported_reason(head_dim, dtype)
+            reason = triton_decode.unsupported_reason(head_dim, dtype, kv_dtype)
         elif reason is None and decode_kernel != "flashinfer":
             reason = f"decode_kernel must be flashinfer or triton, got {decode_kernel!r}"
         if reason is not None:
@@ -227,7 +231,7 @@ class FlashInferBackend:
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.page_size = kv_cache.page_size
         self.dtype = dtype
-        self.kv_dtype = kv_cache.k[0].dtype if kv_cache.k else dtype
+        self.kv_dtype = kv_dtype  # fp8 (kv_cache_dtype): plan() picks kernels that widen it on load
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
         self.staging = HostStaging(self.device)

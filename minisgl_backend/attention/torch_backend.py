@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from minisgl_backend.attention.base import BatchLayout
 from minisgl_backend.attention.cpu_kernels import PagedAttentionKernel
 from minisgl_backend.kvcache import KVCache
+from minisgl_backend.kvcache.pool import FP8_DTYPES
 
 
 @dataclass
@@ -123,7 +124,9 @@ class TorchAttentionBackend:
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         """A boolean mask in SDPA's float form, built once per batch: SDPA would convert a boolean
         mask in every layer's call (same values, so the outputs are bit-equal)."""
-        mask = torch.zeros(allowed.shape, dtype=self.kv_cache.k[0].dtype, device=allowed.device)
+        pool_dtype = self.kv_cache.k[0].dtype
+        mask = torch.zeros(allowed.shape, dtype=torch.float32 if pool_dtype in FP8_DTYPES else pool_dtype,
+                           device=allowed.device)  # fp8 e4m3 has no -inf
         return mask.masked_fill_(~allowed, float("-inf"))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:

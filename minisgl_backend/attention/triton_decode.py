@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from minisgl_backend.kvcache.pool import FP8_DTYPES
+
 MAX_SPLITS = 16
 BLOCK_N = 32
 
@@ -46,15 +48,17 @@ def num_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
     return max(1, min(MAX_SPLITS, math.ceil(2 * sm_count / (batch_size * num_kv_heads))))
 
 
-def unsupported_reason(head_dim: int, dtype: torch.dtype) -> str | None:
-    """Why the kernel cannot serve this model, or None (checked when the backend is built, so a
-    missing triton fails the start, not the first decode step)."""
+def unsupported_reason(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> str | None:
+    """Why the kernel cannot serve this model and KV cache, or None (checked when the backend is
+    built, so a missing triton fails the start, not the first decode step)."""
     if importlib.util.find_spec("triton") is None:
         return "decode_attention=triton needs the triton package (CUDA builds of torch bring it)"
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} is not a power of two >= 16"
     if dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {dtype} (fp16 / bf16 only)"
+    if kv_dtype is not None and kv_dtype not in (dtype, *FP8_DTYPES):
+        return f"KV cache dtype {kv_dtype} with model dtype {dtype}"
     return None
 
 

@@ -41,8 +41,9 @@ def decode_split_kernel(q_ptr, k_pool_ptr, v_pool_ptr, slot_table_ptr, rows_ptr,
         n_mask = n < end
         slot = tl.load(slot_table_ptr + row * table_width + n, mask=n_mask, other=0).to(tl.int64)
         kv = (slot * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + d[None, :]
-        k = tl.load(k_pool_ptr + kv, mask=n_mask[:, None], other=0.0)
-        v = tl.load(v_pool_ptr + kv, mask=n_mask[:, None], other=0.0)
+        # an fp8 pool (kv_cache_dtype fp8) is read at half the bytes and widened to q's dtype
+        k = tl.load(k_pool_ptr + kv, mask=n_mask[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_pool_ptr + kv, mask=n_mask[:, None], other=0.0).to(q.dtype)
         scores = tl.dot(q, tl.trans(k)) * sm_scale
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))

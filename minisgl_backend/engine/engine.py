@@ -49,6 +49,7 @@ class Engine:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype_name)
+        self.kv_dtype = getattr(torch, config.kv_dtype_name)
         if self.device.type == "cpu":
             keep_freed_memory()  # the step's temporaries are not page-faulted in again every step
         torch.manual_seed(config.seed)
@@ -59,7 +60,7 @@ class Engine:
         self.eos_ids = list(self.arch.eos_token_ids)
         self.max_seq_len = self._max_seq_len()
         self.kv_cache = KVCache(self.model.num_layers, self._size_kv_pool(), config.cache.page_size,
-                                self.model.num_kv_heads_per_rank, self.model.head_dim, self.dtype, self.device)
+                                self.model.num_kv_heads_per_rank, self.model.head_dim, self.kv_dtype, self.device)
         self.page_table = PageTable(config.scheduler.max_running_requests, self.max_seq_len,
                                     self.kv_cache.page_size, self.kv_cache.spare_slot, self.device)
         self.attn = make_attention_backend(config, self.kv_cache, self.page_table.slots,
@@ -95,7 +96,7 @@ class Engine:
     def _size_kv_pool(self) -> int:
         cfg = self.config.cache
         per_token = KVCache.bytes_per_token(self.model.num_layers, self.model.num_kv_heads_per_rank,
-                                            self.model.head_dim, self.dtype)
+                                            self.model.head_dim, self.kv_dtype)
         if cfg.max_total_tokens:
             tokens = cfg.max_total_tokens
         elif self.device.type == "cuda":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # `kv_cache_dtype` fp8 / fp8_e5m2
+
 
 class KVCache:
     """`num_pages` pages for requests plus one spare page past them, which no request ever gets:
@@ -32,8 +34,13 @@ class KVCache:
         if pair is not None:
             kv[:, out_loc] = pair
             return
-        self.k[layer_id][out_loc] = k.to(kv.dtype)
-        self.v[layer_id][out_loc] = v.to(kv.dtype)
+        k_pool, v_pool = self.k[layer_id], self.v[layer_id]
+        if kv.dtype in FP8_DTYPES:  # cast, then an indexed write of bytes (every device indexes uint8)
+            k_pool.view(torch.uint8)[out_loc] = k.to(kv.dtype).view(torch.uint8)
+            v_pool.view(torch.uint8)[out_loc] = v.to(kv.dtype).view(torch.uint8)
+            return
+        k_pool[out_loc] = k.to(kv.dtype)
+        v_pool[out_loc] = v.to(kv.dtype)
 
     def free(self) -> None:
         """Drop the buffers (engine shutdown); the cache cannot be used afterwards."""

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from minisgl_backend.kvcache.pool import FP8_DTYPES
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -46,11 +48,13 @@ def prologue_kernel() -> Any:
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor) -> str | None:
     """Why these tensors cannot go through the kernel, or None: [T, H, D] views with the heads of a
-    token side by side (the qkv output's q / k / v views are), D a power of two, one dtype."""
+    token side by side (the qkv output's q / k / v views are), D a power of two, one dtype (the pool
+    may be fp8)."""
     head_dim = q.shape[-1]
     if head_dim < 2 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} is not a power of two"
-    if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype == k_pool.dtype):
+    if (q.dtype not in SUPPORTED_DTYPES or not q.dtype == k.dtype == v.dtype
+            or k_pool.dtype not in (q.dtype, *FP8_DTYPES)):
         return f"dtypes {q.dtype} / {k.dtype} / {v.dtype} / pool {k_pool.dtype}"
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 3 or x.stride(2) != 1 or x.stride(1) != head_dim:

@@ -1,7 +1,8 @@
 """The Triton kernel behind `attention_prologue.py` (imported only where triton is installed).
 
 One program per (token, head): heads [0, NUM_Q_HEADS) are q's, written to the contiguous q_out;
-the others are k's, written with v's head of the same index to the pools at the token's slot.
+the others are k's, written with v's head of the same index to the pools at the token's slot (cast
+to the pools' dtype: fp8 for `kv_cache_dtype` fp8).
 Left undecorated: `attention_prologue.prologue_kernel()` jits it, or wraps it for the interpreter.
 """
 
@@ -16,19 +17,20 @@ def attention_prologue_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride,
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     d = tl.arange(0, HALF)
+    # q's heads go to q_out, k's to the pool (whose dtype may be fp8: pool stores cast to it)
     if h < NUM_Q_HEADS:
         src = q_ptr + t * q_stride + h * HEAD_DIM
         weight = q_weight_ptr
-        dst = q_out_ptr + (t * NUM_Q_HEADS + h) * HEAD_DIM
+        dst = (t * NUM_Q_HEADS + h) * HEAD_DIM
     else:
         kv_head = h - NUM_Q_HEADS
         slot = tl.load(slots_ptr + t).to(tl.int64)
         src = k_ptr + t * k_stride + kv_head * HEAD_DIM
         weight = k_weight_ptr
-        dst = k_pool_ptr + (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM
+        dst = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM
         full = tl.arange(0, HEAD_DIM)
         v_row = tl.load(v_ptr + t * v_stride + kv_head * HEAD_DIM + full)
-        tl.store(v_pool_ptr + (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM + full, v_row)
+        tl.store(v_pool_ptr + dst + full, v_row.to(v_pool_ptr.dtype.element_ty))
     x1 = tl.load(src + d).to(tl.float32)
     x2 = tl.load(src + HALF + d).to(tl.float32)
     out_type = q_out_ptr.dtype.element_ty
@@ -39,5 +41,13 @@ def attention_prologue_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride,
     pos = tl.load(positions_ptr + t).to(tl.int64)
     cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + d)
     sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + HALF + d)
-    tl.store(dst + d, (x1 * cos - x2 * sin).to(out_type))
-    tl.store(dst + HALF + d, (x2 * cos + x1 * sin).to(out_type))
+    # rounded to the activation dtype first: a pool in another dtype gets what the separate
+    # kernels (rope, then the K/V store) would write
+    lo = (x1 * cos - x2 * sin).to(out_type)
+    hi = (x2 * cos + x1 * sin).to(out_type)
+    if h < NUM_Q_HEADS:
+        tl.store(q_out_ptr + dst + d, lo)
+        tl.store(q_out_ptr + dst + HALF + d, hi)
+    else:
+        tl.store(k_pool_ptr + dst + d, lo.to(k_pool_ptr.dtype.element_ty))
+        tl.store(k_pool_ptr + dst + HALF + d, hi.to(k_pool_ptr.dtype.element_ty))
