@@ -108,8 +108,8 @@ class Engine:
         num_pages = tokens // page_size
         if num_pages < 1:
             raise ValueError(f"KV pool of {tokens} tokens holds no page of {page_size} tokens")
-        logger.info("KV pool: %d pages x %d tokens (%.1f MiB)", num_pages, page_size,
-                    num_pages * page_size * per_token / 2**20)
+        logger.info("KV pool: %d pages x %d tokens (%.1f MiB, %s)", num_pages, page_size,
+                    num_pages * page_size * per_token / 2**20, str(self.kv_dtype).removeprefix("torch."))
         return num_pages
 
     def _max_seq_len(self) -> int:
