@@ -96,3 +96,15 @@ def test_an_fp8_cache_holds_four_times_the_tokens_of_float32_and_leaks_nothing(t
 def test_the_compiled_cpu_attention_refuses_an_fp8_pool(tiny_llama):
     with pytest.raises(ConfigError, match="float32 KV pool"):
         LLM(tiny_llama, device="cpu", kv_cache_dtype="fp8", attention_backend="cpu")
+
+
+def test_tensor_parallel_ranks_with_fp8_caches_equal_one_rank(tiny_llama):
+    """Each rank holds its KV heads in fp8: TP=2 generates what TP=1 does."""
+    prompts = [[5, 6, 7, 8] * 5, [1, 2, 3]]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    outs = {}
+    for tp in (1, 2):
+        llm = LLM(tiny_llama, device="cpu", tp_size=tp, kv_cache_dtype="fp8")
+        outs[tp] = [o["token_ids"] for o in llm.generate(prompts, params)]
+        llm.shutdown()
+    assert outs[2] == outs[1] and all(len(t) == 10 for t in outs[1])
