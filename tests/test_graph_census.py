@@ -105,18 +105,37 @@ int cuGraphGetEdges_v2(void *graph, void **from, void **to, uint8_t *data, size_
 """
 
 
-def test_the_driver_queries_through_ctypes(tmp_path):
-    """CudaDriver against a stand-in libcuda built here: the two-call protocol (count, then fill)
-    and the edge type read from the third byte of each CUgraphEdgeData."""
+LEGACY_EDGES = r"""
+int cuGraphGetEdges(void *graph, void **from, void **to, size_t *count) {
+    if (from) { from[0] = (void *)11; to[0] = (void *)12; }
+    *count = 1;
+    return 0;
+}
+"""
+
+
+def _build(tmp_path, source: str) -> str:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         pytest.skip("no C compiler")
-    (tmp_path / "fake.c").write_text(FAKE_LIBCUDA)
+    (tmp_path / "fake.c").write_text(source)
     subprocess.run([compiler, "-shared", "-fPIC", str(tmp_path / "fake.c"), "-o", str(tmp_path / "libfake.so")],
                    check=True)
-    driver = CudaDriver(str(tmp_path / "libfake.so"))
+    return str(tmp_path / "libfake.so")
+
+
+def test_the_driver_queries_through_ctypes(tmp_path):
+    """CudaDriver against a stand-in libcuda built here: the two-call protocol (count, then fill)
+    and the edge type read from the third byte of each CUgraphEdgeData."""
+    driver = CudaDriver(_build(tmp_path, FAKE_LIBCUDA))
     assert census(5, driver) == {"nodes": 2, "node_types": {"kernel": 1, "memcpy": 1}, "edges": 1,
                                  "edge_types": {"programmatic": 1}, "max_dependencies": 1, "max_dependents": 1,
                                  "straight_line": True}
     with pytest.raises(RuntimeError, match="cuGraphGetNodes failed with CUresult 400"):
         driver.nodes(6)
+
+
+def test_a_driver_without_the_v2_edge_query_reports_edges_of_unknown_type(tmp_path):
+    legacy = FAKE_LIBCUDA[:FAKE_LIBCUDA.index("int cuGraphGetEdges_v2")] + LEGACY_EDGES
+    got = census(5, CudaDriver(_build(tmp_path, legacy)))
+    assert got["edges"] == 1 and got["edge_types"] == {"unknown": 1} and got["straight_line"]

@@ -20,7 +20,7 @@ NODE_TYPES = {0: "kernel", 1: "memcpy", 2: "memset", 3: "host", 4: "child_graph"
               7: "event_record", 8: "ext_semaphores_signal", 9: "ext_semaphores_wait", 10: "mem_alloc",
               11: "mem_free", 12: "batch_mem_op", 13: "conditional"}
 # CUgraphDependencyType (the `type` byte of CUgraphEdgeData)
-EDGE_TYPES = {0: "default", 1: "programmatic"}
+EDGE_TYPES = {0: "default", 1: "programmatic", -1: "unknown"}
 _EDGE_DATA_BYTES = 8  # CUgraphEdgeData: from_port, to_port, type, 5 reserved bytes
 
 
@@ -40,9 +40,12 @@ class CudaDriver:
         self._get_nodes.argtypes, self._get_nodes.restype = [p, p, size_p], ctypes.c_int
         self._get_type = lib.cuGraphNodeGetType
         self._get_type.argtypes, self._get_type.restype = [p, ctypes.POINTER(ctypes.c_int)], ctypes.c_int
-        # the _v2 query returns each edge's type; without it, an edge with data (PDL) fails the query
-        self._get_edges = lib.cuGraphGetEdges_v2
-        self._get_edges.argtypes, self._get_edges.restype = [p, p, p, p, size_p], ctypes.c_int
+        # the _v2 query (CUDA 12.3+) returns each edge's type; the older one does not (and fails
+        # on an edge with data, such as a PDL edge)
+        self._edge_types = hasattr(lib, "cuGraphGetEdges_v2")
+        self._get_edges = lib.cuGraphGetEdges_v2 if self._edge_types else lib.cuGraphGetEdges
+        self._get_edges.argtypes = [p, p, p, p, size_p] if self._edge_types else [p, p, p, size_p]
+        self._get_edges.restype = ctypes.c_int
 
     @staticmethod
     def _check(status: int, what: str) -> None:
@@ -62,13 +65,17 @@ class CudaDriver:
         return kind.value
 
     def edges(self, graph: int) -> list[tuple[int, int, int]]:
+        """(from, to, type) of every edge; the type is -1 where the driver cannot say."""
         count = ctypes.c_size_t(0)
-        self._check(self._get_edges(graph, None, None, None, ctypes.byref(count)), "cuGraphGetEdges_v2")
+        data_arg = (None,) if self._edge_types else ()
+        self._check(self._get_edges(graph, None, None, *data_arg, ctypes.byref(count)), "cuGraphGetEdges")
         n = count.value
         src, dst = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)()
-        data = (ctypes.c_uint8 * (_EDGE_DATA_BYTES * n))()
-        self._check(self._get_edges(graph, src, dst, data, ctypes.byref(count)), "cuGraphGetEdges_v2")
-        return [(int(src[i] or 0), int(dst[i] or 0), data[i * _EDGE_DATA_BYTES + 2]) for i in range(count.value)]
+        data = (ctypes.c_uint8 * (_EDGE_DATA_BYTES * max(n, 1)))()
+        data_arg = (data,) if self._edge_types else ()
+        self._check(self._get_edges(graph, src, dst, *data_arg, ctypes.byref(count)), "cuGraphGetEdges")
+        kind = (lambda i: data[i * _EDGE_DATA_BYTES + 2]) if self._edge_types else (lambda i: -1)  # noqa: E731
+        return [(int(src[i] or 0), int(dst[i] or 0), kind(i)) for i in range(count.value)]
 
 
 def census(graph: int, driver: GraphDriver) -> dict[str, Any]:
@@ -111,5 +118,5 @@ def new_graph() -> Any:
 def instantiate_kept(graph: Any) -> None:
     """A graph that kept its template is instantiated here, at capture time, not lazily by its
     first replay (a serving step)."""
-    if getattr(graph, "kept_template", False):
-        graph.instantiate()
+    if getattr(graph, "kept_template", False) and hasattr(graph, "instantiate"):
+        graph.instantiate()  # (a torch without it instantiates at the first replay)
