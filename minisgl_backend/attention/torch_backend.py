@@ -175,8 +175,9 @@ class TorchAttentionBackend:
     def _gather(self, pool: torch.Tensor, g: _Group) -> torch.Tensor:
         """[slots, Hkv, D] -> [B, P * page_size, Hkv, D]: the group's pages, row after row."""
         slots, heads, dim = pool.shape
-        pages = pool.view(slots // self.kv_cache.page_size, -1).index_select(0, g.page_ids)
-        return pages.view(g.shape[0], -1, heads, dim)
+        raw = pool.view(torch.uint8) if pool.dtype in FP8_DTYPES else pool  # fp8: gathered as bytes
+        pages = raw.view(slots // self.kv_cache.page_size, -1).index_select(0, g.page_ids)
+        return pages.view(pool.dtype).view(g.shape[0], -1, heads, dim)
 
 
 def _by_key_length(seq_lens: list[int], members: list[int]) -> list[list[int]]:
