@@ -306,7 +306,7 @@ def measure(llm: LLM, batch_size: int, context: int, steps: int, cuda: bool, tra
     host = statistics.median(probe.host_s[2:] or probe.host_s)
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     kv_per_token = KVCache.bytes_per_token(engine.model.num_layers, engine.model.num_kv_heads_per_rank,
-                                           engine.model.head_dim, engine.dtype)
+                                           engine.model.head_dim, engine.kv_dtype)
     kv_bytes = batch_size * (context + steps // 2) * kv_per_token
     row = {"batch_size": batch_size, "context": context, "step_ms": 1000 * step,
            "loop_step_ms": 1000 * loop.step_s(), "host_ms": 1000 * host,

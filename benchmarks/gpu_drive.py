@@ -57,9 +57,10 @@ def _llm(model_dir: str, **extra):
 
 
 def kv_tokens_read(prompts: list[list[int]], outputs: list[int]) -> int:
-    """K/V positions the decode steps of the workload read: output token t of a request with an
-    n-token prompt attends over n + t + 1 positions."""
-    return sum(len(p) * n + n * (n + 1) // 2 for p, n in zip(prompts, outputs))
+    """K/V positions the decode steps of the workload read: output 0 comes from the prefill, and
+    the step that makes output t >= 1 of a request with a p-token prompt attends over p + t
+    positions: sum over t = 1 .. n - 1."""
+    return sum((n - 1) * len(p) + (n - 1) * n // 2 for p, n in zip(prompts, outputs) if n > 0)
 
 
 def engine(model_dir: str, overlap: bool, settings: dict[str, str] | None = None) -> dict:

@@ -122,7 +122,9 @@ def serving_table(results: Path) -> list[dict]:
 
 def report(results: Path) -> dict:
     values = measured(results)
-    bandwidth = (read_json(results / "decode_step.json") or {}).get("copy_bandwidth_gb_s")
+    engine = read_json(results / "engine.json") or {}
+    bandwidth = ((read_json(results / "decode_step.json") or {}).get("copy_bandwidth_gb_s")
+                 or engine.get("copy_bandwidth_gb_s"))
     targets = []
     for name, cmp, h200, scaling in TARGETS:
         here = scaled_target(h200, scaling, bandwidth)
@@ -135,13 +137,12 @@ def report(results: Path) -> dict:
         stages = [json.loads(line) for line in summary.read_text().splitlines() if line.strip()]
     offline = {name: (read_json(results / f"{name}.json") or {}).get("output_tok_per_s")
                for name in ("engine", "engine_triton", "engine_fp8kv", "engine_normal", "hf")}
-    engine = read_json(results / "engine.json") or {}
-    bound = engine.get("kv_read_bound_output_tok_per_s")
+    bound, rate = engine.get("kv_read_bound_output_tok_per_s"), engine.get("output_tok_per_s")
     return {"results": str(results), "copy_bandwidth_gb_s": bandwidth, "stages": stages, "targets": targets,
             "decode_steps": decode_table(results), "offline_output_tok_per_s": offline,
             # reading the K/V cache alone at copy bandwidth: the workload's ceiling on this device
             "offline_kv_read_bound_tok_per_s": bound,
-            "offline_fraction_of_kv_read_bound": engine["output_tok_per_s"] / bound if bound else None,
+            "offline_fraction_of_kv_read_bound": rate / bound if bound and rate else None,
             "serving": serving_table(results)}
 
 

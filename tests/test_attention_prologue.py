@@ -192,7 +192,8 @@ def test_triton_kernel_compiles_for_hopper_without_a_gpu(qk_norm, pool):
                  "k_stride": "i32", "v_stride": "i32", "q_weight_ptr": ptr("bf16"), "k_weight_ptr": ptr("bf16"),
                  "eps": "fp32", "positions_ptr": ptr("i64"), "cos_sin_ptr": ptr("fp32"), "q_out_ptr": ptr("bf16"),
                  "k_pool_ptr": ptr(pool), "v_pool_ptr": ptr(pool), "slots_ptr": ptr("i64")}
-    constants = {"NUM_Q_HEADS": 16, "NUM_KV_HEADS": 8, "HEAD_DIM": 128, "HALF": 64, "HAS_NORM": qk_norm}
+    constants = {"NUM_Q_HEADS": 16, "NUM_KV_HEADS": 8, "HEAD_DIM": 128, "HALF": 64, "HAS_NORM": qk_norm,
+                 "KV_LIMIT": 448.0 if pool == "fp8e4nv" else 0.0}
     signature.update({name: "constexpr" for name in constants})
     compiled = triton.compile(ASTSource(fn=prologue_kernel(), signature=signature, constexprs=constants),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})

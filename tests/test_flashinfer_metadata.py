@@ -693,7 +693,7 @@ def test_triton_decode_kernel_plans_nothing_and_reads_the_page_table(fake_flashi
         return reference_decode(q, k_pool, v_pool, slot_table, rows, seq_lens).to(q.dtype)
 
     monkeypatch.setattr(triton_decode, "paged_decode_attention", stand_in)
-    monkeypatch.setattr(triton_decode, "unsupported_reason", lambda head_dim, dtype, kv_dtype: None)
+    monkeypatch.setattr(triton_decode, "unsupported_reason", lambda head_dim, dtype, kv_dtype, device: None)
     table, cache, layout, qkv = _backend_case(page_size, True, seed=7)
     ref_cache = _clone_cache(cache)
     ref = TorchAttentionBackend(ref_cache, table)

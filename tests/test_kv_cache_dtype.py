@@ -43,6 +43,34 @@ def test_store_writes_each_value_cast_to_fp8(dtype, layout):
     assert int(cache.k[0].view(torch.uint8).count_nonzero()) == int(k.to(dtype).view(torch.uint8).count_nonzero())
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_values_past_the_fp8_range_saturate_instead_of_turning_nan(dtype):
+    """torch < 2.12 casts an e4m3 value past 448 to NaN (e5m2 past 57344 to inf), which would
+    poison every attention over that position; the store saturates, as the Triton kernels do."""
+    cache = KVCache(1, 2, 4, 1, 4, dtype, torch.device("cpu"))
+    big = torch.tensor([[[1e6, -1e6, 3.0, -0.5]]])
+    cache.store(0, torch.tensor([5]), big, -big)
+    limit = torch.finfo(dtype).max
+    assert cache.k[0][5].float().tolist() == [[limit, -limit, 3.0, -0.5]]
+    assert cache.v[0][5].float().tolist() == [[-limit, limit, -3.0, 0.5]]
+
+
+def test_triton_kernels_take_e4m3_only_from_sm89(monkeypatch):
+    from minisgl_backend.attention import triton_decode
+    from minisgl_backend.kvcache import pool
+    from minisgl_backend.models.attention_prologue import triton_installed
+
+    monkeypatch.setattr(pool, "_capability", lambda index: (8, 0))
+    cuda = torch.device("cuda", 0)
+    assert "sm_89" in pool.triton_fp8_problem(torch.float8_e4m3fn, cuda)
+    assert pool.triton_fp8_problem(torch.float8_e5m2, cuda) is None
+    assert pool.triton_fp8_problem(torch.float8_e4m3fn, "cpu") is None, "the interpreter converts anything"
+    if triton_installed():
+        assert "sm_89" in triton_decode.unsupported_reason(128, torch.bfloat16, torch.float8_e4m3fn, cuda)
+    monkeypatch.setattr(pool, "_capability", lambda index: (9, 0))
+    assert pool.triton_fp8_problem(torch.float8_e4m3fn, cuda) is None
+
+
 def _attention(pool_dtype, k_new, v_new, k_old, v_old, q, decode: bool):
     """The torch backend over one page-table row: 6 cached positions plus the new tokens."""
     cache = KVCache(1, 4, 4, 2, 8, pool_dtype, torch.device("cpu"))

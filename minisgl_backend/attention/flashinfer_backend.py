@@ -216,7 +216,7 @@ class FlashInferBackend:
         if reason is None and kv_dtype not in (dtype, *FP8_DTYPES):
             reason = f"a KV cache of {kv_dtype} with a {dtype} model (the model's dtype or fp8 only)"
         if reason is None and decode_kernel == "triton":
-            reason = triton_decode.unsupported_reason(head_dim, dtype, kv_dtype)
+            reason = triton_decode.unsupported_reason(head_dim, dtype, kv_dtype, device)
         elif reason is None and decode_kernel != "flashinfer":
             reason = f"decode_kernel must be flashinfer or triton, got {decode_kernel!r}"
         if reason is not None:

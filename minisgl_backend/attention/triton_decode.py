@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from minisgl_backend.kvcache.pool import FP8_DTYPES
+from minisgl_backend.kvcache.pool import FP8_DTYPES, triton_fp8_problem
 
 MAX_SPLITS = 16
 BLOCK_N = 32
@@ -48,7 +48,8 @@ def num_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
     return max(1, min(MAX_SPLITS, math.ceil(2 * sm_count / (batch_size * num_kv_heads))))
 
 
-def unsupported_reason(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> str | None:
+def unsupported_reason(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None,
+                       device: torch.device | str = "cpu") -> str | None:
     """Why the kernel cannot serve this model and KV cache, or None (checked when the backend is
     built, so a missing triton fails the start, not the first decode step)."""
     if importlib.util.find_spec("triton") is None:
@@ -59,7 +60,7 @@ def unsupported_reason(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype 
         return f"dtype {dtype} (fp16 / bf16 only)"
     if kv_dtype is not None and kv_dtype not in (dtype, *FP8_DTYPES):
         return f"KV cache dtype {kv_dtype} with model dtype {dtype}"
-    return None
+    return None if kv_dtype is None else triton_fp8_problem(kv_dtype, device)
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_table: torch.Tensor,

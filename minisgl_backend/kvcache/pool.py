@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # `kv_cache_dtype` fp8 / fp8_e5m2
+
+
+def triton_fp8_problem(kv_dtype: torch.dtype, device: torch.device | str) -> str | None:
+    """Why a Triton kernel cannot load or store this KV dtype on `device`, or None: Triton has
+    e4m3 only from sm_89 (Ada, Hopper) on; e5m2 and the other dtypes everywhere."""
+    device = torch.device(device)
+    if kv_dtype != torch.float8_e4m3fn or device.type != "cuda":
+        return None
+    major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    if (major, minor) < (8, 9):
+        return f"an fp8 e4m3 KV cache in Triton kernels needs sm_89+ (this GPU is sm_{major}{minor}); use fp8_e5m2"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def to_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x cast to an fp8 dtype, saturating at its largest finite value as the Triton kernels'
+    conversions do (torch < 2.12 turns an e4m3 value past the range into NaN, e5m2 into inf)."""
+    limit = torch.finfo(dtype).max
+    return x.clamp(-limit, limit).to(dtype)
 
 
 class KVCache:
@@ -36,8 +62,8 @@ class KVCache:
             return
         k_pool, v_pool = self.k[layer_id], self.v[layer_id]
         if kv.dtype in FP8_DTYPES:  # cast, then an indexed write of bytes (every device indexes uint8)
-            k_pool.view(torch.uint8)[out_loc] = k.to(kv.dtype).view(torch.uint8)
-            v_pool.view(torch.uint8)[out_loc] = v.to(kv.dtype).view(torch.uint8)
+            k_pool.view(torch.uint8)[out_loc] = to_fp8(k, kv.dtype).view(torch.uint8)
+            v_pool.view(torch.uint8)[out_loc] = to_fp8(v, kv.dtype).view(torch.uint8)
             return
         k_pool[out_loc] = k.to(kv.dtype)
         v_pool[out_loc] = v.to(kv.dtype)

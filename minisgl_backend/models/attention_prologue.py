@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from minisgl_backend.kvcache.pool import FP8_DTYPES
+from minisgl_backend.kvcache.pool import FP8_DTYPES, triton_fp8_problem
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -56,6 +56,9 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool
     if (q.dtype not in SUPPORTED_DTYPES or not q.dtype == k.dtype == v.dtype
             or k_pool.dtype not in (q.dtype, *FP8_DTYPES)):
         return f"dtypes {q.dtype} / {k.dtype} / {v.dtype} / pool {k_pool.dtype}"
+    fp8_problem = triton_fp8_problem(k_pool.dtype, k_pool.device)
+    if fp8_problem:
+        return fp8_problem
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 3 or x.stride(2) != 1 or x.stride(1) != head_dim:
             return f"{name} of shape {tuple(x.shape)} and strides {x.stride()}"
@@ -81,6 +84,6 @@ def attention_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weig
         q_weight if has_norm else q, k_weight if has_norm else q, float(eps), positions, cos_sin_cache,
         q_out, k_pool, v_pool, slots,
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2,
-        HAS_NORM=has_norm,
+        HAS_NORM=has_norm, KV_LIMIT=torch.finfo(k_pool.dtype).max if k_pool.dtype in FP8_DTYPES else 0.0,
         num_warps=1)
     return q_out

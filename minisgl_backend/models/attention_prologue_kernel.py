@@ -2,7 +2,7 @@
 
 One program per (token, head): heads [0, NUM_Q_HEADS) are q's, written to the contiguous q_out;
 the others are k's, written with v's head of the same index to the pools at the token's slot (cast
-to the pools' dtype: fp8 for `kv_cache_dtype` fp8).
+to the pools' dtype: fp8 for `kv_cache_dtype` fp8, saturated at `KV_LIMIT`, its largest value).
 Left undecorated: `attention_prologue.prologue_kernel()` jits it, or wraps it for the interpreter.
 """
 
@@ -13,7 +13,8 @@ def attention_prologue_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride,
                               q_weight_ptr, k_weight_ptr, eps, positions_ptr, cos_sin_ptr,
                               q_out_ptr, k_pool_ptr, v_pool_ptr, slots_ptr,
                               NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                              HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+                              HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+                              KV_LIMIT: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     d = tl.arange(0, HALF)
@@ -29,7 +30,9 @@ def attention_prologue_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride,
         weight = k_weight_ptr
         dst = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM
         full = tl.arange(0, HEAD_DIM)
-        v_row = tl.load(v_ptr + t * v_stride + kv_head * HEAD_DIM + full)
+        v_row = tl.load(v_ptr + t * v_stride + kv_head * HEAD_DIM + full).to(tl.float32)
+        if KV_LIMIT > 0:  # an fp8 pool: saturate at its largest finite value
+            v_row = tl.minimum(tl.maximum(v_row, -KV_LIMIT), KV_LIMIT)
         tl.store(v_pool_ptr + dst + full, v_row.to(v_pool_ptr.dtype.element_ty))
     x1 = tl.load(src + d).to(tl.float32)
     x2 = tl.load(src + HALF + d).to(tl.float32)
@@ -48,6 +51,11 @@ def attention_prologue_kernel(q_ptr, k_ptr, v_ptr, q_stride, k_stride, v_stride,
     if h < NUM_Q_HEADS:
         tl.store(q_out_ptr + dst + d, lo)
         tl.store(q_out_ptr + dst + HALF + d, hi)
+    elif KV_LIMIT > 0:  # an fp8 pool: saturate at its largest finite value
+        tl.store(k_pool_ptr + dst + d,
+                 tl.minimum(tl.maximum(lo.to(tl.float32), -KV_LIMIT), KV_LIMIT).to(k_pool_ptr.dtype.element_ty))
+        tl.store(k_pool_ptr + dst + HALF + d,
+                 tl.minimum(tl.maximum(hi.to(tl.float32), -KV_LIMIT), KV_LIMIT).to(k_pool_ptr.dtype.element_ty))
     else:
         tl.store(k_pool_ptr + dst + d, lo.to(k_pool_ptr.dtype.element_ty))
         tl.store(k_pool_ptr + dst + HALF + d, hi.to(k_pool_ptr.dtype.element_ty))
