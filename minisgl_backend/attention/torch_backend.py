@@ -166,9 +166,11 @@ class TorchAttentionBackend:
             q_pad[g.q_valid] = q
         keys = self._gather(self.kv_cache.k[layer_id], g).to(q.dtype)
         values = self._gather(self.kv_cache.v[layer_id], g).to(q.dtype)
+        if g.mask.dtype != q.dtype:  # an fp8 pool's float32 mask: converted once, for every layer
+            g.mask = g.mask.to(q.dtype)
         out = F.scaled_dot_product_attention(
             q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=g.mask.to(q.dtype), enable_gqa=num_heads != num_kv_heads,
+            attn_mask=g.mask, enable_gqa=num_heads != num_kv_heads,
         ).transpose(1, 2)
         return out.reshape(q.shape) if decode else out[g.q_valid]
 
