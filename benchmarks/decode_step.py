@@ -14,9 +14,10 @@ Next to it: `host_ms`, the CPU time of `Engine.forward` until it returns (metada
 graph launch, sampling launches; on CUDA the GPU is still running then), and `kernels_per_layer`
 / `kernels_per_step` from a torch profile of one decode step. On CUDA these count CUDA kernels
 (per layer from an eager step, whose launches are those a graph captures; per step from a
-graph replay), and `graph_census` gives the replayed graph's nodes and edges by type and whether it
-is a straight line (CUDA 12.6+ launches a straight line of kernel nodes in constant time); on the CPU they count the aten ops that do work (leaf ops, views and allocations
-left out), the proxy for kernels. On CUDA each row also lists `kernels_by_name` (the replayed
+graph replay), and `graph_census` gives the replayed graph's nodes and edges by type and whether
+it is a straight line (CUDA 12.6+ launches a straight line of kernel nodes in constant time); on
+the CPU they count the aten ops that do work (leaf ops, views and allocations left out), the
+proxy for kernels. On CUDA each row also lists `kernels_by_name` (the replayed
 step's kernels grouped by name, by device time); `--host-profile` adds `host_profile` (a pass
 under cProfile: each function's host microseconds per step).
 

@@ -74,7 +74,7 @@ def engine(model_dir: str, overlap: bool, settings: dict[str, str] | None = None
     # the rate at which reading the K/V cache alone, at the device's copy bandwidth, takes all the
     # time (weights, prefill and everything else on top): no run of this workload can pass it
     kv_bytes = kv_tokens_read(prompts, outputs) * KVCache.bytes_per_token(
-        eng.model.num_layers, eng.model.num_kv_heads_per_rank, eng.model.head_dim, eng.kv_cache.k[0].dtype)
+        eng.model.num_layers, eng.model.num_kv_heads_per_rank, eng.model.head_dim, eng.kv_dtype)
     bandwidth = copy_bandwidth("cuda")
     result.update(overlap=overlap, settings=settings or {}, layer_ops=eng.model.ops.name, attention=type(eng.attn).__name__,
                   cuda_graph=eng.graph_runner is not None, num_pages=eng.num_pages,

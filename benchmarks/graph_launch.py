@@ -69,16 +69,18 @@ def _with_one_memcpy(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, nodes: i
             y.copy_(x)  # same dtype, contiguous, one device: cudaMemcpyAsync, a memcpy node
 
 
-def _forked(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, nodes: int) -> None:
-    side = _forked.side
-    for i in range(nodes):
-        if i % 8 == 7:  # a branch that joins back right away: the graph is no longer a line
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                y.add_(1.0)
-            torch.cuda.current_stream().wait_stream(side)
-        else:
-            _elementwise(x, w, y)
+def _forked(side: torch.cuda.Stream):
+    def issue(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, nodes: int) -> None:
+        for i in range(nodes):
+            if i % 8 == 7:  # a branch that joins back right away: the graph is no longer a line
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    y.add_(1.0)
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                _elementwise(x, w, y)
+
+    return issue
 
 
 def launch_cost_us(issue, nodes: int, replays: int, sync_every: int) -> tuple[float, dict]:
@@ -88,7 +90,6 @@ def launch_cost_us(issue, nodes: int, replays: int, sync_every: int) -> tuple[fl
     w = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16) / 32
     y = torch.zeros(1, 1024, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
-    _forked.side = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         issue(x, w, y, 3)
@@ -115,7 +116,7 @@ def main() -> None:
     p.add_argument("--sync-every", type=int, default=4)
     args = p.parse_args()
     kinds = {"elementwise": _repeat(_elementwise), "elementwise_and_one_memcpy": _with_one_memcpy,
-             "elementwise_forked": _forked, "cublas_gemm_1x1024x1024": _repeat(_gemm)}
+             "elementwise_forked": _forked(torch.cuda.Stream()), "cublas_gemm_1x1024x1024": _repeat(_gemm)}
     try:
         kinds["triton"] = _repeat(_triton_kernel())
     except Exception as exc:  # no triton on this host: the other kinds still run
