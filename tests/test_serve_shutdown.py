@@ -27,7 +27,7 @@ import urllib.request
 
 import pytest
 
-from minisgl_backend.ports import free_ports
+from minisgl_backend.ports import answers_ok, free_ports
 from minisgl_backend.procinfo import stat_fields
 from minisgl_backend.triton.server import ROOT
 from tests.triton_server import require_triton
@@ -67,6 +67,8 @@ class Serve:
         assert ("OpenAI frontend on port" in self.text()) == os.path.isfile(
             ROOT / "minisgl_backend" / "openai" / "__main__.py")
         assert "OpenAI frontend" in self.text(), "make serve says whether it started the OpenAI frontend"
+        if "OpenAI frontend on port" in self.text():  # READY: every port it names answers, at once
+            assert answers_ok(f"http://127.0.0.1:{self.ports['OPENAI_PORT']}/health"), self.text()[-2000:]
 
     def generate(self) -> dict:
         req = urllib.request.Request(f"http://127.0.0.1:{self.ports['HTTP_PORT']}/v2/models/minisgl/generate",

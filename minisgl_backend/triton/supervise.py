@@ -145,8 +145,25 @@ class Supervisor:
                                        f"127.0.0.1:{self.args.grpc_port}", "--model", MODEL,
                                        "--port", str(self.args.openai_port)])
             say(f"OpenAI frontend on port {self.args.openai_port}")
+            if not self._wait_openai():
+                return
         say(f"READY  curl -X POST localhost:{self.args.http_port}/v2/models/{MODEL}/generate "
             "-d '{\"text_input\":\"Hi\",\"parameters\":{\"max_tokens\":16}}'")
+
+    def _wait_openai(self) -> bool:
+        """Until the frontend's /health answers (it loads its tokenizer first: seconds), so that
+        READY means every port it names answers; False when it exited or a stop signal came (the
+        serve loop then stops everything)."""
+        url = f"http://127.0.0.1:{self.args.openai_port}/health"
+        deadline = time.monotonic() + self.args.ready_timeout
+        while self.stop_signal is None and self.openai.poll() is None:
+            if answers_ok(url):
+                return True
+            if time.monotonic() > deadline:
+                say(f"the OpenAI frontend does not answer {url} after {self.args.ready_timeout:.0f} s")
+                return True
+            time.sleep(0.2)
+        return False
 
     def _serve(self) -> int | None:
         """Until a stop signal (its exit code) or a child's death (1); None: restart everything."""
