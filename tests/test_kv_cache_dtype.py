@@ -60,6 +60,7 @@ def test_triton_kernels_take_e4m3_only_from_sm89(monkeypatch):
     from minisgl_backend.kvcache import pool
     from minisgl_backend.models.attention_prologue import triton_installed
 
+    pool.triton_fp8_problem.cache_clear()
     monkeypatch.setattr(pool, "_capability", lambda index: (8, 0))
     cuda = torch.device("cuda", 0)
     assert "sm_89" in pool.triton_fp8_problem(torch.float8_e4m3fn, cuda)
@@ -67,8 +68,10 @@ def test_triton_kernels_take_e4m3_only_from_sm89(monkeypatch):
     assert pool.triton_fp8_problem(torch.float8_e4m3fn, "cpu") is None, "the interpreter converts anything"
     if triton_installed():
         assert "sm_89" in triton_decode.unsupported_reason(128, torch.bfloat16, torch.float8_e4m3fn, cuda)
+    pool.triton_fp8_problem.cache_clear()
     monkeypatch.setattr(pool, "_capability", lambda index: (9, 0))
     assert pool.triton_fp8_problem(torch.float8_e4m3fn, cuda) is None
+    pool.triton_fp8_problem.cache_clear()  # no stand-in's answer left behind for other tests
 
 
 def _attention(pool_dtype, k_new, v_new, k_old, v_old, q, decode: bool):

@@ -9,6 +9,7 @@ import torch
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # `kv_cache_dtype` fp8 / fp8_e5m2
 
 
+@functools.lru_cache(maxsize=None)  # asked once per layer call by the fused prologue: a lookup after the first
 def triton_fp8_problem(kv_dtype: torch.dtype, device: torch.device | str) -> str | None:
     """Why a Triton kernel cannot load or store this KV dtype on `device`, or None: Triton has
     e4m3 only from sm_89 (Ada, Hopper) on; e5m2 and the other dtypes everywhere."""
@@ -21,7 +22,6 @@ def triton_fp8_problem(kv_dtype: torch.dtype, device: torch.device | str) -> str
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
