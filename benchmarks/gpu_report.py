@@ -1,11 +1,10 @@
 """The numbers of one `gpu-check.sh` run next to the GPU issue's targets, as one JSON document.
 
-Reads what the stages wrote into RESULTS_DIR (decode_step.json, decode_step_unfused.json,
-decode_step_triton.json, engine.json, engine_triton.json, engine_fp8kv.json, engine_normal.json,
-hf.json, serving.json; a missing or failed stage leaves its rows out) and prints, per target
-(scaled from the issue's H200 to this device), the measured value and whether it is met, then the decode
-steps per batch size (with the fused attention prologue against separate kernels) and the
-serving latencies.
+Reads what the stages wrote into RESULTS_DIR (decode_step*.json, engine*.json, hf.json,
+serving.json, graph_launch.json; a missing or failed stage leaves its rows out) and prints, per target (scaled from the issue's H200 to this device), the measured value and whether
+it is met, then the decode steps per batch size (with the A/B stages: the prologue as separate
+kernels, the Triton decode attention, an fp8 KV cache; the graph's census), the offline rates,
+the graph-launch costs and the serving latencies.
 
     python benchmarks/gpu_report.py RESULTS_DIR
 """
@@ -89,15 +88,17 @@ def _met(value: float, comparison: str, target: float) -> bool:
 
 def decode_table(results: Path) -> list[dict]:
     """Per batch size: the step alone and in the loop, host time, kernels per layer, and the same
-    step with the attention prologue as separate kernels and with the Triton decode attention
-    (where those stages ran)."""
+    step with the attention prologue as separate kernels, with the Triton decode attention and
+    with an fp8 KV cache (where those stages ran)."""
     fused = decode_rows(read_json(results / "decode_step.json"))
     unfused = decode_rows(read_json(results / "decode_step_unfused.json"))
     triton = decode_rows(read_json(results / "decode_step_triton.json"))
+    fp8 = decode_rows(read_json(results / "decode_step_fp8kv.json"))
     table = []
     for bs, row in sorted(fused.items()):
         entry = {k: row.get(k) for k in ("batch_size", "step_ms", "loop_step_ms", "host_ms", "kernels_per_layer",
-                                         "kernels_per_step", "fraction_of_floor", "loop_fraction_of_floor")}
+                                         "kernels_per_step", "fraction_of_floor", "loop_fraction_of_floor",
+                                         "graph_census")}
         other = unfused.get(bs)
         if other is not None:
             entry["unfused_step_ms"] = other["step_ms"]
@@ -110,8 +111,22 @@ def decode_table(results: Path) -> list[dict]:
             entry["triton_decode_loop_step_ms"] = other.get("loop_step_ms")
             entry["triton_decode_host_ms"] = other.get("host_ms")
             entry["triton_decode_kernels_per_layer"] = other["kernels_per_layer"]
+        other = fp8.get(bs)
+        if other is not None:
+            entry["fp8_kv_step_ms"] = other["step_ms"]
+            entry["fp8_kv_loop_step_ms"] = other.get("loop_step_ms")
+            entry["fp8_kv_loop_fraction_of_floor"] = other.get("loop_fraction_of_floor")  # of fp8's own floor
         table.append(entry)
     return table
+
+
+def graph_launch_table(results: Path) -> list[dict]:
+    """Host microseconds per graph node by kind, and whether that kind's graph was a straight line."""
+    doc = read_json(results / "graph_launch.json") or {}
+    return [{"kind": row.get("kind"), "us_per_node": row.get("us_per_node"),
+             "replay_us_by_nodes": row.get("replay_us_by_nodes"),
+             "straight_line": (row.get("census") or {}).get("straight_line"),
+             "node_types": (row.get("census") or {}).get("node_types")} for row in doc.get("results", [])]
 
 
 def serving_table(results: Path) -> list[dict]:
@@ -143,7 +158,7 @@ def report(results: Path) -> dict:
             # reading the K/V cache alone at copy bandwidth: the workload's ceiling on this device
             "offline_kv_read_bound_tok_per_s": bound,
             "offline_fraction_of_kv_read_bound": rate / bound if bound and rate else None,
-            "serving": serving_table(results)}
+            "graph_launch": graph_launch_table(results), "serving": serving_table(results)}
 
 
 def main() -> None:

@@ -21,6 +21,10 @@ def test_targets_are_read_from_the_stage_outputs(tmp_path):
     (tmp_path / "decode_step_unfused.json").write_text(json.dumps(unfused))
     triton = {"results": [_step(64, 1.6, 0.15, 10, 0.4)]}
     (tmp_path / "decode_step_triton.json").write_text(json.dumps(triton))
+    (tmp_path / "decode_step_fp8kv.json").write_text(json.dumps({"results": [_step(256, 2.2, 0.9, 11, 0.5)]}))
+    launch = {"results": [{"kind": "elementwise", "us_per_node": 0.01, "replay_us_by_nodes": {"16": 3.0},
+                           "census": {"straight_line": True, "node_types": {"kernel": 320}}}]}
+    (tmp_path / "graph_launch.json").write_text(json.dumps(launch))
     (tmp_path / "engine.json").write_text(json.dumps({"stage": "engine", "output_tok_per_s": 30000.0}) + "\n")
     (tmp_path / "hf.json").write_text(json.dumps({"stage": "hf", "output_tok_per_s": 1000.0}))
     (tmp_path / "serving.json").write_text("{\"results\": [")  # the stage was killed mid-write
@@ -40,6 +44,9 @@ def test_targets_are_read_from_the_stage_outputs(tmp_path):
     assert rows[64]["triton_decode_step_ms"] == 1.6 and rows[64]["triton_decode_host_ms"] == 0.15
     assert targets["loop_step_ms_bs1"] == (1.1 * 0.8, True)
     assert "triton_decode_step_ms" not in rows[1]
+    assert rows[256]["fp8_kv_step_ms"] == 2.2 and "fp8_kv_step_ms" not in rows[64]
+    assert out["graph_launch"] == [{"kind": "elementwise", "us_per_node": 0.01, "replay_us_by_nodes": {"16": 3.0},
+                                    "straight_line": True, "node_types": {"kernel": 320}}]
     assert out["serving"] == [] and out["stages"][0]["stage"] == "gpu_tests"
     assert out["offline_output_tok_per_s"] == {"engine": 30000.0, "engine_triton": None, "engine_fp8kv": None,
                                                "engine_normal": None, "hf": 1000.0}
