@@ -7,7 +7,9 @@ of N nodes of one kind (a torch elementwise op, a small cuBLAS GEMM, a Triton ke
 cost most. CUDA 12.6+ launches a straight line of kernel nodes in constant time: the kinds
 `elementwise_and_one_memcpy` (one same-dtype `copy_`, a memcpy node, among the kernels) and
 `elementwise_forked` (every 8th kernel on a side stream) show whether one non-kernel node or
-a fork puts a graph back on the per-node path; each kind's `census` (engine/graph_census.py)
+a fork puts a graph back on the per-node path, and `flashinfer_rmsnorm_pdl` / `_no_pdl` whether
+programmatic (PDL) edges, which flashinfer's norm and activation kernels add by default on
+sm_90, do; each kind's `census` (engine/graph_census.py)
 says what its largest graph holds. The device runs the graphs too, so the host waits for it
 every `--sync-every` replays (outside the timed calls) and never runs far ahead.
 
@@ -50,6 +52,17 @@ def _triton_kernel():
 
     def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
         add_one[(triton.cdiv(x.numel(), 1024),)](x, x.numel(), BLOCK=1024)
+
+    return launch
+
+
+def _flashinfer_rmsnorm(enable_pdl: bool):
+    """flashinfer's RMSNorm, launched with or without programmatic dependent launch (0.7.2 turns
+    PDL on by default on sm_90: the decoder's norm and SiLU-and-mul kernels carry PDL edges)."""
+    import flashinfer.norm
+
+    def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
+        flashinfer.norm.rmsnorm(x, w[0], out=y, enable_pdl=enable_pdl)
 
     return launch
 
@@ -120,10 +133,19 @@ def main() -> None:
     try:
         kinds["triton"] = _repeat(_triton_kernel())
     except Exception as exc:  # no triton on this host: the other kinds still run
-        print(json.dumps({"triton": f"skipped: {exc}"}))
+        print(json.dumps({"triton": f"skipped: {exc}"}), file=sys.stderr)
+    try:
+        kinds["flashinfer_rmsnorm_pdl"] = _repeat(_flashinfer_rmsnorm(True))
+        kinds["flashinfer_rmsnorm_no_pdl"] = _repeat(_flashinfer_rmsnorm(False))
+    except Exception as exc:  # no flashinfer here
+        print(json.dumps({"flashinfer": f"skipped: {exc}"}), file=sys.stderr)
     rows = []
     for name, issue in kinds.items():
-        runs = {n: launch_cost_us(issue, n, args.replays, args.sync_every) for n in args.nodes}
+        try:
+            runs = {n: launch_cost_us(issue, n, args.replays, args.sync_every) for n in args.nodes}
+        except Exception as exc:  # one kind that cannot run (a JIT build, a capture) leaves the others
+            rows.append({"kind": name, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         costs = {n: cost for n, (cost, _) in runs.items()}
         lo, hi = min(args.nodes), max(args.nodes)
         slope = (costs[hi] - costs[lo]) / (hi - lo) if hi > lo else float("nan")

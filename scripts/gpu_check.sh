@@ -98,7 +98,7 @@ stage decode_step_triton 60 "$R/decode_step_triton.json" "$PY" benchmarks/decode
 # what cudaGraphLaunch costs the host per node, by node kind and with a memcpy node or a fork in
 # the graph (the largest item of a step's host time; decode_step.json's graph_census says what
 # the decode graph holds)
-stage graph_launch 40 "$R/graph_launch.json" "$PY" benchmarks/graph_launch.py
+stage graph_launch 60 "$R/graph_launch.json" "$PY" benchmarks/graph_launch.py
 stage engine 75 "$R/engine.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL"
 if ls "$LIBPY"/libpython3.12.so* > /dev/null 2>&1; then
   stage serving 180 "$R/serving.json" "$PY" benchmarks/triton_latency.py --model "$MODEL" \
