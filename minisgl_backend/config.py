@@ -155,6 +155,9 @@ class EngineConfig:
     # decode attention on flashinfer: its kernel (a host plan() per step) or triton (reads the
     # page table on the device: no host planning, CUDA graphs replay without it)
     decode_attention: str = "flashinfer"
+    # flashinfer's norm and SiLU-and-mul kernels with programmatic dependent launch: auto is
+    # flashinfer's default (on from sm_90), true / false force it (an A/B: PDL edges in a CUDA graph)
+    flashinfer_pdl: str = "auto"
 
     def validate(self) -> "EngineConfig":
         for section in (self.model, self.cache, self.scheduler, self.parallel, self.graph, self.frontend,
@@ -166,6 +169,8 @@ class EngineConfig:
             raise ConfigError("layer_ops must be auto or torch")
         if self.decode_attention not in ("flashinfer", "triton"):
             raise ConfigError("decode_attention must be flashinfer or triton")
+        if self.flashinfer_pdl not in ("auto", "true", "false"):
+            raise ConfigError("flashinfer_pdl must be auto, true or false")
         return self
 
     @property
@@ -181,6 +186,11 @@ class EngineConfig:
         if self.model.dtype != "auto":
             return self.model.dtype
         return "bfloat16" if self.device == "cuda" else "float32"
+
+    @property
+    def pdl(self) -> bool | None:
+        """`flashinfer_pdl` for the kernels: None leaves flashinfer's default."""
+        return {"auto": None, "true": True, "false": False}[self.flashinfer_pdl]
 
     @property
     def kv_dtype_name(self) -> str:

@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+from minisgl_backend.config import ConfigError, EngineConfig
 from minisgl_backend.models import fused
 from minisgl_backend.models.fused import FlashInferOps, TorchOps, select_ops
 
@@ -46,11 +47,15 @@ def fake_flashinfer(monkeypatch):
     calls = []
     pkg = types.ModuleType("flashinfer")
     norm, rope, act = (types.ModuleType(f"flashinfer.{n}") for n in ("norm", "rope", "activation"))
-    norm.rmsnorm = lambda x, w, eps, out=None: calls.append(("rmsnorm", tuple(x.shape), out is x)) or x
-    norm.fused_add_rmsnorm = lambda x, r, w, eps: calls.append(("fused_add_rmsnorm", tuple(x.shape)))
+    def pdl(kwargs):  # a call records its enable_pdl only when one was given
+        return ("pdl", kwargs["enable_pdl"]) if kwargs else ()
+
+    norm.rmsnorm = lambda x, w, eps, out=None, **kw: calls.append(("rmsnorm", tuple(x.shape), out is x, *pdl(kw))) or x
+    norm.fused_add_rmsnorm = lambda x, r, w, eps, **kw: calls.append(("fused_add_rmsnorm", tuple(x.shape), *pdl(kw)))
     rope.apply_rope_with_cos_sin_cache_inplace = (
         lambda pos, q, k, head, cache, is_neox: calls.append(("rope", tuple(q.shape), tuple(k.shape), head, is_neox)))
-    act.silu_and_mul = lambda x: calls.append(("silu_and_mul", tuple(x.shape))) or x[..., : x.shape[-1] // 2]
+    act.silu_and_mul = (lambda x, **kw: calls.append(("silu_and_mul", tuple(x.shape), *pdl(kw)))
+                        or x[..., : x.shape[-1] // 2])
     pkg.norm, pkg.rope, pkg.activation = norm, rope, act
     for name, mod in (("flashinfer", pkg), ("flashinfer.norm", norm), ("flashinfer.rope", rope),
                       ("flashinfer.activation", act)):
@@ -82,6 +87,22 @@ def test_flashinfer_ops_call_one_kernel_each_on_strided_views(fake_flashinfer):
     assert fake_flashinfer == [("rope", (3, 32), (3, 16), 8, True), ("fused_add_rmsnorm", (3, 8)),
                                ("rmsnorm", (3, 4, 8), False), ("rmsnorm", (3, 2, 8), True),
                                ("silu_and_mul", (3, 16))]
+
+
+def test_flashinfer_pdl_setting_reaches_every_norm_and_activation_call(fake_flashinfer, tiny_llama):
+    """flashinfer_pdl: auto leaves flashinfer's default (no enable_pdl passed); true / false force it."""
+    assert EngineConfig.from_flat(model_path=tiny_llama).pdl is None
+    assert EngineConfig.from_flat(model_path=tiny_llama, flashinfer_pdl="false").pdl is False
+    with pytest.raises(ConfigError, match="flashinfer_pdl must be auto, true or false"):
+        EngineConfig.from_flat(model_path=tiny_llama, flashinfer_pdl="maybe")
+    for pdl in (False, True):
+        fake_flashinfer.clear()
+        ops = select_ops("cuda", torch.bfloat16, pdl=pdl)
+        x, res, w = torch.randn(3, 8), torch.randn(3, 8), torch.ones(8)
+        ops.add_rms_norm(x, res, w, 1e-6)
+        ops.rms_norm(x, w, 1e-6)
+        ops.silu_and_mul(torch.randn(3, 16))
+        assert [call[-2:] for call in fake_flashinfer] == [("pdl", pdl)] * 3
 
 
 def test_model_built_for_cuda_bf16_wires_the_fused_ops_into_every_layer(fake_flashinfer, tmp_path):

@@ -54,7 +54,7 @@ class Engine:
             keep_freed_memory()  # the step's temporaries are not page-faulted in again every step
         torch.manual_seed(config.seed)
         self.model = load_model(config.model.model_path, self.dtype, self.device, config.layer_ops,
-                                config.fuse_attention_prologue)
+                                config.fuse_attention_prologue, config.pdl)
         self.arch = self.model.arch
         self.vocab_size = self.arch.vocab_size
         self.eos_ids = list(self.arch.eos_token_ids)

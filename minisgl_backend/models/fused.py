@@ -129,31 +129,32 @@ class FlashInferOps:
     name = "flashinfer"
     needs_cos_sin_cache = True  # [max_positions, head_dim] float32: cos half, then sin half
 
-    def __init__(self, fuse_prologue: bool = True) -> None:
+    def __init__(self, fuse_prologue: bool = True, pdl: bool | None = None) -> None:
         import flashinfer.activation
         import flashinfer.norm
         import flashinfer.rope
 
         self._norm, self._rope, self._act = flashinfer.norm, flashinfer.rope, flashinfer.activation
+        self._pdl = {} if pdl is None else {"enable_pdl": pdl}  # None: flashinfer's default
         self.fused_prologue = fuse_prologue and triton_installed()
         self._prologue_proven = False  # one call succeeded: later failures are bugs, and raise
         if fuse_prologue and not self.fused_prologue:
             logger.warning("the attention prologue runs as separate kernels: triton is not installed")
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return self._norm.rmsnorm(x, weight, eps)
+        return self._norm.rmsnorm(x, weight, eps, **self._pdl)
 
     def rms_norm_over(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # each warp reads a whole head row before it writes it back: safe in place
-        return self._norm.rmsnorm(x, weight, eps, out=x)
+        return self._norm.rmsnorm(x, weight, eps, out=x, **self._pdl)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        self._norm.fused_add_rmsnorm(x, residual, weight, eps)  # residual += x; x = norm(residual)
+        self._norm.fused_add_rmsnorm(x, residual, weight, eps, **self._pdl)  # residual += x; x = norm(residual)
         return x, residual
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        return self._act.silu_and_mul(x)
+        return self._act.silu_and_mul(x, **self._pdl)
 
     def rope_inputs(self, rotary: Any, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return positions, rotary.cos_sin_cache
@@ -199,16 +200,17 @@ def fused_ops_unsupported_reason(device: torch.device | str, dtype: torch.dtype)
 
 
 def select_ops(device: torch.device | str, dtype: torch.dtype, name: str = "auto",
-               fuse_prologue: bool = True) -> LayerOps:
+               fuse_prologue: bool = True, pdl: bool | None = None) -> LayerOps:
     """`auto`: flashinfer's fused kernels on CUDA in half precision, the compiled C ops
     (`cpu_ops.py`) on the CPU in float32, else the torch reference; `torch`: the reference.
     `fuse_prologue`: the attention prologue (q/k norm, rope, K/V store) in one kernel where the
-    chosen ops have one (Triton on CUDA, C on the CPU)."""
+    chosen ops have one (Triton on CUDA, C on the CPU). `pdl`: flashinfer's kernels with
+    programmatic dependent launch (None: its default)."""
     if name == "torch":
         return TorchOps()
     reason = fused_ops_unsupported_reason(device, dtype)
     if reason is None:
-        return FlashInferOps(fuse_prologue)
+        return FlashInferOps(fuse_prologue, pdl)
     if torch.device(device).type == "cuda":
         logger.warning("decoder layers use unfused torch ops: %s", reason)
     elif torch.device(device).type == "cpu" and dtype == torch.float32:
