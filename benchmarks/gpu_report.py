@@ -1,10 +1,11 @@
 """The numbers of one `gpu-check.sh` run next to the GPU issue's targets, as one JSON document.
 
 Reads what the stages wrote into RESULTS_DIR (decode_step*.json, engine*.json, hf.json,
-serving.json, graph_launch.json; a missing or failed stage leaves its rows out) and prints, per target (scaled from the issue's H200 to this device), the measured value and whether
-it is met, then the decode steps per batch size (with the A/B stages: the prologue as separate
-kernels, the Triton decode attention, an fp8 KV cache; the graph's census), the offline rates,
-the graph-launch costs and the serving latencies.
+serving.json, graph_launch.json; a missing or failed stage leaves its rows out) and prints, per
+target (scaled from the issue's H200 to this device), the measured value and whether it is met,
+then the decode steps per batch size (with the A/B stages: the prologue as separate kernels, the
+Triton decode attention, an fp8 KV cache, flashinfer without PDL; the graph's census), the
+offline rates, the graph-launch costs and the serving latencies.
 
     python benchmarks/gpu_report.py RESULTS_DIR
 """
@@ -88,12 +89,13 @@ def _met(value: float, comparison: str, target: float) -> bool:
 
 def decode_table(results: Path) -> list[dict]:
     """Per batch size: the step alone and in the loop, host time, kernels per layer, and the same
-    step with the attention prologue as separate kernels, with the Triton decode attention and
-    with an fp8 KV cache (where those stages ran)."""
+    step with the attention prologue as separate kernels, with the Triton decode attention, with
+    an fp8 KV cache and without PDL (where those stages ran)."""
     fused = decode_rows(read_json(results / "decode_step.json"))
     unfused = decode_rows(read_json(results / "decode_step_unfused.json"))
     triton = decode_rows(read_json(results / "decode_step_triton.json"))
     fp8 = decode_rows(read_json(results / "decode_step_fp8kv.json"))
+    no_pdl = decode_rows(read_json(results / "decode_step_nopdl.json"))
     table = []
     for bs, row in sorted(fused.items()):
         entry = {k: row.get(k) for k in ("batch_size", "step_ms", "loop_step_ms", "host_ms", "kernels_per_layer",
@@ -116,6 +118,12 @@ def decode_table(results: Path) -> list[dict]:
             entry["fp8_kv_step_ms"] = other["step_ms"]
             entry["fp8_kv_loop_step_ms"] = other.get("loop_step_ms")
             entry["fp8_kv_loop_fraction_of_floor"] = other.get("loop_fraction_of_floor")  # of fp8's own floor
+        other = no_pdl.get(bs)
+        if other is not None:
+            entry["no_pdl_step_ms"] = other["step_ms"]
+            entry["no_pdl_loop_step_ms"] = other.get("loop_step_ms")
+            entry["no_pdl_host_ms"] = other.get("host_ms")
+            entry["no_pdl_graph_census"] = other.get("graph_census")
         table.append(entry)
     return table
 

@@ -11,7 +11,7 @@
 # RESULTS_DIR: gpu_tests.log, decode_step.json, decode_step_unfused.json (the attention prologue
 # as separate kernels), decode_step_triton.json (Triton decode attention), engine.json,
 # engine_triton.json, engine_fp8kv.json and decode_step_fp8kv.json (an fp8 KV cache),
-# engine_normal.json, graph_launch.json,
+# decode_step_nopdl.json (flashinfer without PDL), engine_normal.json, graph_launch.json,
 # scheduler_cpu.json, hf.json, serving.json, summary.json (one line per stage: rc, seconds),
 # report.json (benchmarks/gpu_report.py: every target next to what was measured),
 # traces/ (chrome traces of the profiled decode steps), and
@@ -117,6 +117,9 @@ stage engine_fp8kv 150 "$R/engine_fp8kv.json" "$PY" benchmarks/gpu_drive.py engi
 # the decode step with an fp8 KV cache where K/V dominate the bytes (bs 64 and 256)
 stage decode_step_fp8kv 90 "$R/decode_step_fp8kv.json" "$PY" benchmarks/decode_step.py --model "$MODEL" \
   --device cuda --dtype bfloat16 --batch-sizes 64 256 --settings kv_cache_dtype=fp8
+# the decode step without programmatic dependent launch in flashinfer's kernels (PDL edges in the graph)
+stage decode_step_nopdl 60 "$R/decode_step_nopdl.json" "$PY" benchmarks/decode_step.py --model "$MODEL" \
+  --device cuda --dtype bfloat16 --batch-sizes 1 64 --settings flashinfer_pdl=false
 # after serving: the HF baseline is the one stage that a later run can reuse
 stage hf 70 "$R/hf.json" "$PY" benchmarks/gpu_drive.py hf "$MODEL" --max-new 256
 # the A/B of the fused attention prologue (Triton): the same decode steps with separate kernels
