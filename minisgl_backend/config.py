@@ -155,8 +155,8 @@ class EngineConfig:
     # decode attention on flashinfer: its kernel (a host plan() per step) or triton (reads the
     # page table on the device: no host planning, CUDA graphs replay without it)
     decode_attention: str = "flashinfer"
-    # flashinfer's norm and SiLU-and-mul kernels with programmatic dependent launch: auto is
-    # flashinfer's default (on from sm_90), true / false force it (an A/B: PDL edges in a CUDA graph)
+    # flashinfer's norm, SiLU-and-mul and attention kernels with programmatic dependent launch: auto
+    # is flashinfer's default (on from sm_90), true / false force it (an A/B: PDL edges in a CUDA graph)
     flashinfer_pdl: str = "auto"
 
     def validate(self) -> "EngineConfig":

@@ -433,7 +433,9 @@ class _FakeWrapperBase:
         self._dtypes = (kwargs.get("q_data_type"), kwargs.get("kv_data_type"))
         self.num_plans += 1
 
-    def run(self, q, paged_kv_cache):
+    def run(self, q, paged_kv_cache, **kwargs):
+        assert set(kwargs) <= {"enable_pdl"}, kwargs
+        self.run_kwargs = kwargs
         k_pages, v_pages = paged_kv_cache
         assert k_pages.dim() == 4 and k_pages.shape[1] == self._page_size, "NHD [pages, page_size, Hkv, D]"
         assert q.dtype == self._dtypes[0] and k_pages.dtype == self._dtypes[1]
@@ -464,9 +466,9 @@ class _FakeDecode(_FakeWrapperBase):
             assert kwargs["seq_lens"].device.type == "cpu" and kwargs["seq_lens"].tolist() == derived.tolist()
         self._store(torch.arange(bsz + 1, dtype=torch.int32), indptr, indices, last_page_len, kwargs, page_size, False)
 
-    def run(self, q, paged_kv_cache):
+    def run(self, q, paged_kv_cache, **kwargs):
         assert q.shape[0] == len(self._last_buf), "decode: one query per request"
-        return super().run(q, paged_kv_cache)
+        return super().run(q, paged_kv_cache, **kwargs)
 
 
 class _FakePrefill(_FakeWrapperBase):
@@ -556,6 +558,16 @@ def test_backend_on_stand_in_matches_torch_backend(fake_flashinfer, page_size, d
         torch.testing.assert_close(fi.forward(q, k, v, layer), ref.forward(q, k, v, layer), atol=1e-5, rtol=1e-5)
         assert torch.equal(cache.k[layer], ref_cache.k[layer]) and torch.equal(cache.v[layer], ref_cache.v[layer])
     assert fi._wrapper.num_plans == 1
+
+
+@pytest.mark.parametrize("pdl", [None, False, True], ids=["auto", "off", "on"])
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_backend_passes_flashinfer_pdl_to_the_attention_kernels(fake_flashinfer, decode, pdl):
+    table, cache, layout, qkv = _backend_case(4, decode, seed=5)
+    fi = fake_flashinfer.FlashInferBackend(cache, table, 4, 2, 8, torch.float32, "cpu", max_batch_size=8, pdl=pdl)
+    fi.prepare(layout)
+    fi.forward(*qkv[0], 0)
+    assert fi._wrapper.run_kwargs == ({} if pdl is None else {"enable_pdl": pdl})
 
 
 @pytest.mark.parametrize("page_size", [1, 16])

@@ -439,20 +439,24 @@ def test_triton_decode_attention_in_graphs_equals_eager_and_flashinfer(gpu_qwen3
     assert sum(a == b for a, b in zip(triton_graph, flashinfer)) >= len(PROMPTS) - 1, (triton_graph, flashinfer)
 
 
-def test_flashinfer_pdl_off_keeps_the_tokens_and_drops_programmatic_edges(gpu_qwen3):
-    """flashinfer_pdl=false launches the same kernels without PDL: the same greedy tokens, and no
-    programmatic edge left in the captured decode graph (auto's census is in decode_step.json)."""
+def test_flashinfer_pdl_off_keeps_the_tokens_and_removes_flashinfers_programmatic_edges(gpu_qwen3):
+    """flashinfer_pdl=false launches the same kernels (norms, activation, attention) without PDL:
+    the same greedy tokens, and fewer programmatic edges in the captured decode graph."""
     from minisgl_backend import LLM, SamplingParams
 
-    default = _generate(gpu_qwen3, enable_cuda_graph=True, enable_overlap=True)
-    llm = LLM(gpu_qwen3, device="cuda", dtype="bfloat16", page_size=16, max_total_tokens=8192,
-              attention_backend="flashinfer", cuda_graph_max_bs=16, flashinfer_pdl="false")
-    off = [o["token_ids"] for o in llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))]
-    runner = llm.scheduler.engine.graph_runner
-    census = runner.census(runner.sizes[0])
-    llm.shutdown()
-    assert off == default
-    assert "error" not in census and "programmatic" not in census["edge_types"], census
+    tokens, census = {}, {}
+    for pdl in ("auto", "false"):
+        llm = LLM(gpu_qwen3, device="cuda", dtype="bfloat16", page_size=16, max_total_tokens=8192,
+                  attention_backend="flashinfer", cuda_graph_max_bs=16, flashinfer_pdl=pdl)
+        tokens[pdl] = [o["token_ids"] for o in llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))]
+        runner = llm.scheduler.engine.graph_runner
+        census[pdl] = runner.census(runner.sizes[0])
+        llm.shutdown()
+    assert tokens["false"] == tokens["auto"]
+    assert "error" not in census["auto"] and "error" not in census["false"], census
+    programmatic = {pdl: c["edge_types"].get("programmatic", 0) for pdl, c in census.items()}
+    # flashinfer's own launches carry PDL under auto (sm_90+); cuBLAS may add edges of its own
+    assert programmatic["auto"] == 0 or programmatic["false"] < programmatic["auto"], census
 
 
 # ---------------------------------------------------------------------------- fp8 KV cache (last: their

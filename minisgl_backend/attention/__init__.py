@@ -25,7 +25,8 @@ def make_attention_backend(config: EngineConfig, kv_cache: KVCache, page_table: 
         reason = flashinfer_unsupported_reason(head_dim, dtype, device)  # checks the device before importing
         if reason is None:
             return FlashInferBackend(kv_cache, page_table, num_qo_heads, num_kv_heads, head_dim, dtype, device,
-                                     config.scheduler.max_running_requests, decode_kernel=config.decode_attention)
+                                     config.scheduler.max_running_requests, decode_kernel=config.decode_attention,
+                                     pdl=config.pdl)
         if name == "flashinfer":
             raise ConfigError(f"attention_backend 'flashinfer' cannot run here: {reason}")
     return TorchAttentionBackend(kv_cache, page_table, _cpu_kernel(name, kv_cache, page_table))

@@ -210,7 +210,8 @@ class FlashInferBackend:
     def __init__(self, kv_cache: KVCache, page_table: torch.Tensor, num_qo_heads: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str,
                  max_batch_size: int, *, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-                 use_tensor_cores: bool | None = None, decode_kernel: str = "flashinfer") -> None:
+                 use_tensor_cores: bool | None = None, decode_kernel: str = "flashinfer",
+                 pdl: bool | None = None) -> None:
         kv_dtype = kv_cache.k[0].dtype if kv_cache.k else dtype
         reason = flashinfer_unsupported_reason(head_dim, dtype, device)
         if reason is None and kv_dtype not in (dtype, *FP8_DTYPES):
@@ -232,6 +233,7 @@ class FlashInferBackend:
         self.page_size = kv_cache.page_size
         self.dtype = dtype
         self.kv_dtype = kv_dtype  # fp8 (kv_cache_dtype): plan() picks kernels that widen it on load
+        self._pdl = {} if pdl is None else {"enable_pdl": pdl}  # flashinfer_pdl; None: flashinfer's default
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
         self.staging = HostStaging(self.device)
@@ -370,7 +372,7 @@ class FlashInferBackend:
                                                        seq_lens, splits)
             return out.reshape(q.shape[0], self.num_qo_heads * self.head_dim)
         assert self._wrapper is not None, "prepare() must run before attend()"
-        out = self._wrapper.run(q.contiguous(), self._paged_kv(layer_id))
+        out = self._wrapper.run(q.contiguous(), self._paged_kv(layer_id), **self._pdl)
         return out.reshape(q.shape[0], self.num_qo_heads * self.head_dim)
 
     # ------------------------------------------------------------ CUDA graphs
