@@ -6,6 +6,7 @@ import json
 import struct
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -247,6 +248,27 @@ def test_paced_sender_delivers_every_piece_and_ends_promptly():
         assert [f for _, f in req.sender.sent][-1] == 1 and sum(f for _, f in req.sender.sent) == 1
     assert time.monotonic() - started < 5
     adapter.finalize()
+
+
+def test_a_request_end_goes_out_during_the_pause_and_the_others_wait_for_the_round():
+    """The pause between rounds: an ended stream (queued at the front) is sent at once, the
+    streams still generating stay queued until the pause is over (they gather more ids)."""
+    adapter, sent = TritonAdapter(FakePb), []
+    ended, running = SimpleNamespace(end="stop"), SimpleNamespace(end=None)
+    adapter._send_news = lambda stream: sent.append((stream, time.monotonic() - started))
+    adapter._ready.extend([running])
+
+    def end_later():
+        time.sleep(0.05)
+        adapter._ready.appendleft(ended)
+        adapter._urgent_news.set()
+
+    started = time.monotonic()
+    threading.Thread(target=end_later).start()
+    adapter._pause(0.4)
+    assert time.monotonic() - started >= 0.4
+    assert [stream for stream, _ in sent] == [ended] and sent[0][1] < 0.3
+    assert list(adapter._ready) == [running]
 
 
 def test_bad_and_broken_inputs_get_one_invalid_arg_and_never_raise():

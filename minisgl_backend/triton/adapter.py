@@ -338,7 +338,7 @@ class TritonAdapter:
         """The receiver thread: a request's first tokens are sent from here at once (TTFT; no
         round of the sender to wait for, so even a request that ends a few steps later streams);
         other news queues the stream for the sender (once at a time), a request's end at the
-        front, cutting the sender's pause short (its client sends the next request)."""
+        front, sent during the sender's pause (its client sends the next request)."""
         if stream.queued:
             return
         if stream.num_output_tokens == 0 and stream.end is None:
@@ -367,12 +367,24 @@ class TritonAdapter:
                 started = time.monotonic()
                 for _ in range(len(ready)):
                     self._send_news(ready.popleft())
-                pause = (time.monotonic() - started) * self.sender_pacing
-                if pause > 0 and not self._sender_stop.is_set():
-                    self._urgent_news.wait(pause)
-                    self._urgent_news.clear()
+                self._pause((time.monotonic() - started) * self.sender_pacing)
             if self._sender_stop.is_set():
                 return
+
+    def _pause(self, seconds: float) -> None:
+        """The sender's pause between rounds. A request's end does not wait for it: the streams
+        that ended (queued at the front) go out at once, so their clients send their next requests,
+        while the others keep gathering ids for the next round (ending the whole pause early made
+        rounds as frequent as requests end, and so responses smaller and costlier per token)."""
+        deadline = time.monotonic() + seconds
+        ready = self._ready
+        while not self._sender_stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._urgent_news.wait(left):
+                return
+            self._urgent_news.clear()
+            while ready and ready[0].end is not None:
+                self._send_news(ready.popleft())
 
     def _send_news(self, stream: Any) -> None:
         stream.queued = False
