@@ -99,10 +99,22 @@ class ParallelConfig:
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0: pick a free port
     cpu_threads: int = 0  # torch threads per rank on CPU; 0: cores / tp_size (under Triton: one core fewer)
+    # cores the ranks run on, shared out in order ("0-3,8"); empty: where the OS puts them (under
+    # Triton on a CPU, the adapter's cpu_affinity=auto gives the engine the last cores)
+    cpu_cores: str = ""
 
     def validate(self) -> None:
         _require(self.tp_size >= 1, "tp_size must be >= 1")
         _require(self.cpu_threads >= 0, "cpu_threads must be >= 0 (0: automatic)")
+        if self.cpu_cores:
+            from minisgl_backend.cpu_affinity import parse_cpu_list
+
+            try:
+                cores = parse_cpu_list(self.cpu_cores)
+            except ValueError as exc:
+                raise ConfigError(f"cpu_cores: {exc}") from None
+            _require(len(cores) >= self.tp_size,
+                     f"cpu_cores '{self.cpu_cores}' has {len(cores)} cores for {self.tp_size} ranks: one at least each")
 
 
 @dataclass

@@ -53,6 +53,30 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def command_name(pid: int) -> str | None:
+    """The kernel's name of `pid`'s program (/proc/PID/comm: at most 15 characters), or None."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def thread_cores(pid: int) -> dict[int, tuple[int, ...]]:
+    """The cores each live thread of `pid` may run on ({} when the process is gone)."""
+    out = {}
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            out[tid] = tuple(sorted(os.sched_getaffinity(tid)))
+        except OSError:
+            continue
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of `pid` so far (0 when it is gone)."""
     fields = stat_fields(pid)

@@ -18,12 +18,26 @@ def build_scheduler(config: EngineConfig, rank: int, io_factory: Callable[[], Sc
     from minisgl_backend.distributed.group import init_distributed
     from minisgl_backend.engine.engine import Engine
 
+    cores = _pin_rank(config, rank)
     if config.device == "cpu":
-        torch.set_num_threads(config.parallel.cpu_threads or max(1, (os.cpu_count() or 1) // config.parallel.tp_size))
+        default_threads = len(cores) if cores else max(1, (os.cpu_count() or 1) // config.parallel.tp_size)
+        torch.set_num_threads(config.parallel.cpu_threads or default_threads)
     num_pages_min = init_distributed(config, rank)
     engine = Engine(config)
     num_pages = num_pages_min(engine.num_pages)
     return Scheduler(config, engine, io_factory(), num_pages=num_pages)
+
+
+def _pin_rank(config: EngineConfig, rank: int) -> tuple[int, ...]:
+    """This rank's share of `cpu_cores`, every thread of its process on it (those started later
+    follow); () when no cores are set."""
+    from minisgl_backend.cpu_affinity import parse_cpu_list, pin_process, rank_cores
+
+    if not config.parallel.cpu_cores:
+        return ()
+    cores = rank_cores(parse_cpu_list(config.parallel.cpu_cores), rank, config.parallel.tp_size)
+    pin_process(os.getpid(), cores)
+    return cores
 
 
 def scheduler_info(scheduler: Scheduler) -> SchedulerInfo:

@@ -250,7 +250,7 @@ def test_config_pbtxt_matches_contract():
     assert {"tp_size", "dtype", "device", "page_size", "max_total_tokens", "prefill_budget", "chunk_size",
             "max_running_requests", "enable_overlap"} <= set(engine)
     assert set(adapter) == {"cancel_poll_interval_ms", "stats_interval_ms", "cancel_grace_s", "sender_nice",
-                           "sender_pacing"}
+                           "sender_pacing", "cpu_affinity"}
 
 
 def test_set_parameters_overrides_and_adds():

@@ -83,6 +83,23 @@ def stream_requests(server: TritonServer, prompts: list[str], stream: bool, max_
         client.close()
 
 
+def test_engines_and_serving_layer_run_on_cores_of_their_own(server):
+    """cpu_affinity=auto (the default), engines on the CPU: every thread of each model's engine
+    process on the last core, tritonserver's and the stubs' on the others (one core: no pinning)."""
+    from minisgl_backend.cpu_affinity import allowed_cores
+    from minisgl_backend.procinfo import children, command_name, thread_cores
+
+    cores = allowed_cores()
+    stubs = [p for p in children(server.proc.pid) if (command_name(p) or "").startswith("triton_python")]
+    ranks = [r for stub in stubs for r in children(stub)]
+    assert len(stubs) == len(ranks) == 2, (stubs, ranks)  # two models, one engine process each
+    engine, serving = (cores[-1:], cores[:-1]) if len(cores) > 1 else (cores, cores)
+    for pid in ranks:
+        assert set(thread_cores(pid).values()) == {engine}, pid
+    for pid in [server.proc.pid, *stubs]:
+        assert set(thread_cores(pid).values()) == {serving}, (pid, command_name(pid))
+
+
 # ---------------------------------------------------------------- correctness
 
 

@@ -46,6 +46,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from minisgl_backend.cpu_affinity import (CoreSplit, allowed_cores, format_cpu_list, pin_process, serving_processes,
+                                         split_cores)
 from minisgl_backend.messages import FinishReason
 from minisgl_backend.processes import freeze_startup_objects
 from minisgl_backend.router import deliver_to
@@ -200,14 +202,33 @@ class TritonAdapter:
         config = EngineConfig.from_flat(engine)
         if config.parallel.cpu_threads == 0:
             config.parallel.cpu_threads = serving_cpu_threads(config.parallel.tp_size)
+        split = self._core_split(adapter["cpu_affinity"], config)
+        if split is not None:
+            config.parallel.cpu_cores = format_cpu_list(split.engine)
         logger.info("starting engine: %s", config.to_flat())
         self.fe = Frontend(config, deliver=self._on_news)
+        if split is not None:
+            for pid in serving_processes():
+                pin_process(pid, split.serving)
+            logger.info("engine on cores %s, tritonserver and this stub on %s", config.parallel.cpu_cores,
+                        format_cpu_list(split.serving))
         self.vocab_size = self.fe.info.vocab_size
         self.model_name = args.get("model_name", self.model_name)
         self.metrics = EngineMetrics(self.pb, self.model_name, args.get("model_version", "1"))
         freeze_startup_objects()
         self.start_threads()
         logger.info("engine ready (context %d tokens)", self.fe.context_len)
+
+    @staticmethod
+    def _core_split(setting: str, config: Any) -> CoreSplit | None:
+        """Where the engine and the serving layer run (`cpu_affinity`): apart, for an engine on
+        the CPU inside a real tritonserver with a core to spare; None: where the OS puts them."""
+        if setting not in ("auto", "off"):
+            raise ValueError(f"cpu_affinity must be auto or off, got {setting!r}")
+        if setting == "off" or config.device != "cpu" or not serving_processes():
+            return None
+        engine_cores = config.parallel.cpu_threads * config.parallel.tp_size
+        return split_cores(allowed_cores(), config.parallel.cpu_cores, engine_cores)
 
     def start_threads(self) -> None:
         self._watcher = threading.Thread(target=self._watch, name="minisgl-triton-watch", daemon=True)

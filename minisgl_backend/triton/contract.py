@@ -82,8 +82,11 @@ ADAPTER_PARAMETERS: dict[str, str] = {
     # the gain is within noise, so 0
     "sender_nice": "0",
     # after a round of responses that took t, the sender waits this many t before the next one
-    # (a request's end cuts the wait short): bounds the serving layer's share of the CPU under load
+    # (requests that end meanwhile go out at once): bounds the serving layer's share of the CPU under load
     "sender_pacing": "1",
+    # auto: with the engine on the CPU, its ranks get cores of their own (the last ones, or
+    # cpu_cores) and tritonserver + this stub the rest (see minisgl_backend/cpu_affinity.py); off
+    "cpu_affinity": "auto",
 }
 
 # Environment variable consulted when the model_path parameter is empty.
