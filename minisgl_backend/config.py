@@ -99,8 +99,8 @@ class ParallelConfig:
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0: pick a free port
     cpu_threads: int = 0  # torch threads per rank on CPU; 0: cores / tp_size (under Triton: one core fewer)
-    # cores the ranks run on, shared out in order ("0-3,8"); empty: where the OS puts them (under
-    # Triton on a CPU, the adapter's cpu_affinity=auto gives the engine the last cores)
+    # cores the ranks run on, shared out in order ("0-3,8"); empty: where the OS puts them (or,
+    # under Triton on a CPU with the adapter's cpu_affinity=auto, the last cores)
     cpu_cores: str = ""
 
     def validate(self) -> None:

@@ -2,10 +2,15 @@
 
 On a CPU host the engine computes on the cores that tritonserver and its Python-backend stub also
 use to move requests and responses. Left to the OS, their threads land on the core of a rank's
-compute thread and preempt it: at 256 streams on 2 cores the scheduler ran 81-86 % of the wall
+compute thread and preempt it: at 256 streams on 2 cores the scheduler ran 83-87 % of the wall
 time though the machine was a quarter idle. With the rank on a core of its own and tritonserver +
-the stub on the other, it runs 85-89 % of the time and the served rate rises from 34-47k to
-47-51k tokens/s (`benchmarks/serving_overhead.py`, alternating runs).
+the stub on the other (the adapter's `cpu_affinity=auto`), it runs 89-94 % of the time and the
+served rate rises from 39-47k to 47-50k tokens/s (`benchmarks/serving_overhead.py
+--skip-in-process`, perf_analyzer as the client, alternating runs; 64 streams: no change).
+It is a trade, so it is off by default: the pinned serving layer must fit its cores. With the
+OpenAI frontend and its clients on the same 2 cores as well, the frontend's rate fell from 0.86 to
+0.61-0.75 of direct gRPC's (`benchmarks/openai_frontend.py`), and from that to 0.45-0.48 with the
+frontend pinned beside tritonserver.
 
 A core list is Linux's notation: "0-3,8" is cores 0, 1, 2, 3 and 8.
 """

@@ -36,8 +36,8 @@ def server(tiny_llama, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("triton")
     repo = make_model_repository(work / "repo", {"model_path": tiny_llama, **SETTINGS})
-    make_model_repository(work / "repo", {"model_path": tiny_llama, **SETTINGS, "stream_interval": 3},
-                          model_name=COALESCING_MODEL)
+    make_model_repository(work / "repo", {"model_path": tiny_llama, **SETTINGS, "stream_interval": 3,
+                                          "cpu_affinity": "auto"}, model_name=COALESCING_MODEL)
     srv = TritonServer(repo, work / "server.log")
     srv.start()
     yield srv
@@ -83,21 +83,26 @@ def stream_requests(server: TritonServer, prompts: list[str], stream: bool, max_
         client.close()
 
 
-def test_engines_and_serving_layer_run_on_cores_of_their_own(server):
-    """cpu_affinity=auto (the default), engines on the CPU: every thread of each model's engine
-    process on the last core, tritonserver's and the stubs' on the others (one core: no pinning)."""
+def test_cpu_affinity_auto_gives_its_engine_cores_of_its_own(server):
+    """The coalescing model has cpu_affinity=auto: every thread of its engine process on the last
+    core, tritonserver's and its stub's on the others. The default model (off) pins nothing.
+    One core: nothing is pinned."""
     from minisgl_backend.cpu_affinity import allowed_cores
-    from minisgl_backend.procinfo import children, command_name, thread_cores
+    from minisgl_backend.procinfo import children, cmdline, command_name, thread_cores
 
     cores = allowed_cores()
-    stubs = [p for p in children(server.proc.pid) if (command_name(p) or "").startswith("triton_python")]
-    ranks = [r for stub in stubs for r in children(stub)]
-    assert len(stubs) == len(ranks) == 2, (stubs, ranks)  # two models, one engine process each
+    stubs = {("si3" if COALESCING_MODEL in cmdline(p) else "default"): p for p in children(server.proc.pid)
+             if (command_name(p) or "").startswith("triton_python")}
+    ranks = {name: children(stub) for name, stub in stubs.items()}
+    assert sorted(stubs) == ["default", "si3"] and all(len(r) == 1 for r in ranks.values()), (stubs, ranks)
     engine, serving = (cores[-1:], cores[:-1]) if len(cores) > 1 else (cores, cores)
-    for pid in ranks:
-        assert set(thread_cores(pid).values()) == {engine}, pid
-    for pid in [server.proc.pid, *stubs]:
+    assert set(thread_cores(ranks["si3"][0]).values()) == {engine}
+    for pid in (server.proc.pid, stubs["si3"]):
         assert set(thread_cores(pid).values()) == {serving}, (pid, command_name(pid))
+    # the default model pins nothing: its engine runs where its stub does (all cores, or the
+    # serving cores when the other model pinned tritonserver before it forked this stub)
+    assert set(thread_cores(ranks["default"][0]).values()) == set(thread_cores(stubs["default"]).values())
+    assert len(set(thread_cores(stubs["default"]).values())) == 1
 
 
 # ---------------------------------------------------------------- correctness

@@ -85,8 +85,10 @@ ADAPTER_PARAMETERS: dict[str, str] = {
     # (requests that end meanwhile go out at once): bounds the serving layer's share of the CPU under load
     "sender_pacing": "1",
     # auto: with the engine on the CPU, its ranks get cores of their own (the last ones, or
-    # cpu_cores) and tritonserver + this stub the rest (see minisgl_backend/cpu_affinity.py); off
-    "cpu_affinity": "auto",
+    # cpu_cores) and tritonserver + this stub the rest; off: where the OS puts them. Off by
+    # default: it pays when the serving layer fits its cores, and costs when it does not (the
+    # OpenAI frontend on the same 2 cores), see minisgl_backend/cpu_affinity.py
+    "cpu_affinity": "off",
 }
 
 # Environment variable consulted when the model_path parameter is empty.
