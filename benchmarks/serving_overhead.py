@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from minisgl_backend.procinfo import children, cpu_seconds
+from minisgl_backend.triton.contract import ADAPTER_PARAMETERS
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF_ANALYZER = ROOT / "build" / "perf_analyzer" / "perf_analyzer"
@@ -55,7 +56,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--requests-per-stream", type=int, default=2, help="requests measured per stream")
-    p.add_argument("--settings", nargs="*", default=[], help="engine settings as key=value (both paths)")
+    p.add_argument("--settings", nargs="*", default=[],
+                   help="settings as key=value: engine settings go to both paths, the Triton adapter's "
+                        "(sender_pacing, cpu_affinity...) to the served one")
     p.add_argument("--rounds", type=int, default=1,
                    help="alternate the paths round after round (each concurrency in-process, then served; "
                         "both stay up, so on a GPU they share its memory) and report the median ratio")
@@ -304,7 +307,8 @@ def main() -> None:
     if not args.skip_triton and not PERF_ANALYZER.exists():
         raise SystemExit(f"{PERF_ANALYZER} is missing: run 'make perf-analyzer'")
     with contextlib.ExitStack() as stack:
-        llm = None if args.skip_in_process else stack.enter_context(in_process_llm(model, settings, prompt,
+        engine_settings = {k: v for k, v in settings.items() if k not in ADAPTER_PARAMETERS}
+        llm = None if args.skip_in_process else stack.enter_context(in_process_llm(model, engine_settings, prompt,
                                                                                   args.output_len))
         server = work = data_file = None
         if not args.skip_triton:
