@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from minisgl_backend.procinfo import command_name
+from minisgl_backend.procinfo import command_name, thread_ids
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
@@ -77,11 +77,7 @@ def pin_process(pid: int, cores: tuple[int, ...]) -> int:
     threads it starts later follow). Returns how many threads were pinned; threads that end
     meanwhile are skipped."""
     pinned = 0
-    try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return 0
-    for tid in tids:
+    for tid in thread_ids(pid):
         try:
             os.sched_setaffinity(tid, cores)
             pinned += 1

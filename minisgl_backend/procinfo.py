@@ -62,14 +62,18 @@ def command_name(pid: int) -> str | None:
         return None
 
 
+def thread_ids(pid: int) -> list[int]:
+    """The ids of `pid`'s threads ([] when the process is gone)."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
 def thread_cores(pid: int) -> dict[int, tuple[int, ...]]:
     """The cores each live thread of `pid` may run on ({} when the process is gone)."""
     out = {}
-    try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return out
-    for tid in tids:
+    for tid in thread_ids(pid):
         try:
             out[tid] = tuple(sorted(os.sched_getaffinity(tid)))
         except OSError:

@@ -376,8 +376,9 @@ class TritonAdapter:
     def _send_loop(self) -> None:
         """Rounds: every stream queued at the start of a round gets one response with all its news.
         After a round that took t, the next waits `sender_pacing` * t (requests that end meanwhile
-        go out at once, see `_pause`): at low load rounds take microseconds and nothing changes; when sends pile up, the
-        sender keeps to a share of the CPU and each response carries the ids of more steps."""
+        go out at once, see `_pause`): at low load rounds take microseconds and nothing changes;
+        when sends pile up, the sender keeps to a share of the CPU and each response carries the
+        ids of more steps."""
         if self.sender_nice:  # this thread only: execute() and the receiver keep their priority
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.sender_nice)
         ready = self._ready
