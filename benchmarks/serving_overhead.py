@@ -17,6 +17,12 @@ Timings on a small shared machine swing by tens of percent from minute to minute
 keeps both paths up and runs each concurrency in-process then served, N rounds over; the report
 gives every round's ratio (`ratio_per_round`) and their median (`ratio_tok_per_s`).
 
+On a CPU the in-process engine runs a torch thread per core, while under tritonserver each rank
+gets one core fewer (`serving_cpu_threads`: that core runs tritonserver, the stub and the
+client). So each round also runs the in-process path on the served engine's thread count
+(`in_process_served_threads`) and reports `ratio_same_threads`: what the serving layer costs the
+engine when both have the same threads, apart from the cores its processes take.
+
 With `--floor` it also runs a no-op decoupled Python model (one sender thread streaming
 `--output-len` one-character responses per request) through the same tritonserver and client:
 what tritonserver and the stub cost per response before any of our code runs.
@@ -62,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1,
                    help="alternate the paths round after round (each concurrency in-process, then served; "
                         "both stay up, so on a GPU they share its memory) and report the median ratio")
+    p.add_argument("--no-same-threads", action="store_true",
+                   help="skip the in-process runs on the served engine's thread count (CPU)")
     p.add_argument("--skip-triton", action="store_true")
     p.add_argument("--skip-in-process", action="store_true")
     p.add_argument("--floor", action="store_true",
@@ -303,7 +311,8 @@ def main() -> None:
     prompt = [random.Random(0).randrange(3, 500) for _ in range(args.prompt_len)]
     report: dict[str, Any] = {"model": args.model or "micro llama (hidden 64, 2 layers, vocab 512)",
                               "settings": settings, "output_len": args.output_len, "prompt_len": args.prompt_len,
-                              "rounds": args.rounds, "in_process": [], "triton": []}
+                              "rounds": args.rounds, "in_process": [], "in_process_served_threads": [],
+                              "triton": []}
     if not args.skip_triton and not PERF_ANALYZER.exists():
         raise SystemExit(f"{PERF_ANALYZER} is missing: run 'make perf-analyzer'")
     with contextlib.ExitStack() as stack:
@@ -318,6 +327,7 @@ def main() -> None:
             repo = make_model_repository(work / "repo", {"model_path": model, **settings})
             data_file = write_input_data(work, prompt, args.output_len)
             server = stack.enter_context(started_server(repo, work, data_file))
+        same_threads = None if args.no_same_threads or llm is None else served_threads_if_fewer(llm)
         # round after round, each concurrency in-process then served: a slow minute of the
         # machine hits both paths of a pair
         for r in range(args.rounds):
@@ -326,10 +336,18 @@ def main() -> None:
                     total = max(c * args.requests_per_stream, 16)
                     report["in_process"].append({"round": r, "concurrency": c,
                                                  **run_in_process(llm, prompt, args.output_len, c, total)})
+                    if same_threads:
+                        with torch_threads(same_threads):
+                            row = run_in_process(llm, prompt, args.output_len, c, total)
+                        report["in_process_served_threads"].append({"round": r, "concurrency": c,
+                                                                    "threads": same_threads, **row})
                 if server is not None:
                     report["triton"].append({"round": r, **measure_served(server, work, data_file, c,
                                                                          args.requests_per_stream, args.output_len)})
     report.update(ratios(report["in_process"], report["triton"]))
+    if report["in_process_served_threads"]:
+        same = ratios(report["in_process_served_threads"], report["triton"])
+        report.update(ratio_same_threads=same["ratio_tok_per_s"], ratio_same_threads_per_round=same["ratio_per_round"])
     if args.floor and PERF_ANALYZER.exists():
         report["floor"] = run_floor(prompt, args.output_len, args.concurrency, args.requests_per_stream)
     print(json.dumps(report, indent=2))
@@ -345,6 +363,30 @@ def in_process_llm(model: str, settings: dict[str, str], prompt: list[int], outp
         yield llm
     finally:
         llm.shutdown()
+
+
+def served_threads_if_fewer(llm: Any) -> int | None:
+    """The torch threads a rank gets under tritonserver on this CPU, when fewer than in-process."""
+    import torch
+    from minisgl_backend.triton.adapter import serving_cpu_threads
+
+    parallel = llm.config.parallel
+    if llm.config.device != "cpu" or parallel.tp_size != 1:
+        return None
+    served = parallel.cpu_threads or serving_cpu_threads(1)
+    return served if served < torch.get_num_threads() else None
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def ratios(in_process: list[dict[str, Any]], served: list[dict[str, Any]]) -> dict[str, Any]:
