@@ -356,7 +356,7 @@ def main() -> None:
     p.add_argument("--host-profile", action="store_true", help="one more pass per batch size under cProfile: "
                    "where a step's host time goes, by function (`host_profile` in each row)")
     p.add_argument("--settings", nargs="*", default=[], help="engine settings as key=value, e.g. "
-                   "fuse_attention_prologue=false enable_overlap=false")
+                   "decode_attention=triton enable_overlap=false")
     args = p.parse_args()
     model = args.model or build_model(args.shape)
     max_bs = max(args.batch_sizes)

@@ -3,9 +3,8 @@
 Reads what the stages wrote into RESULTS_DIR (decode_step*.json, engine*.json, hf.json,
 serving.json, graph_launch.json; a missing or failed stage leaves its rows out) and prints, per
 target (scaled from the issue's H200 to this device), the measured value and whether it is met,
-then the decode steps per batch size (with the A/B stages: the prologue as separate kernels, the
-Triton decode attention, an fp8 KV cache, flashinfer without PDL; the graph's census), the
-offline rates, the graph-launch costs and the serving latencies.
+then the decode steps per batch size (with the A/B stages: the Triton decode attention and an fp8
+KV cache; the graph's census), the offline rates, the graph-launch costs and the serving latencies.
 
     python benchmarks/gpu_report.py RESULTS_DIR
 """
@@ -89,24 +88,15 @@ def _met(value: float, comparison: str, target: float) -> bool:
 
 def decode_table(results: Path) -> list[dict]:
     """Per batch size: the step alone and in the loop, host time, kernels per layer, and the same
-    step with the attention prologue as separate kernels, with the Triton decode attention, with
-    an fp8 KV cache and without PDL (where those stages ran)."""
-    fused = decode_rows(read_json(results / "decode_step.json"))
-    unfused = decode_rows(read_json(results / "decode_step_unfused.json"))
+    step with the Triton decode attention and with an fp8 KV cache (where those stages ran)."""
+    steps = decode_rows(read_json(results / "decode_step.json"))
     triton = decode_rows(read_json(results / "decode_step_triton.json"))
     fp8 = decode_rows(read_json(results / "decode_step_fp8kv.json"))
-    no_pdl = decode_rows(read_json(results / "decode_step_nopdl.json"))
     table = []
-    for bs, row in sorted(fused.items()):
+    for bs, row in sorted(steps.items()):
         entry = {k: row.get(k) for k in ("batch_size", "step_ms", "loop_step_ms", "host_ms", "kernels_per_layer",
                                          "kernels_per_step", "fraction_of_floor", "loop_fraction_of_floor",
                                          "graph_census")}
-        other = unfused.get(bs)
-        if other is not None:
-            entry["unfused_step_ms"] = other["step_ms"]
-            entry["unfused_loop_step_ms"] = other.get("loop_step_ms")
-            entry["unfused_kernels_per_layer"] = other["kernels_per_layer"]
-            entry["prologue_speedup"] = other["step_ms"] / row["step_ms"]
         other = triton.get(bs)
         if other is not None:
             entry["triton_decode_step_ms"] = other["step_ms"]
@@ -118,12 +108,6 @@ def decode_table(results: Path) -> list[dict]:
             entry["fp8_kv_step_ms"] = other["step_ms"]
             entry["fp8_kv_loop_step_ms"] = other.get("loop_step_ms")
             entry["fp8_kv_loop_fraction_of_floor"] = other.get("loop_fraction_of_floor")  # of fp8's own floor
-        other = no_pdl.get(bs)
-        if other is not None:
-            entry["no_pdl_step_ms"] = other["step_ms"]
-            entry["no_pdl_loop_step_ms"] = other.get("loop_step_ms")
-            entry["no_pdl_host_ms"] = other.get("host_ms")
-            entry["no_pdl_graph_census"] = other.get("graph_census")
         table.append(entry)
     return table
 

@@ -1,17 +1,16 @@
 """Host cost of launching a CUDA graph, by node count and node kind.
 
-A decode step's `cudaGraphLaunch` takes 0.56-0.72 ms of host time on an H100 for ~320 kernel
-nodes (`decode_step.py`), the largest single item of a step's host time. This captures graphs
-of N nodes of one kind (a torch elementwise op, a small cuBLAS GEMM, a Triton kernel) and times
-`replay()` on the host: the slope per node says whether the cost is per node, and which kinds
-cost most. CUDA 12.6+ launches a straight line of kernel nodes in constant time: the kinds
-`elementwise_and_one_memcpy` (one same-dtype `copy_`, a memcpy node, among the kernels) and
-`elementwise_forked` (every 8th kernel on a side stream) show whether one non-kernel node or
-a fork puts a graph back on the per-node path, and `flashinfer_rmsnorm_pdl` / `_no_pdl` whether
-programmatic (PDL) edges, which flashinfer's norm and activation kernels add by default on
-sm_90, do; each kind's `census` (engine/graph_census.py)
-says what its largest graph holds. The device runs the graphs too, so the host waits for it
-every `--sync-every` replays (outside the timed calls) and never runs far ahead.
+A decode step's `cudaGraphLaunch` is the largest single item of its host time (`decode_step.py`).
+This captures graphs of N nodes of one kind (a torch elementwise op, a small cuBLAS GEMM, a Triton
+kernel, flashinfer's RMSNorm) and times `replay()` on the host: the slope per node says whether
+the cost is per node, and which kinds cost most. CUDA 12.6+ launches a straight line of kernel
+nodes in constant time: the kinds `elementwise_and_one_memcpy` (one same-dtype `copy_`, a memcpy
+node, among the kernels) and `elementwise_forked` (every 8th kernel on a side stream) show whether
+one non-kernel node or a fork puts a graph back on the per-node path, and `flashinfer_rmsnorm`
+whether the programmatic (PDL) edges that flashinfer's kernels add by default on sm_90 do; each
+kind's `census` (engine/graph_census.py) says what its largest graph holds. The device runs the
+graphs too, so the host waits for it every `--sync-every` replays (outside the timed calls) and
+never runs far ahead.
 
     python benchmarks/graph_launch.py --nodes 32 128 320
 """
@@ -56,13 +55,12 @@ def _triton_kernel():
     return launch
 
 
-def _flashinfer_rmsnorm(enable_pdl: bool):
-    """flashinfer's RMSNorm, launched with or without programmatic dependent launch (0.7.2 turns
-    PDL on by default on sm_90: the decoder's norm and SiLU-and-mul kernels carry PDL edges)."""
+def _flashinfer_rmsnorm():
+    """flashinfer's RMSNorm with its own launch defaults, as the decoder layers call it."""
     import flashinfer.norm
 
     def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
-        flashinfer.norm.rmsnorm(x, w[0], out=y, enable_pdl=enable_pdl)
+        flashinfer.norm.rmsnorm(x, w[0], out=y)
 
     return launch
 
@@ -135,8 +133,7 @@ def main() -> None:
     except Exception as exc:  # no triton on this host: the other kinds still run
         print(json.dumps({"triton": f"skipped: {exc}"}), file=sys.stderr)
     try:
-        kinds["flashinfer_rmsnorm_pdl"] = _repeat(_flashinfer_rmsnorm(True))
-        kinds["flashinfer_rmsnorm_no_pdl"] = _repeat(_flashinfer_rmsnorm(False))
+        kinds["flashinfer_rmsnorm"] = _repeat(_flashinfer_rmsnorm())
     except Exception as exc:  # no flashinfer here
         print(json.dumps({"flashinfer": f"skipped: {exc}"}), file=sys.stderr)
     rows = []

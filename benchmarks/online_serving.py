@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
+
+from minisgl_backend.checkout import ROOT  # noqa: E402
 
 # The CPU-sized default model: random weights, big enough that a 1,000-token prefill costs
 # several decode steps (on the 2-core machine ~10x), small enough to run in seconds.
@@ -150,8 +151,8 @@ class TritonTarget:
                  workdir: Path) -> None:
         import tritonclient.grpc as grpcclient
 
+        from minisgl_backend.testing.triton import TritonServer, triton_available
         from minisgl_backend.triton.repository import make_model_repository
-        from minisgl_backend.triton.server import TritonServer, triton_available
 
         self.server = None
         if url is None:
@@ -169,7 +170,7 @@ class TritonTarget:
     def submit(self, rec: Record) -> None:
         import numpy as np
 
-        from minisgl_backend.triton.server import grpc_inputs
+        from minisgl_backend.testing.triton import grpc_inputs
 
         rid = str(len(self.records))
         self.records[rid] = rec
@@ -203,7 +204,7 @@ class TritonTarget:
             return 0, 0
         import urllib.request
 
-        from minisgl_backend.triton.server import parse_metric
+        from minisgl_backend.testing.triton import parse_metric
 
         with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
             text = resp.read().decode()

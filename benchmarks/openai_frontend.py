@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
 
 QUESTIONS = ["Write a short poem about the sea.", "What is the capital of France?",
              "Explain what a KV cache is in one paragraph.", "List three prime numbers.",
@@ -277,10 +276,10 @@ def _event_loop_factory():
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from minisgl_backend.openai.launcher import OpenAIFrontend
+    from minisgl_backend.testing.openai_frontend import OpenAIFrontend
+    from minisgl_backend.testing.triton import TritonServer, triton_available
     from minisgl_backend.tools.make_tiny_model import make_tiny_model
     from minisgl_backend.triton.repository import make_model_repository
-    from minisgl_backend.triton.server import TritonServer, triton_available
 
     args = parse_args()
     if triton_available():
@@ -296,7 +295,7 @@ def main() -> None:
     try:
         frontend.start()
         # the load generator's heap (transformers, torch) out of the collector's reach, as the
-        # frontend does: a full collection would pause every stream of either path for ~200 ms
+        # frontend does: a full collection would pause every stream of either path
         gc.collect()
         gc.freeze()
         with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:

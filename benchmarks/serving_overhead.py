@@ -48,10 +48,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from minisgl_backend.procinfo import children, cpu_seconds
-from minisgl_backend.triton.contract import ADAPTER_PARAMETERS
+from minisgl_backend.checkout import ROOT
+from minisgl_backend.config import adapter_setting_names
+from minisgl_backend.procinfo import children
+from minisgl_backend.testing.procinfo import cpu_seconds
 
-ROOT = Path(__file__).resolve().parents[1]
 PERF_ANALYZER = ROOT / "build" / "perf_analyzer" / "perf_analyzer"
 
 
@@ -64,7 +65,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests-per-stream", type=int, default=2, help="requests measured per stream")
     p.add_argument("--settings", nargs="*", default=[],
                    help="settings as key=value: engine settings go to both paths, the Triton adapter's "
-                        "(sender_pacing, cpu_affinity...) to the served one")
+                        "(config.AdapterConfig) to the served one only")
     p.add_argument("--rounds", type=int, default=1,
                    help="alternate the paths round after round (each concurrency in-process, then served; "
                         "both stay up, so on a GPU they share its memory) and report the median ratio")
@@ -199,7 +200,7 @@ def write_input_data(work: Path, prompt: list[int], output_len: int) -> Path:
 @contextlib.contextmanager
 def started_server(repo: Path, work: Path, data_file: Path) -> Iterator[Any]:
     """tritonserver on `repo`, warmed up by a short perf_analyzer run; stopped on exit."""
-    from minisgl_backend.triton.server import TritonServer
+    from minisgl_backend.testing.triton import TritonServer
 
     server = TritonServer(repo, work / "server.log").start()
     try:
@@ -316,7 +317,8 @@ def main() -> None:
     if not args.skip_triton and not PERF_ANALYZER.exists():
         raise SystemExit(f"{PERF_ANALYZER} is missing: run 'make perf-analyzer'")
     with contextlib.ExitStack() as stack:
-        engine_settings = {k: v for k, v in settings.items() if k not in ADAPTER_PARAMETERS}
+        adapter_settings = adapter_setting_names()
+        engine_settings = {k: v for k, v in settings.items() if k not in adapter_settings}
         llm = None if args.skip_in_process else stack.enter_context(in_process_llm(model, engine_settings, prompt,
                                                                                   args.output_len))
         server = work = data_file = None

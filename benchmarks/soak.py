@@ -12,8 +12,9 @@ At the end it checks: every request got exactly one final response (cancelled an
 ones excepted: their client stopped listening), greedy outputs equal their solo runs, the
 engine is idle with no page held (minisgl_kv_pages gauges) and no leak logged by the scheduler
 (table rows included), and the resident memory of tritonserver, the stub and the scheduler
-processes did not grow more than --max-rss-growth-mib after the warm-up. Prints one JSON object;
-exit code 1 if a check failed.
+processes did not grow more than --max-rss-growth-mib after the warm-up; then that SIGTERM stops
+the server cleanly (TritonServer.shutdown_problems). Prints one JSON object; exit code 1 if a
+check failed.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minisgl_backend.procinfo import children, cmdline, rss_bytes
-from minisgl_backend.triton.repository import make_model_repository
-from minisgl_backend.triton.server import GrpcStream, TritonServer, grpc_inputs, parse_metric
+from minisgl_backend.procinfo import children, cmdline
+from minisgl_backend.testing.procinfo import rss_bytes
+from minisgl_backend.testing.triton import GrpcStream, TritonServer, grpc_inputs
+from minisgl_backend.triton.repository import MODEL_NAME, make_model_repository
 
 GREEDY_PROMPTS = ["Hello, my name is", "The capital of France is", "a b c d e f g", "Once upon a time",
                   "1 2 3 4 5", "The quick brown fox", "In the beginning", "Dear diary, today"]
@@ -198,22 +200,6 @@ def _one_final(got: dict) -> str | None:
 # ------------------------------------------------------------ server-side checks
 
 
-def wait_idle(server: TritonServer, timeout: float = 120.0) -> dict[str, float]:
-    """The gauges once nothing runs and no page is held (AssertionError after `timeout`)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = server.metrics_text()
-        gauges = {s: parse_metric(text, "minisgl_kv_pages", {"state": s}) for s in ("total", "free", "cached", "locked")}
-        gauges["running"] = parse_metric(text, "minisgl_num_requests_running")
-        gauges["pending"] = parse_metric(text, "minisgl_num_requests_pending")
-        if (gauges["running"] == gauges["pending"] == gauges["locked"] == 0
-                and gauges["free"] + gauges["cached"] == gauges["total"] > 0):
-            return gauges
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the engine did not return to idle: {gauges}")
-        time.sleep(0.5)
-
-
 def serving_processes(server: TritonServer) -> dict[str, int]:
     """{name: pid} of tritonserver, its Python-backend stub and the scheduler processes."""
     procs = {"tritonserver": server.proc.pid}
@@ -258,11 +244,11 @@ def run_soak(model: str | None, seconds: float, concurrency: int, max_total_toke
         result = _soak(server, seconds, concurrency, max_total_tokens, seed, warmup_fraction, max_rss_growth_mib)
     finally:
         server.stop()
-    log = server.log_path.read_text(errors="replace")
-    leaks = [line for line in log.splitlines() if "resource leak" in line]
-    result["leak_log_lines"] = leaks[:10]
-    result["clean_shutdown"] = bool(server.graceful) and not server.leftovers
-    result["ok"] = result["ok"] and not leaks and result["clean_shutdown"]
+    problems = server.shutdown_problems(unloaded=[MODEL_NAME])
+    result["leak_log_lines"] = server.leak_lines()[:10]
+    result["shutdown_problems"] = problems
+    result["clean_shutdown"] = not problems  # a leak logged is a problem too
+    result["ok"] = result["ok"] and result["clean_shutdown"]
     return result
 
 
@@ -289,7 +275,7 @@ def _soak(server: TritonServer, seconds: float, concurrency: int, context_len: i
     elapsed = time.monotonic() - started
     stop.set()
     sampler.join()
-    gauges = wait_idle(server)
+    gauges = server.wait_idle(120.0)
     end = {name: rss_mib(pid) for name, pid in procs.items()}
     base = baseline or end
     rss = {name: {"baseline_mib": round(base[name], 1), "end_mib": round(end[name], 1),

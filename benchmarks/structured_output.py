@@ -22,8 +22,7 @@ import os
 import time
 
 from minisgl_backend import LLM, SamplingParams
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from minisgl_backend.checkout import DEFAULT_MODEL_SUBDIR, ROOT
 SCHEMA = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 16},
                          "scores": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 100},
@@ -33,7 +32,7 @@ SCHEMA = {"type": "object",
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=os.path.join(ROOT, "build", "models", "smollm2"))
+    p.add_argument("--model", default=str(ROOT / DEFAULT_MODEL_SUBDIR))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--num-requests", type=int, default=8)

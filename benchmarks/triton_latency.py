@@ -16,13 +16,17 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
+
+from minisgl_backend.checkout import DEFAULT_MODEL_SUBDIR, ROOT  # noqa: E402
+
 PROMPTS = ["Write a short poem about the sea.", "What is the capital of France?",
            "Explain what a KV cache is in one paragraph.", "List three prime numbers.",
            "Tell me a story about a robot who learns to paint.", "How do airplanes fly?"]
@@ -30,7 +34,7 @@ PROMPTS = ["Write a short poem about the sea.", "What is the capital of France?"
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "build" / "models" / "smollm2"))
+    p.add_argument("--model", default=str(ROOT / DEFAULT_MODEL_SUBDIR))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--output-len", type=int, default=32)
@@ -107,11 +111,8 @@ def offline_tok_per_s(llm, n: int, output_len: int) -> float:
 
 
 def main() -> None:
-    import sys
-
-    sys.path.insert(0, str(ROOT))
+    from minisgl_backend.testing.triton import TritonServer, triton_available
     from minisgl_backend.triton.repository import make_model_repository
-    from minisgl_backend.triton.server import TritonServer, triton_available
 
     args = parse_args()
     if triton_available():

@@ -1,8 +1,12 @@
-"""One dataclass tree for every engine knob.
+"""One dataclass tree for every setting.
 
 `EngineConfig.from_flat(**kwargs)` accepts any leaf field by its own name (``page_size=16``),
 which is how `LLM(...)` and the Triton ``config.pbtxt`` parameters build it; values may arrive
-as strings (Triton parameters always do) and are converted to the field's type.
+as strings (Triton parameters always do) and are converted to the field's type. `AdapterConfig`
+holds the settings of the Triton adapter itself (they never reach the engine).
+
+Each field's `doc` metadata is its user documentation: `docs/configuration.md`'s settings table
+is generated from it (`python -m minisgl_backend.tools.settings_table`).
 """
 
 from __future__ import annotations
@@ -10,53 +14,71 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
-from minisgl_backend.coerce import COERCERS, to_bool
+from minisgl_backend.coerce import COERCERS
 
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
 _DEVICES = ("cpu", "cuda", "auto")
 _POLICIES = ("fcfs", "lpm")
-# KV cache storage: auto = the model's dtype; fp8 (= fp8_e4m3) and fp8_e5m2 halve the cache's bytes
-# (twice the tokens in the same memory, half the K/V reads of a decode step) at a precision cost,
-# unscaled (scale 1.0) as vLLM / SGLang store fp8 without calibrated scales
+_ATTENTION_BACKENDS = ("auto", "torch", "cpu", "flashinfer")
+_LAYER_OPS = ("auto", "torch")
+_DECODE_ATTENTION = ("flashinfer", "triton")
+# KV cache storage: fp8 is stored unscaled (scale 1.0), as vLLM / SGLang store it without calibration
 KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+
+# Settings that existed once: a config that still names one gets this answer instead of "unknown".
+REMOVED_SETTINGS = {
+    "sender_nice": "the response sender runs at the stub's priority",
+    "sender_pacing": "the sender always rests as long as its last round took",
+    "cpu_affinity": "use cpu_cores to pin the engine's ranks",
+    "fuse_attention_prologue": "the attention prologue is fused wherever a kernel for it exists",
+    "flashinfer_pdl": "flashinfer's kernels keep their own programmatic-dependent-launch default",
+    "lpm_min_queue": "lpm orders every queue",
+    "lpm_window": "lpm looks at the oldest 128 waiting requests",
+    "disable_overlap": "use enable_overlap=false",
+}
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
 
 
+def setting(default: Any, doc: str) -> Any:
+    """A config field with its user documentation."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class ModelConfig:
-    model_path: str = ""
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"  # auto: cuda when available
-    max_model_len: int = 0  # 0: the model's max_position_embeddings
+    model_path: str = setting("", "local Hugging Face model folder (safetensors); empty under Triton: "
+                                  "$MINISGL_MODEL_PATH, else the checkout's build/models/smollm2")
+    dtype: str = setting("auto", "float32 | float16 | bfloat16 | auto (bfloat16 on CUDA, float32 on the CPU)")
+    device: str = setting("auto", "cpu | cuda | auto (cuda when available)")
+    max_model_len: int = setting(0, "longest prompt + output in tokens; 0: the model's max_position_embeddings")
 
     def validate(self) -> None:
         if not self.model_path:
             raise ConfigError("model_path is required: a local Hugging Face model folder")
         if not os.path.isdir(self.model_path):
             raise ConfigError(f"model_path {self.model_path!r} is not a folder")
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.device not in _DEVICES:
-            raise ConfigError(f"device must be one of {_DEVICES}, got {self.device!r}")
+        _require_choice("dtype", self.dtype, _DTYPES)
+        _require_choice("device", self.device, _DEVICES)
         _require(self.max_model_len >= 0, "max_model_len must be >= 0")
 
 
 @dataclass
 class CacheConfig:
-    page_size: int = 16
-    max_total_tokens: int = 0  # KV pool capacity in tokens; 0: sized by mem_fraction (CUDA) or 65536 (CPU)
-    mem_fraction: float = 0.85  # share of free GPU memory the KV pool may take (CUDA only)
-    enable_prefix_cache: bool = True
-    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 | fp8_e4m3 | fp8_e5m2
+    page_size: int = setting(16, "tokens per KV page (the radix cache shares whole pages)")
+    max_total_tokens: int = setting(0, "KV pool capacity in tokens; 0: sized by mem_fraction on CUDA, "
+                                       "1 GiB of K/V on the CPU")
+    mem_fraction: float = setting(0.85, "share of free GPU memory the KV pool may take (CUDA)")
+    enable_prefix_cache: bool = setting(True, "reuse cached prompt prefixes (radix tree)")
+    kv_cache_dtype: str = setting("auto", "auto (the model's dtype) | fp8 (= fp8_e4m3) | fp8_e5m2: half the "
+                                          "bytes per token, unscaled")
 
     def validate(self) -> None:
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        _require_choice("kv_cache_dtype", self.kv_cache_dtype, tuple(KV_CACHE_DTYPES))
         _require(self.page_size >= 1, "page_size must be >= 1")
         _require(self.max_total_tokens >= 0, "max_total_tokens must be >= 0")
         _require(0.0 < self.mem_fraction <= 1.0, "mem_fraction must be in (0, 1]")
@@ -64,44 +86,33 @@ class CacheConfig:
 
 @dataclass
 class SchedulerConfig:
-    max_running_requests: int = 256
-    prefill_budget: int = 8192  # tokens per prefill batch
-    chunk_size: int = 2048  # longest piece of one prompt in one batch
-    enable_overlap: bool = True
-    max_pending_requests: int = 4096
-    # Online scheduling (scheduler/policy.py). Mixed steps: while requests decode, a step carries
-    # their decode tokens plus prefill chunks up to `step_token_budget` tokens in all.
-    enable_mixed_batches: bool = True
-    step_token_budget: int = 512
-    max_prefill_steps_in_a_row: int = 4  # mixed steps off: decode runs at least this often
-    schedule_policy: str = "fcfs"  # fcfs | lpm (longest cached prefix first)
-    lpm_min_queue: int = 8  # lpm orders the queue only from this length on (FCFS below)
-    lpm_window: int = 128  # lpm looks at the oldest this many waiting requests
-    max_wait_steps: int = 256  # a request waiting this many steps goes first (aging)
+    max_running_requests: int = setting(256, "most requests decoding at once")
+    prefill_budget: int = setting(8192, "most prompt tokens in one prefill step")
+    chunk_size: int = setting(2048, "longest piece of one prompt in one step (chunked prefill)")
+    enable_overlap: bool = setting(True, "schedule step N+1 while step N runs on the device")
+    max_pending_requests: int = setting(4096, "longest queue; a request beyond it is refused")
+    enable_mixed_batches: bool = setting(True, "a step carries decode tokens and prefill chunks together")
+    step_token_budget: int = setting(512, "tokens of one mixed step")
+    max_prefill_steps_in_a_row: int = setting(4, "with mixed steps off: decode runs at least this often")
+    schedule_policy: str = setting("fcfs", "fcfs | lpm (longest cached prefix first)")
+    max_wait_steps: int = setting(256, "a request waiting this many steps is admitted first (aging)")
 
     def validate(self) -> None:
-        _require(self.max_running_requests >= 1, "max_running_requests must be >= 1")
-        _require(self.prefill_budget >= 1, "prefill_budget must be >= 1")
-        _require(self.chunk_size >= 1, "chunk_size must be >= 1")
-        _require(self.max_pending_requests >= 1, "max_pending_requests must be >= 1")
-        _require(self.step_token_budget >= 1, "step_token_budget must be >= 1")
-        _require(self.max_prefill_steps_in_a_row >= 1, "max_prefill_steps_in_a_row must be >= 1")
-        _require(self.schedule_policy in _POLICIES,
-                 f"schedule_policy must be one of {_POLICIES}, got {self.schedule_policy!r}")
-        _require(self.lpm_min_queue >= 1, "lpm_min_queue must be >= 1")
-        _require(self.lpm_window >= 1, "lpm_window must be >= 1")
-        _require(self.max_wait_steps >= 1, "max_wait_steps must be >= 1")
+        for name in ("max_running_requests", "prefill_budget", "chunk_size", "max_pending_requests",
+                     "step_token_budget", "max_prefill_steps_in_a_row", "max_wait_steps"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1")
+        _require_choice("schedule_policy", self.schedule_policy, _POLICIES)
 
 
 @dataclass
 class ParallelConfig:
-    tp_size: int = 1
-    master_addr: str = "127.0.0.1"
-    master_port: int = 0  # 0: pick a free port
-    cpu_threads: int = 0  # torch threads per rank on CPU; 0: cores / tp_size (under Triton: one core fewer)
-    # cores the ranks run on, shared out in order ("0-3,8"); empty: where the OS puts them (or,
-    # under Triton on a CPU with the adapter's cpu_affinity=auto, the last cores)
-    cpu_cores: str = ""
+    tp_size: int = setting(1, "tensor-parallel ranks (one process each)")
+    master_addr: str = setting("127.0.0.1", "torch.distributed rendezvous host")
+    master_port: int = setting(0, "torch.distributed rendezvous port; 0: a free port")
+    cpu_threads: int = setting(0, "torch threads per rank on the CPU; 0: cores / tp_size (under Triton "
+                                  "one core fewer)")
+    cpu_cores: str = setting("", "cores the ranks are pinned to, shared out in order (\"0-3,8\"); empty: "
+                                 "the OS decides")
 
     def validate(self) -> None:
         _require(self.tp_size >= 1, "tp_size must be >= 1")
@@ -119,8 +130,8 @@ class ParallelConfig:
 
 @dataclass
 class GraphConfig:
-    enable_cuda_graph: bool = True
-    cuda_graph_max_bs: int = 256
+    enable_cuda_graph: bool = setting(True, "replay decode steps as CUDA graphs")
+    cuda_graph_max_bs: int = setting(256, "largest decode batch captured as a graph")
 
     def validate(self) -> None:
         _require(self.cuda_graph_max_bs >= 1, "cuda_graph_max_bs must be >= 1")
@@ -128,22 +139,35 @@ class GraphConfig:
 
 @dataclass
 class FrontendConfig:
-    stream_interval: int = 1  # ids per streamed response before the end (more when the sender lags)
+    stream_interval: int = setting(1, "ids per streamed response before the end (more when the sender lags)")
 
     def validate(self) -> None:
         _require(self.stream_interval >= 1, "stream_interval must be >= 1")
 
 
 @dataclass
-class FaultConfig:
-    """Fault injection for reliability tests (-1: off). A request whose sampling seed equals
-    `inject_sampling_fault_seed` makes the forward of every batch holding it raise, from its
-    `inject_sampling_fault_step`-th output token on; one whose seed equals
-    `inject_detokenize_fault_seed` makes its detokenization raise in the frontend."""
+class KernelConfig:
+    attention_backend: str = setting("auto", "auto | torch | cpu | flashinfer (auto: flashinfer on CUDA, "
+                                             "the compiled C kernel on a float32 CPU, else torch)")
+    layer_ops: str = setting("auto", "auto (fused kernels where they run) | torch (the transformers-exact "
+                                     "reference)")
+    decode_attention: str = setting("flashinfer", "flashinfer | triton (experimental: a Triton decode kernel "
+                                                  "that reads the page table on the device)")
 
-    inject_sampling_fault_seed: int = -1
-    inject_sampling_fault_step: int = 0
-    inject_detokenize_fault_seed: int = -1
+    def validate(self) -> None:
+        _require_choice("attention_backend", self.attention_backend, _ATTENTION_BACKENDS)
+        _require_choice("layer_ops", self.layer_ops, _LAYER_OPS)
+        _require_choice("decode_attention", self.decode_attention, _DECODE_ATTENTION)
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection for reliability tests (-1: off)."""
+
+    inject_sampling_fault_seed: int = setting(-1, "tests: a request with this seed makes its batches' "
+                                                  "forward raise")
+    inject_sampling_fault_step: int = setting(0, "tests: ... from this output token on")
+    inject_detokenize_fault_seed: int = setting(-1, "tests: a request with this seed fails to detokenize")
 
     def validate(self) -> None:
         _require(self.inject_sampling_fault_step >= 0, "inject_sampling_fault_step must be >= 0")
@@ -157,33 +181,17 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
-    seed: int = 0
-    attention_backend: str = "auto"  # auto | torch | cpu | flashinfer
-    layer_ops: str = "auto"  # auto (fused: flashinfer on CUDA, compiled C on a float32 CPU) | torch
-    # with layer_ops auto: each layer's q/k norm, rope and K/V store in one kernel (Triton on
-    # CUDA, compiled C on the CPU); false runs them as separate kernels
-    fuse_attention_prologue: bool = True
-    # decode attention on flashinfer: its kernel (a host plan() per step) or triton (reads the
-    # page table on the device: no host planning, CUDA graphs replay without it)
-    decode_attention: str = "flashinfer"
-    # flashinfer's norm, SiLU-and-mul and attention kernels with programmatic dependent launch: auto
-    # is flashinfer's default (on from sm_90), true / false force it (an A/B: PDL edges in a CUDA graph)
-    flashinfer_pdl: str = "auto"
+    seed: int = setting(0, "base seed of sampling (a request's own seed overrides it)")
 
     def validate(self) -> "EngineConfig":
-        for section in (self.model, self.cache, self.scheduler, self.parallel, self.graph, self.frontend,
-                        self.fault):
+        for section in self.sections():
             section.validate()
-        if self.attention_backend not in ("auto", "torch", "cpu", "flashinfer"):
-            raise ConfigError("attention_backend must be auto, torch, cpu or flashinfer")
-        if self.layer_ops not in ("auto", "torch"):
-            raise ConfigError("layer_ops must be auto or torch")
-        if self.decode_attention not in ("flashinfer", "triton"):
-            raise ConfigError("decode_attention must be flashinfer or triton")
-        if self.flashinfer_pdl not in ("auto", "true", "false"):
-            raise ConfigError("flashinfer_pdl must be auto, true or false")
         return self
+
+    def sections(self) -> list[Any]:
+        return [getattr(self, f.name) for f in fields(self) if dataclasses.is_dataclass(getattr(self, f.name))]
 
     @property
     def device(self) -> str:
@@ -200,11 +208,6 @@ class EngineConfig:
         return "bfloat16" if self.device == "cuda" else "float32"
 
     @property
-    def pdl(self) -> bool | None:
-        """`flashinfer_pdl` for the kernels: None leaves flashinfer's default."""
-        return {"auto": None, "true": True, "false": False}[self.flashinfer_pdl]
-
-    @property
     def kv_dtype_name(self) -> str:
         """The KV cache's torch dtype name: the model's, or the fp8 format `kv_cache_dtype` names."""
         return KV_CACHE_DTYPES[self.cache.kv_cache_dtype] or self.dtype_name
@@ -212,20 +215,11 @@ class EngineConfig:
     @classmethod
     def from_flat(cls, values: Mapping[str, Any] | None = None, **kwargs: Any) -> "EngineConfig":
         """Build from leaf field names (``page_size``, ``tp_size``, ``model_path``...)."""
-        merged = {**(values or {}), **kwargs}
         config = cls()
-        leaves = _leaf_index(config)
-        for name, raw in merged.items():
-            if name == "model":
-                name = "model_path"
-            if name == "disable_overlap":
-                name, raw = "enable_overlap", not _convert(raw, bool, name)
-            if name not in leaves:
-                raise ConfigError(f"unknown engine setting {name!r}; known: {', '.join(sorted(leaves))}")
-            owner, ftype = leaves[name]
-            setattr(owner, name, _convert(raw, ftype, name))
-        if _env_flag("MINISGL_DISABLE_OVERLAP_SCHEDULING"):
-            config.scheduler.enable_overlap = False
+        merged = {**(values or {}), **kwargs}
+        if "model" in merged:
+            merged["model_path"] = merged.pop("model")
+        _assign(config, merged, "engine setting")
         return config.validate()
 
     def to_flat(self) -> dict[str, Any]:
@@ -235,7 +229,52 @@ class EngineConfig:
         return EngineConfig.from_flat({**self.to_flat(), **kwargs})
 
 
-def _leaf_index(config: EngineConfig) -> dict[str, tuple[Any, type]]:
+@dataclass
+class AdapterConfig:
+    """Settings of the Triton Python-backend adapter (config.pbtxt parameters, not engine settings)."""
+
+    cancel_poll_interval_ms: int = setting(50, "how often live requests are checked for cancellation")
+    stats_interval_ms: int = setting(500, "how often the gauges are refreshed and recorded metrics sent")
+    cancel_grace_s: float = setting(10.0, "a cancelled request the engine never confirms ends after this")
+
+    def validate(self) -> "AdapterConfig":
+        _require(self.cancel_poll_interval_ms >= 1, "cancel_poll_interval_ms must be >= 1")
+        _require(self.stats_interval_ms >= 1, "stats_interval_ms must be >= 1")
+        _require(self.cancel_grace_s > 0, "cancel_grace_s must be > 0")
+        return self
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any]) -> "AdapterConfig":
+        config = cls()
+        _assign(config, values, "adapter setting")
+        return config.validate()
+
+
+def adapter_setting_names() -> set[str]:
+    return {f.name for f in fields(AdapterConfig)}
+
+
+def documented_settings() -> Iterator[tuple[str, str, Any, str]]:
+    """(section, name, default, doc) of every setting, in the tree's order: the settings table."""
+    for section in EngineConfig().sections() + [AdapterConfig()]:
+        for f in fields(section):
+            yield type(section).__name__, f.name, getattr(section, f.name), f.metadata["doc"]
+    root = next(f for f in fields(EngineConfig) if f.name == "seed")
+    yield "EngineConfig", "seed", root.default, root.metadata["doc"]
+
+
+def _assign(config: Any, values: Mapping[str, Any], kind: str) -> None:
+    leaves = _leaf_index(config)
+    for name, raw in values.items():
+        if name in REMOVED_SETTINGS:
+            raise ConfigError(f"setting {name!r} was removed: {REMOVED_SETTINGS[name]}")
+        if name not in leaves:
+            raise ConfigError(f"unknown {kind} {name!r}; known: {', '.join(sorted(leaves))}")
+        owner, ftype = leaves[name]
+        setattr(owner, name, _convert(raw, ftype, name))
+
+
+def _leaf_index(config: Any) -> dict[str, tuple[Any, type]]:
     index: dict[str, tuple[Any, type]] = {}
     for f in fields(config):
         value = getattr(config, f.name)
@@ -258,13 +297,10 @@ def _convert(raw: Any, ftype: type, name: str) -> Any:
         raise ConfigError(f"setting {name!r} expects {ftype.__name__}, got {raw!r}") from None
 
 
-def _env_flag(name: str) -> bool:
-    try:
-        return to_bool(os.environ.get(name, "0"))
-    except ValueError:
-        return False
-
-
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -31,9 +31,8 @@ _READY_TIMEOUT_S = 600.0
 
 def freeze_startup_objects() -> None:
     """In a process of ours (a scheduler, the Triton stub), once started: move every object
-    alive now (torch, transformers, the tokenizer and model: hundreds of thousands) out of the
-    collector's reach. Otherwise each full collection walks them all, a pause of tens to
-    hundreds of milliseconds every few seconds under load, in the middle of a stream."""
+    alive now (torch, transformers, the tokenizer and model) out of the collector's reach.
+    Otherwise each full collection walks them all, a pause that lands in the middle of streams."""
     gc.collect()
     gc.freeze()
 
@@ -70,7 +69,7 @@ class SchedulerProcesses:
         for rank in range(self.tp_size):
             self.procs.append(subprocess.Popen(
                 [python_executable(), "-m", "minisgl_backend.launch", str(rank), spec],
-                preexec_fn=_die_with_parent, env=_child_env()))
+                preexec_fn=die_with_parent, env=_child_env()))
         try:
             infos = self._wait_ready()
         except Exception:
@@ -157,17 +156,27 @@ def _child_env() -> dict[str, str]:
     """The children import exactly what this process imports (the venv's packages included)."""
     env = dict(os.environ)
     # A scheduler shares the CPU with tritonserver, the stub and the other ranks: OpenMP threads
-    # that spin after each parallel region would burn the cores those need (measured on 2 cores:
-    # half the scheduler's CPU per token and ~1.25-1.4x the served tokens/s without the spin).
+    # that spin after each parallel region would burn the cores those need.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     paths = [p for p in sys.path if p and os.path.isdir(p)]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + env.get("PYTHONPATH", "").split(os.pathsep)))
     return env
 
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not in a forked child (preexec_fn)
+
+
+def prctl(option: int, value: int) -> None:
+    """prctl(2) with one argument (Linux); OSError when the kernel refuses."""
+    if _LIBC.prctl(option, value, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl({option}, {value}): {os.strerror(errno)}")
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """A child's preexec_fn: the kernel sends it `sig` when its parent (precisely, the thread
+    that started it) ends (PR_SET_PDEATHSIG; kept across exec of a program that is not setuid).
+    A process may also arm it on itself."""
+    prctl(PR_SET_PDEATHSIG, sig)

@@ -8,10 +8,9 @@
 # Installs the bundled wheels and flashinfer into a scratch site dir, unpacks tritonserver, then
 # runs the gpu tests and every GPU benchmark, one process each, within a total of 8 minutes
 # (each stage gets what is left of the budget, capped by its own limit). Everything lands in
-# RESULTS_DIR: gpu_tests.log, decode_step.json, decode_step_unfused.json (the attention prologue
-# as separate kernels), decode_step_triton.json (Triton decode attention), engine.json,
-# engine_triton.json, engine_fp8kv.json and decode_step_fp8kv.json (an fp8 KV cache),
-# decode_step_nopdl.json (flashinfer without PDL), engine_normal.json, graph_launch.json,
+# RESULTS_DIR: gpu_tests.log, decode_step.json, decode_step_triton.json (Triton decode attention),
+# engine.json, engine_triton.json, engine_fp8kv.json and decode_step_fp8kv.json (an fp8 KV cache),
+# engine_normal.json, graph_launch.json,
 # scheduler_cpu.json, hf.json, serving.json, summary.json (one line per stage: rc, seconds),
 # report.json (benchmarks/gpu_report.py: every target next to what was measured),
 # traces/ (chrome traces of the profiled decode steps), and
@@ -85,8 +84,8 @@ nvidia-smi -L
 "$PY" -c "import torch, transformers, flashinfer; print('torch', torch.__version__, 'transformers', transformers.__version__, 'flashinfer', flashinfer.__version__, 'arch', '$FLASHINFER_CUDA_ARCH_LIST')" || exit 1
 cd "$G/proj"
 
-# up to 400 s: the flashinfer JIT builds of a fresh host (~3 min) and the fp8 variants (last in
-# the file); with a 15-minute device budget, run the measurements and this stage in two calls
+# up to 400 s: the flashinfer JIT builds of a fresh host and the fp8 variants (last in the file);
+# with a 15-minute device budget, run the measurements and this stage in two calls
 stage gpu_tests 400 "$R/gpu_tests.log" \
   "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider -o addopts="" ${TESTS:+-k "$TESTS"}
 stage build 60 "$R/build.json" "$PY" benchmarks/gpu_drive.py build "$MODEL"
@@ -117,15 +116,8 @@ stage engine_fp8kv 150 "$R/engine_fp8kv.json" "$PY" benchmarks/gpu_drive.py engi
 # the decode step with an fp8 KV cache where K/V dominate the bytes (bs 64 and 256)
 stage decode_step_fp8kv 90 "$R/decode_step_fp8kv.json" "$PY" benchmarks/decode_step.py --model "$MODEL" \
   --device cuda --dtype bfloat16 --batch-sizes 64 256 --settings kv_cache_dtype=fp8
-# the decode step without programmatic dependent launch in flashinfer's kernels (PDL edges in the graph)
-stage decode_step_nopdl 60 "$R/decode_step_nopdl.json" "$PY" benchmarks/decode_step.py --model "$MODEL" \
-  --device cuda --dtype bfloat16 --batch-sizes 1 64 --settings flashinfer_pdl=false
 # after serving: the HF baseline is the one stage that a later run can reuse
 stage hf 70 "$R/hf.json" "$PY" benchmarks/gpu_drive.py hf "$MODEL" --max-new 256
-# the A/B of the fused attention prologue (Triton): the same decode steps with separate kernels
-# (after gpu_tests, whose rope test builds the separate rope kernel: its JIT build took > 60 s)
-stage decode_step_unfused 90 "$R/decode_step_unfused.json" "$PY" benchmarks/decode_step.py --model "$MODEL" \
-  --device cuda --dtype bfloat16 --batch-sizes 1 64 256 --settings fuse_attention_prologue=false
 stage engine_normal 60 "$R/engine_normal.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL" --no-overlap
 stage scheduler_cpu 60 "$R/scheduler_cpu.json" "$PY" benchmarks/gpu_drive.py scheduler_cpu "$MODEL"
 echo "=== done at +$(( $(date +%s) - T0 ))s; results in $R"

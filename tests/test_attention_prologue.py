@@ -11,8 +11,9 @@ import torch
 
 from minisgl_backend import LLM, SamplingParams
 from minisgl_backend.cpu import cpu_library
-from minisgl_backend.models.attention_prologue import triton_installed, unsupported_reason
-from minisgl_backend.models.fused import TorchOps
+from minisgl_backend.kernels import triton_installed
+from minisgl_backend.models.attention_prologue import layout_problem
+from minisgl_backend.models.torch_ops import TorchOps
 from tests.triton_interpreter import TESTS, run_interpreted
 
 LIBRARY = cpu_library()
@@ -88,8 +89,6 @@ def test_compiled_prologue_declines_what_it_cannot_take():
 
     _, q, k, v, (q_w, k_w), positions, slots, k_pool, v_pool = _case(True, 5)
     rope = (positions, cos_sin_table(32))
-    assert CpuOps(LIBRARY, fuse_prologue=False).attention_prologue(q, k, v, q_w, k_w, 1e-6, rope, k_pool,
-                                                                   v_pool, slots) is None
     ops = CpuOps(LIBRARY)
     heads_apart = q.transpose(0, 1).contiguous().transpose(0, 1)  # [T, H, D] with the token dim innermost-but-one
     assert ops.attention_prologue(heads_apart, k, v, q_w, k_w, 1e-6, rope, k_pool, v_pool, slots) is None
@@ -104,31 +103,28 @@ def test_generation_with_the_fused_prologue_equals_separate_steps(tiny_model_fac
 
     path = tiny_model_factory(arch, num_kv_heads=2)
     calls = []
-    fused = CpuOps.attention_prologue
-    monkeypatch.setattr(CpuOps, "attention_prologue",
-                        lambda self, *a: calls.append(1) or fused(self, *a))
+    kernel = CpuOps.attention_prologue
     prompts = [[3 + (i * 7 + j) % 100 for j in range(4 + 5 * i)] for i in range(6)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     outputs = {}
-    for fuse in (True, False):
+    for fuse in (True, False):  # False: the prologue declines every call, so the steps run apart
         calls.clear()
-        llm = LLM(path, fuse_attention_prologue=fuse, page_size=4)
+        monkeypatch.setattr(CpuOps, "attention_prologue",
+                            lambda self, *a: calls.append(1) or (kernel(self, *a) if fuse else None))
+        llm = LLM(path, page_size=4)
         outputs[fuse] = [o["token_ids"] for o in llm.generate(prompts, params)]
         llm.shutdown()
-        assert bool(calls) == fuse, "the fused kernel runs exactly when it is on"
+        assert calls, "the layers offer every prologue to the kernel"
     assert all(len(t) == 12 for t in outputs[True])
     assert outputs[True] == outputs[False]
 
 
-def test_unsupported_reason_names_the_layout_problem():
+def test_layout_problem_names_the_view_the_kernel_cannot_take():
     _, q, k, v = qkv_views(3, 4, 2, 32, torch.bfloat16)
-    pool = torch.zeros(8, 2, 32, dtype=torch.bfloat16)
-    assert unsupported_reason(q, k, v, pool) is None
-    assert "power of two" in unsupported_reason(q[..., :24], k[..., :24], v[..., :24], pool)
-    assert "dtypes" in unsupported_reason(q.float(), k.float(), v.float(), pool)
-    assert unsupported_reason(q, k, v, pool.to(torch.float8_e4m3fn)) is None, "an fp8 KV cache"
-    assert "dtypes" in unsupported_reason(q, k, v, pool.half())
-    assert "strides" in unsupported_reason(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, pool)
+    assert layout_problem(q, k, v) is None
+    assert "strides" in layout_problem(q.transpose(0, 1).contiguous().transpose(0, 1), k, v)
+    assert "strides" in layout_problem(q[..., :24], k[..., :24], v[..., :24])
+    assert "shape" in layout_problem(q.flatten(1), k, v)
 
 
 _INTERPRETED = textwrap.dedent("""

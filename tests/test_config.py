@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from minisgl_backend.config import ConfigError, EngineConfig
+from minisgl_backend.checkout import ROOT
+from minisgl_backend.config import AdapterConfig, ConfigError, EngineConfig, adapter_setting_names, documented_settings
+from minisgl_backend.tools.settings_table import settings_table, table_in
 from minisgl_backend.sampling_params import SamplingParams
 
 
@@ -17,9 +19,28 @@ def test_flat_settings_reach_their_sections(tiny_llama):
     assert EngineConfig.from_flat(cfg.to_flat()) == cfg
 
 
-def test_env_switch_disables_overlap(tiny_llama, monkeypatch):
-    monkeypatch.setenv("MINISGL_DISABLE_OVERLAP_SCHEDULING", "1")
-    assert EngineConfig.from_flat(model_path=tiny_llama).scheduler.enable_overlap is False
+@pytest.mark.parametrize("name", ["sender_pacing", "fuse_attention_prologue", "lpm_window", "disable_overlap"])
+def test_removed_settings_say_so(tiny_llama, name):
+    with pytest.raises(ConfigError, match=f"setting '{name}' was removed: "):
+        EngineConfig.from_flat({"model_path": tiny_llama, name: "1"})
+
+
+def test_adapter_settings_convert_and_refuse_engine_names():
+    adapter = AdapterConfig.from_flat({"cancel_poll_interval_ms": "20", "cancel_grace_s": "2.5"})
+    assert (adapter.cancel_poll_interval_ms, adapter.cancel_grace_s, adapter.stats_interval_ms) == (20, 2.5, 500)
+    with pytest.raises(ConfigError, match="unknown adapter setting 'page_size'"):
+        AdapterConfig.from_flat({"page_size": 16})
+    with pytest.raises(ConfigError, match="cancel_poll_interval_ms must be >= 1"):
+        AdapterConfig.from_flat({"cancel_poll_interval_ms": 0})
+
+
+def test_every_setting_is_documented_and_the_docs_table_is_current():
+    names = [name for _, name, _, doc in documented_settings() if doc.strip()]
+    assert set(names) == set(EngineConfig().to_flat()) | adapter_setting_names()
+    assert len(names) == len(set(names)), "a setting name appears in two sections"
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert table_in(page) == settings_table(), \
+        "docs/configuration.md is stale: run python -m minisgl_backend.tools.settings_table --write"
 
 
 @pytest.mark.parametrize("settings,message", [

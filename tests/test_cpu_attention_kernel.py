@@ -5,22 +5,23 @@ pure-torch backend."""
 from __future__ import annotations
 
 import random
+import types
 
 import pytest
 import torch
 
 from minisgl_backend import LLM, SamplingParams
-from minisgl_backend.attention import make_attention_backend
+from minisgl_backend import kernels
 from minisgl_backend.attention.base import BatchLayout
-from minisgl_backend.attention.cpu_kernels import PagedAttentionKernel, paged_attention_kernel
+from minisgl_backend.attention.cpu_kernels import PagedAttentionKernel
 from minisgl_backend.attention.flashinfer_backend import build_paged_metadata, paged_view
 from minisgl_backend.attention import torch_backend
 from minisgl_backend.attention.torch_backend import TorchAttentionBackend, _KernelGroup
-from minisgl_backend.config import ConfigError, EngineConfig
+from minisgl_backend.config import ConfigError, EngineConfig, KernelConfig, ModelConfig
 from minisgl_backend.kvcache import KVCache
 from tests.test_flashinfer_metadata import make_page_table, paged_attention_from_metadata
 
-KERNEL = paged_attention_kernel()
+KERNEL = kernels.cpu_attention_kernel()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="no C compiler here")
 
 
@@ -110,8 +111,10 @@ def test_kv_store_writes_what_the_indexed_store_writes(layout):
 def _backend(name, dtype=torch.float32):
     cache = KVCache(1, 8, 4, 2, 8, dtype, torch.device("cpu"))
     table = torch.zeros(3, 32, dtype=torch.int32)
-    config = EngineConfig(attention_backend=name)
-    return make_attention_backend(config, cache, table, num_qo_heads=4, num_kv_heads=2, head_dim=8, dtype=dtype)
+    config = EngineConfig(model=ModelConfig(device="cpu", dtype=str(dtype).removeprefix("torch.")),
+                          kernels=KernelConfig(attention_backend=name))
+    choice = kernels.choose_kernels(config, types.SimpleNamespace(head_dim=8))
+    return choice.make_attention(cache, table, num_qo_heads=4, num_kv_heads=2, max_batch_size=3)
 
 
 def test_auto_and_cpu_pick_the_kernel_and_torch_stays_the_pure_reference():
@@ -162,11 +165,10 @@ def test_an_unusable_home_builds_the_kernel_in_the_temp_folder(tmp_path, monkeyp
 
 
 def test_without_a_compiler_auto_falls_back_to_torch_and_cpu_is_a_config_error(monkeypatch, caplog):
-    from minisgl_backend.attention import cpu_kernels
     from minisgl_backend.cpu import build
 
     monkeypatch.setattr(build.shutil, "which", lambda name: None)
-    monkeypatch.setattr(cpu_kernels, "cpu_library", build.cpu_library.__wrapped__)  # uncached
+    monkeypatch.setattr(kernels, "cpu_library", build.cpu_library.__wrapped__)  # uncached
     with caplog.at_level("WARNING"):
         assert _backend("auto").kernel is None
     assert "no C compiler" in caplog.text and "falls back to torch" in caplog.text

@@ -12,7 +12,7 @@ import torch
 from minisgl_backend import LLM, SamplingParams
 from minisgl_backend.config import ConfigError, EngineConfig
 from minisgl_backend.cpu import cpu_library
-from minisgl_backend.models.fused import TorchOps
+from minisgl_backend.models.torch_ops import TorchOps
 from minisgl_backend.models.layers import RotaryEmbedding
 
 LIBRARY = cpu_library()
@@ -110,5 +110,5 @@ def test_greedy_generation_equals_the_torch_ops(tiny_llama):
 
 
 def test_layer_ops_setting_is_validated(tiny_llama):
-    with pytest.raises(ConfigError, match="layer_ops must be auto or torch"):
+    with pytest.raises(ConfigError, match="layer_ops must be one of auto, torch, got 'fast'"):
         EngineConfig.from_flat(model_path=tiny_llama, layer_ops="fast")

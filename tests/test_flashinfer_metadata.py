@@ -434,7 +434,7 @@ class _FakeWrapperBase:
         self.num_plans += 1
 
     def run(self, q, paged_kv_cache, **kwargs):
-        assert set(kwargs) <= {"enable_pdl"}, kwargs
+        assert not kwargs, kwargs
         self.run_kwargs = kwargs
         k_pages, v_pages = paged_kv_cache
         assert k_pages.dim() == 4 and k_pages.shape[1] == self._page_size, "NHD [pages, page_size, Hkv, D]"
@@ -509,7 +509,6 @@ def fake_flashinfer(monkeypatch):
     module.BatchDecodeWithPagedKVCacheWrapper = _FakeDecode
     module.BatchPrefillWithPagedKVCacheWrapper = _FakePrefill
     monkeypatch.setitem(sys.modules, "flashinfer", module)
-    monkeypatch.setattr(fib, "flashinfer_unsupported_reason", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     return fib
 
@@ -560,14 +559,13 @@ def test_backend_on_stand_in_matches_torch_backend(fake_flashinfer, page_size, d
     assert fi._wrapper.num_plans == 1
 
 
-@pytest.mark.parametrize("pdl", [None, False, True], ids=["auto", "off", "on"])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
-def test_backend_passes_flashinfer_pdl_to_the_attention_kernels(fake_flashinfer, decode, pdl):
+def test_backend_leaves_flashinfers_launch_options_at_their_defaults(fake_flashinfer, decode):
     table, cache, layout, qkv = _backend_case(4, decode, seed=5)
-    fi = fake_flashinfer.FlashInferBackend(cache, table, 4, 2, 8, torch.float32, "cpu", max_batch_size=8, pdl=pdl)
+    fi = fake_flashinfer.FlashInferBackend(cache, table, 4, 2, 8, torch.float32, "cpu", max_batch_size=8)
     fi.prepare(layout)
     fi.forward(*qkv[0], 0)
-    assert fi._wrapper.run_kwargs == ({} if pdl is None else {"enable_pdl": pdl})
+    assert fi._wrapper.run_kwargs == {}
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
@@ -705,7 +703,6 @@ def test_triton_decode_kernel_plans_nothing_and_reads_the_page_table(fake_flashi
         return reference_decode(q, k_pool, v_pool, slot_table, rows, seq_lens).to(q.dtype)
 
     monkeypatch.setattr(triton_decode, "paged_decode_attention", stand_in)
-    monkeypatch.setattr(triton_decode, "unsupported_reason", lambda head_dim, dtype, kv_dtype, device: None)
     table, cache, layout, qkv = _backend_case(page_size, True, seed=7)
     ref_cache = _clone_cache(cache)
     ref = TorchAttentionBackend(ref_cache, table)

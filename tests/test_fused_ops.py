@@ -1,5 +1,6 @@
-"""Which implementation of the decoder's elementwise ops a model gets, and the torch reference
-semantics that the fused kernels must match (the kernels themselves: tests/test_gpu.py)."""
+"""Which implementation of the decoder's elementwise ops a model gets (`kernels.choose_layer_ops`),
+and the torch reference semantics that the fused kernels must match (the kernels themselves:
+tests/test_gpu.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ import types
 import pytest
 import torch
 
-from minisgl_backend.config import ConfigError, EngineConfig
-from minisgl_backend.models import fused
-from minisgl_backend.models.fused import FlashInferOps, TorchOps, select_ops
+from minisgl_backend import kernels
+from minisgl_backend.kernels import Target, choose_layer_ops
+from minisgl_backend.models.flashinfer_ops import FlashInferOps
+from minisgl_backend.models.torch_ops import TorchOps
+
+
+def _target(device: str, dtype: torch.dtype, kv_dtype: torch.dtype | None = None, head_dim: int = 64) -> Target:
+    return Target(torch.device(device), dtype, kv_dtype or dtype, head_dim)
 
 
 def test_cpu_gets_the_compiled_ops_in_float32_else_torch_and_never_imports_flashinfer():
@@ -19,26 +25,24 @@ def test_cpu_gets_the_compiled_ops_in_float32_else_torch_and_never_imports_flash
     from minisgl_backend.models.cpu_ops import CpuOps
 
     want = CpuOps if cpu_library() is not None else TorchOps
-    assert isinstance(select_ops("cpu", torch.float32), want)
-    assert isinstance(select_ops("cpu", torch.bfloat16), TorchOps)
-    assert isinstance(select_ops("cpu", torch.float32, "torch"), TorchOps)
+    assert isinstance(choose_layer_ops("auto", _target("cpu", torch.float32)), want)
+    assert isinstance(choose_layer_ops("auto", _target("cpu", torch.bfloat16)), TorchOps)
+    assert isinstance(choose_layer_ops("torch", _target("cpu", torch.float32)), TorchOps)
     assert "flashinfer" not in sys.modules
 
 
 def test_cpu_without_the_compiled_library_gets_the_torch_ops(monkeypatch):
-    import minisgl_backend.cpu
-
-    monkeypatch.setattr(minisgl_backend.cpu, "cpu_library", lambda: None)  # e.g. no C compiler
-    assert isinstance(select_ops("cpu", torch.float32), TorchOps)
+    monkeypatch.setattr(kernels, "cpu_library", lambda: None)  # e.g. no C compiler
+    assert isinstance(choose_layer_ops("auto", _target("cpu", torch.float32)), TorchOps)
 
 
 def test_cuda_without_flashinfer_or_in_float32_falls_back_to_torch(monkeypatch):
-    monkeypatch.setattr(fused, "flashinfer_installed", lambda: False)
-    assert fused.fused_ops_unsupported_reason("cuda", torch.bfloat16) == "flashinfer is not installed"
-    assert isinstance(select_ops("cuda", torch.bfloat16), TorchOps)
-    monkeypatch.setattr(fused, "flashinfer_installed", lambda: True)
-    assert "float32" in fused.fused_ops_unsupported_reason("cuda", torch.float32)
-    assert isinstance(select_ops(torch.device("cuda", 0), torch.float32), TorchOps)
+    monkeypatch.setattr(kernels, "flashinfer_import_problem", lambda: "flashinfer is not importable: no module")
+    assert kernels.fused_ops_problem(_target("cuda", torch.bfloat16)) == "flashinfer is not importable: no module"
+    assert isinstance(choose_layer_ops("auto", _target("cuda", torch.bfloat16)), TorchOps)
+    monkeypatch.setattr(kernels, "flashinfer_import_problem", lambda: None)
+    assert "float32" in kernels.fused_ops_problem(_target("cuda", torch.float32))
+    assert isinstance(choose_layer_ops("auto", _target("cuda:0", torch.float32)), TorchOps)
 
 
 @pytest.fixture
@@ -47,27 +51,50 @@ def fake_flashinfer(monkeypatch):
     calls = []
     pkg = types.ModuleType("flashinfer")
     norm, rope, act = (types.ModuleType(f"flashinfer.{n}") for n in ("norm", "rope", "activation"))
-    def pdl(kwargs):  # a call records its enable_pdl only when one was given
-        return ("pdl", kwargs["enable_pdl"]) if kwargs else ()
 
-    norm.rmsnorm = lambda x, w, eps, out=None, **kw: calls.append(("rmsnorm", tuple(x.shape), out is x, *pdl(kw))) or x
-    norm.fused_add_rmsnorm = lambda x, r, w, eps, **kw: calls.append(("fused_add_rmsnorm", tuple(x.shape), *pdl(kw)))
+    def no_options(kwargs):  # flashinfer's own defaults: no keyword beyond the kernel's inputs
+        assert not kwargs, kwargs
+        return ()
+
+    norm.rmsnorm = (lambda x, w, eps, out=None, **kw: calls.append(("rmsnorm", tuple(x.shape), out is x,
+                                                                     *no_options(kw))) or x)
+    norm.fused_add_rmsnorm = (lambda x, r, w, eps, **kw: calls.append(("fused_add_rmsnorm", tuple(x.shape),
+                                                                       *no_options(kw))))
     rope.apply_rope_with_cos_sin_cache_inplace = (
         lambda pos, q, k, head, cache, is_neox: calls.append(("rope", tuple(q.shape), tuple(k.shape), head, is_neox)))
-    act.silu_and_mul = (lambda x, **kw: calls.append(("silu_and_mul", tuple(x.shape), *pdl(kw)))
+    act.silu_and_mul = (lambda x, **kw: calls.append(("silu_and_mul", tuple(x.shape), *no_options(kw)))
                         or x[..., : x.shape[-1] // 2])
     pkg.norm, pkg.rope, pkg.activation = norm, rope, act
     for name, mod in (("flashinfer", pkg), ("flashinfer.norm", norm), ("flashinfer.rope", rope),
                       ("flashinfer.activation", act)):
         monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setattr(fused, "flashinfer_installed", lambda: True)
     return calls
 
 
-def test_cuda_half_precision_gets_flashinfer_kernels(fake_flashinfer):
+def test_cuda_half_precision_gets_flashinfer_kernels(fake_flashinfer, monkeypatch):
+    monkeypatch.setattr(kernels, "triton_installed", lambda: True)
+    monkeypatch.setattr(kernels, "gpu_capability", lambda index: (9, 0))
     for dtype in (torch.float16, torch.bfloat16):
-        ops = select_ops("cuda", dtype)
-        assert isinstance(ops, FlashInferOps) and ops.needs_cos_sin_cache
+        ops = choose_layer_ops("auto", _target("cuda:0", dtype))
+        assert isinstance(ops, FlashInferOps) and ops.needs_cos_sin_cache and ops.fused_prologue
+
+
+def test_the_prologue_kernel_is_chosen_where_it_can_run(fake_flashinfer, monkeypatch):
+    """The Triton prologue beside flashinfer's ops: triton installed, a power-of-two head size, the
+    model's dtype or fp8 in the KV cache, and e4m3 only from sm_89 on."""
+    monkeypatch.setattr(kernels, "triton_installed", lambda: True)
+    monkeypatch.setattr(kernels, "gpu_capability", lambda index: (8, 0))
+    bf16 = torch.bfloat16
+    assert kernels.prologue_problem(_target("cuda:0", bf16)) is None
+    assert kernels.prologue_problem(_target("cuda:0", bf16, torch.float8_e5m2)) is None, "an fp8 KV cache"
+    assert "sm_89" in kernels.prologue_problem(_target("cuda:0", bf16, torch.float8_e4m3fn))
+    assert "power of two" in kernels.prologue_problem(_target("cuda:0", bf16, head_dim=96))
+    assert "dtype" in kernels.prologue_problem(_target("cuda:0", bf16, torch.float16))
+    assert not choose_layer_ops("auto", _target("cuda:0", bf16, head_dim=96)).fused_prologue
+    monkeypatch.setattr(kernels, "triton_installed", lambda: False)
+    assert kernels.prologue_problem(_target("cuda:0", bf16)) == "triton is not installed"
+    ops = choose_layer_ops("auto", _target("cuda:0", bf16))
+    assert isinstance(ops, FlashInferOps) and not ops.fused_prologue
 
 
 def test_flashinfer_ops_call_one_kernel_each_on_strided_views(fake_flashinfer):
@@ -89,29 +116,14 @@ def test_flashinfer_ops_call_one_kernel_each_on_strided_views(fake_flashinfer):
                                ("silu_and_mul", (3, 16))]
 
 
-def test_flashinfer_pdl_setting_reaches_every_norm_and_activation_call(fake_flashinfer, tiny_llama):
-    """flashinfer_pdl: auto leaves flashinfer's default (no enable_pdl passed); true / false force it."""
-    assert EngineConfig.from_flat(model_path=tiny_llama).pdl is None
-    assert EngineConfig.from_flat(model_path=tiny_llama, flashinfer_pdl="false").pdl is False
-    with pytest.raises(ConfigError, match="flashinfer_pdl must be auto, true or false"):
-        EngineConfig.from_flat(model_path=tiny_llama, flashinfer_pdl="maybe")
-    for pdl in (False, True):
-        fake_flashinfer.clear()
-        ops = select_ops("cuda", torch.bfloat16, pdl=pdl)
-        x, res, w = torch.randn(3, 8), torch.randn(3, 8), torch.ones(8)
-        ops.add_rms_norm(x, res, w, 1e-6)
-        ops.rms_norm(x, w, 1e-6)
-        ops.silu_and_mul(torch.randn(3, 16))
-        assert [call[-2:] for call in fake_flashinfer] == [("pdl", pdl)] * 3
-
-
 def test_model_built_for_cuda_bf16_wires_the_fused_ops_into_every_layer(fake_flashinfer, tmp_path):
     from minisgl_backend.models.hf_config import read_arch_config
     from minisgl_backend.models.llama import LlamaForCausalLM
     from minisgl_backend.tools.make_tiny_model import make_tiny_model
 
     arch = read_arch_config(make_tiny_model(str(tmp_path), arch="qwen3", num_layers=2))
-    model = LlamaForCausalLM(arch, torch.bfloat16, select_ops("cuda", torch.bfloat16))  # built on the CPU
+    ops = choose_layer_ops("auto", _target("cuda", torch.bfloat16, head_dim=arch.head_dim))
+    model = LlamaForCausalLM(arch, torch.bfloat16, ops)  # built on the CPU
     norms = [m for m in model.modules() if hasattr(m, "ops")]
     assert norms and all(isinstance(m.ops, FlashInferOps) for m in norms)
     table = model.model.rotary_emb.cos_sin_cache
@@ -161,24 +173,22 @@ def _prologue_args():
     return (q, k, v, None, None, 1e-6, rope, pool, pool.clone(), torch.arange(3))
 
 
-def test_prologue_kernel_failing_at_first_use_falls_back_to_separate_kernels(fake_flashinfer, monkeypatch):
+def test_prologue_kernel_failing_at_first_use_falls_back_to_separate_kernels(fake_flashinfer):
     """A Triton kernel that cannot compile on this GPU must not take the server down: the first
     call's failure switches the layers to the separate kernels (logged); a later failure, after
     the kernel ran once, is a bug and raises."""
-    monkeypatch.setattr(fused, "triton_installed", lambda: True)
 
     def broken(*args):
         raise RuntimeError("PTX JIT compilation failed")
 
-    monkeypatch.setattr(fused, "fused_attention_prologue", broken)
-    ops = FlashInferOps()
+    ops = FlashInferOps(broken)
     assert ops.fused_prologue
     assert ops.attention_prologue(*_prologue_args()) is None and not ops.fused_prologue
 
     calls = []
-    monkeypatch.setattr(fused, "fused_attention_prologue", lambda *a: calls.append(1) or a[0].clone())
-    ops = FlashInferOps()
+    state = {"kernel": lambda *a: calls.append(1) or a[0].clone()}
+    ops = FlashInferOps(lambda *a: state["kernel"](*a))
     assert ops.attention_prologue(*_prologue_args()) is not None and calls == [1]
-    monkeypatch.setattr(fused, "fused_attention_prologue", broken)
+    state["kernel"] = broken
     with pytest.raises(RuntimeError):
         ops.attention_prologue(*_prologue_args())

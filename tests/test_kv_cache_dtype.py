@@ -56,22 +56,19 @@ def test_values_past_the_fp8_range_saturate_instead_of_turning_nan(dtype):
 
 
 def test_triton_kernels_take_e4m3_only_from_sm89(monkeypatch):
-    from minisgl_backend.attention import triton_decode
-    from minisgl_backend.kvcache import pool
-    from minisgl_backend.models.attention_prologue import triton_installed
+    from minisgl_backend import kernels
 
-    pool.triton_fp8_problem.cache_clear()
-    monkeypatch.setattr(pool, "_capability", lambda index: (8, 0))
+    monkeypatch.setattr(kernels, "gpu_capability", lambda index: (8, 0))
     cuda = torch.device("cuda", 0)
-    assert "sm_89" in pool.triton_fp8_problem(torch.float8_e4m3fn, cuda)
-    assert pool.triton_fp8_problem(torch.float8_e5m2, cuda) is None
-    assert pool.triton_fp8_problem(torch.float8_e4m3fn, "cpu") is None, "the interpreter converts anything"
-    if triton_installed():
-        assert "sm_89" in triton_decode.unsupported_reason(128, torch.bfloat16, torch.float8_e4m3fn, cuda)
-    pool.triton_fp8_problem.cache_clear()
-    monkeypatch.setattr(pool, "_capability", lambda index: (9, 0))
-    assert pool.triton_fp8_problem(torch.float8_e4m3fn, cuda) is None
-    pool.triton_fp8_problem.cache_clear()  # no stand-in's answer left behind for other tests
+    assert "sm_89" in kernels.triton_fp8_problem(torch.float8_e4m3fn, cuda)
+    assert kernels.triton_fp8_problem(torch.float8_e5m2, cuda) is None
+    assert kernels.triton_fp8_problem(torch.float8_e4m3fn, "cpu") is None, "the interpreter converts anything"
+    monkeypatch.setattr(kernels, "triton_installed", lambda: True)
+    target = kernels.Target(cuda, torch.bfloat16, torch.float8_e4m3fn, 128)
+    assert "sm_89" in kernels.triton_decode_problem(target)
+    assert "sm_89" in kernels.prologue_problem(target)
+    monkeypatch.setattr(kernels, "gpu_capability", lambda index: (9, 0))
+    assert kernels.triton_fp8_problem(torch.float8_e4m3fn, cuda) is None
 
 
 def _attention(pool_dtype, k_new, v_new, k_old, v_old, q, decode: bool):

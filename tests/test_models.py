@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from minisgl_backend.attention.base import BatchLayout
 from minisgl_backend.attention.base import ForwardBatch
+from minisgl_backend.kernels import Target, choose_layer_ops
 from minisgl_backend.models import load_model, read_arch_config
 from minisgl_backend.models.hf_config import arch_config_from_dict
 from minisgl_backend.tools.make_tiny_model import make_tiny_model
@@ -96,7 +97,8 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers(tiny_models, case):
     path = tiny_models[case]
-    model = load_model(path, torch.float32, "cpu")
+    cpu = Target(torch.device("cpu"), torch.float32, torch.float32, read_arch_config(path).head_dim)
+    model = load_model(path, torch.float32, "cpu", choose_layer_ops("auto", cpu))  # the engine's CPU ops
     seqs = [encode(path, p) for p in PROMPTS]
     refs = [hf_logits(path, s) for s in seqs]
     for seq, ref in zip(seqs, refs):

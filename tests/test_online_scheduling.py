@@ -142,7 +142,7 @@ def admission_order(steps: list[Step]) -> list[int]:
 
 @pytest.mark.parametrize("policy", ["fcfs", "lpm"])
 def test_lpm_admits_cached_prefixes_first(tiny_llama, policy):
-    llm = LLM(tiny_llama, **CPU, schedule_policy=policy, lpm_min_queue=2, max_running_requests=2)
+    llm = LLM(tiny_llama, **CPU, schedule_policy=policy, max_running_requests=2)
     shared = prompts(1, 40, seed=5)[0]
     llm.generate([shared], GREEDY(1))  # warm the cache with the shared prefix
     steps = record_steps(llm)
@@ -164,7 +164,7 @@ def test_lpm_admits_cached_prefixes_first(tiny_llama, policy):
 def make_policy(max_wait_steps: int) -> tuple[SchedulePolicy, list[Req]]:
     cache = CacheManager(64, 2, torch.zeros(4, 64, dtype=torch.int32))
     cache.tree.insert([1, 2, 3, 4], [0, 1])
-    policy = SchedulePolicy("lpm", cache, min_queue=2, window=8, max_wait_steps=max_wait_steps)
+    policy = SchedulePolicy("lpm", cache, max_wait_steps=max_wait_steps)
     reqs = [Req(0, [9, 9, 9, 9, 9], GREEDY(1), 0, 1)] + [Req(i, [1, 2, 3, 4, i], GREEDY(1), 0, 1) for i in (1, 2, 3)]
     for req in reqs:
         policy.enqueued(req)
@@ -187,7 +187,7 @@ def test_lpm_with_aging_never_passes_a_request_over_forever(tiny_llama):
     """A cold request among a steady stream of warm ones: pure lpm leaves it to the very end;
     the aging bound admits it after about `max_wait_steps` steps."""
     def cold_admission_index(max_wait_steps: int) -> int:
-        llm = LLM(tiny_llama, **CPU, schedule_policy="lpm", lpm_min_queue=2, max_running_requests=1,
+        llm = LLM(tiny_llama, **CPU, schedule_policy="lpm", max_running_requests=1,
                   max_wait_steps=max_wait_steps)
         shared = prompts(1, 40, seed=8)[0]
         llm.generate([shared], GREEDY(1))

@@ -18,9 +18,9 @@ import openai
 import pytest
 
 from minisgl_backend.openai.app import ServerSettings
-from minisgl_backend.openai.launcher import InProcessFrontend, OpenAIFrontend
 from minisgl_backend.ports import free_port
-from tests.triton_server import TritonServer, parse_metric, require_triton, wait_idle
+from minisgl_backend.testing.openai_frontend import InProcessFrontend, OpenAIFrontend
+from minisgl_backend.testing.triton import TritonServer, parse_metric
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
@@ -40,16 +40,9 @@ IGNORE_EOS = {"ignore_eos": True}  # a vLLM/SGLang extra: fixed lengths on a ran
 
 
 @pytest.fixture(scope="module")
-def triton(tiny_llama, tmp_path_factory):
-    require_triton()
-    from minisgl_backend.triton.repository import make_model_repository
-
-    work = tmp_path_factory.mktemp("openai")
-    repo = make_model_repository(work / "repo", {"model_path": tiny_llama, **SETTINGS})
-    srv = TritonServer(repo, work / "triton.log")
-    srv.start()
-    yield srv
-    srv.stop()
+def triton(triton_server_factory, tiny_llama):
+    with triton_server_factory("openai", {MODEL: {"model_path": tiny_llama, **SETTINGS}}) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -478,7 +471,7 @@ LONG = {"model": MODEL, "messages": CONVERSATIONS[0], "max_tokens": 3000, "ignor
 
 
 def test_disconnect_mid_stream_frees_pages(triton, frontend):
-    wait_idle(triton)
+    triton.wait_idle()
     aborted = triton.metric("minisgl_requests_total", {"finish_reason": "abort"})
     with httpx.stream("POST", f"{frontend.base_url}/v1/chat/completions", json={**LONG, "stream": True},
                       timeout=60) as resp:
@@ -489,11 +482,11 @@ def test_disconnect_mid_stream_frees_pages(triton, frontend):
         _wait_busy(triton)
     # leaving the block closed the connection mid-stream
     _wait_aborted(triton, aborted)
-    wait_idle(triton)
+    triton.wait_idle()
 
 
 def test_disconnect_while_waiting_for_whole_answer_frees_pages(triton, frontend):
-    wait_idle(triton)
+    triton.wait_idle()
     aborted = triton.metric("minisgl_requests_total", {"finish_reason": "abort"})
     body = json.dumps(LONG).encode()
     with socket.create_connection(("127.0.0.1", frontend.port), timeout=30) as sock:
@@ -501,7 +494,7 @@ def test_disconnect_while_waiting_for_whole_answer_frees_pages(triton, frontend)
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         _wait_busy(triton)
     _wait_aborted(triton, aborted)
-    wait_idle(triton)
+    triton.wait_idle()
 
 
 def test_model_not_ready_is_503(triton, tiny_llama):

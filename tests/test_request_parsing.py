@@ -240,17 +240,19 @@ def test_config_pbtxt_matches_contract():
         line = next(l for l in pbtxt.splitlines() if f'name: "{spec.name}"' in l)
         assert spec.data_type in line, (spec.name, line)
     params = read_parameters(pbtxt)
-    from minisgl_backend.config import EngineConfig
+    from minisgl_backend.config import AdapterConfig, EngineConfig, adapter_setting_names
     from minisgl_backend.triton.adapter import split_parameters
 
     engine, adapter = split_parameters({"parameters": {k: {"string_value": v} for k, v in params.items()}})
     assert engine["model_path"] == ""
     known = EngineConfig().to_flat()
     assert set(engine) <= set(known) | {"model_path"}
+    assert set(params) <= set(known) | adapter_setting_names()  # every key exists in the config tree
     assert {"tp_size", "dtype", "device", "page_size", "max_total_tokens", "prefill_budget", "chunk_size",
             "max_running_requests", "enable_overlap"} <= set(engine)
-    assert set(adapter) == {"cancel_poll_interval_ms", "stats_interval_ms", "cancel_grace_s", "sender_nice",
-                           "sender_pacing", "cpu_affinity"}
+    assert set(params) & adapter_setting_names() == {"cancel_poll_interval_ms", "stats_interval_ms",
+                                                      "cancel_grace_s"}
+    assert adapter == AdapterConfig.from_flat({k: params[k] for k in adapter_setting_names()})
 
 
 def test_set_parameters_overrides_and_adds():

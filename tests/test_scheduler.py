@@ -59,7 +59,7 @@ def test_300_requests_tiny_pool_match_alone_and_leak_nothing(model, workload_300
     dict(enable_mixed_batches=False, enable_overlap=False),
     dict(enable_mixed_batches=False, enable_overlap=True, max_prefill_steps_in_a_row=1),
     dict(enable_mixed_batches=True, step_token_budget=40, chunk_size=16, enable_overlap=True),
-    dict(schedule_policy="lpm", lpm_min_queue=2, max_wait_steps=8),
+    dict(schedule_policy="lpm", max_wait_steps=8),
 ])
 def test_variants_equal_alone(model, workload_300, alone_outputs, variant):
     n = 60

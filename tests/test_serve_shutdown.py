@@ -27,12 +27,13 @@ import urllib.request
 
 import pytest
 
+from minisgl_backend.checkout import ROOT
 from minisgl_backend.ports import answers_ok, free_ports
 from minisgl_backend.procinfo import stat_fields
-from minisgl_backend.triton.server import ROOT
-from tests.triton_server import require_triton
+from minisgl_backend.testing.triton import GrpcStream, grpc_inputs
 
-pytestmark = [pytest.mark.triton, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.triton, pytest.mark.slow, pytest.mark.timeout(600),
+              pytest.mark.usefixtures("require_triton")]
 
 EXIT_TIMEOUT = 10  # seconds tritonserver may take to stop (make serve EXIT_TIMEOUT=...)
 GONE_WITHIN = EXIT_TIMEOUT + 10  # the supervisor SIGKILLs at EXIT_TIMEOUT + 5
@@ -163,7 +164,6 @@ STOPS = {"SIGINT to the group (Ctrl-C)": _sigint_group, "SIGTERM to make": _sigt
 
 @pytest.mark.parametrize("how", list(STOPS))
 def test_make_serve_stops_everything(tiny_llama, tmp_path, how):
-    require_triton()
     serve = Serve(tiny_llama, tmp_path / "serve.log")
     try:
         serve.wait_ready()
@@ -185,9 +185,6 @@ def test_stub_death_under_make_serve_fails_streams_and_serves_again(tiny_llama, 
     5 s, every stream gets an error, and the supervisor restarts tritonserver, so the model is
     READY again and serves the same greedy output (Triton alone would keep the model READY and
     leave the streams unanswered: see test_triton_reliability)."""
-    require_triton()
-    from tests.triton_server import GrpcStream, grpc_inputs
-
     serve = Serve(tiny_llama, tmp_path / "serve.log")
     clients = []
     try:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.soak import KINDS, run_soak
-from tests.triton_server import require_triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def test_short_soak_mixed_traffic(tiny_llama, tmp_path):
-    require_triton()
+def test_short_soak_mixed_traffic(require_triton, tiny_llama, tmp_path):
     result = run_soak(tiny_llama, seconds=20, concurrency=24, max_total_tokens=2048, work_dir=str(tmp_path))
     assert result["failures"] == 0, result["first_failures"]
     assert set(result["by_kind"]) == set(KINDS), result["by_kind"]

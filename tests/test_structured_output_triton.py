@@ -9,7 +9,7 @@ import re
 import jsonschema
 import pytest
 
-from tests.triton_server import GrpcStream, TritonServer, grpc_inputs, require_triton
+from minisgl_backend.testing.triton import GrpcStream, grpc_inputs
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
@@ -22,17 +22,9 @@ SCHEMA = {"type": "object",
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama, tmp_path_factory):
-    require_triton()
-    from minisgl_backend.triton.repository import make_model_repository
-
-    work = tmp_path_factory.mktemp("triton-grammar")
-    srv = TritonServer(make_model_repository(work / "repo", {"model_path": tiny_llama, **SETTINGS}),
-                       work / "server.log")
-    srv.start()
-    yield srv
-    srv.stop()
-    assert srv.graceful, srv.log_tail()
+def server(triton_server_factory, tiny_llama):
+    with triton_server_factory("triton-grammar", {"minisgl": {"model_path": tiny_llama, **SETTINGS}}) as srv:
+        yield srv
 
 
 def _sampling(constraint: dict | None, seed: int) -> str:

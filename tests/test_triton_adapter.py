@@ -13,7 +13,10 @@ import pytest
 
 from minisgl_backend.messages import FinishReason, SchedulerInfo, StatsEvent
 from minisgl_backend.router import InvalidRequest, StreamOutput
-from minisgl_backend.triton.adapter import TritonAdapter, resolve_model_path, split_parameters
+from minisgl_backend.checkout import resolve_model_path
+from minisgl_backend.config import AdapterConfig, ConfigError
+from minisgl_backend.triton import sender as sender_module
+from minisgl_backend.triton.adapter import TritonAdapter, split_parameters
 
 
 class FakeError:
@@ -164,15 +167,23 @@ class FakeFrontend:
         self.shut = True
 
 
-def make_adapter(fe):
+def make_adapter(fe, stats_interval_ms=10):
     adapter = TritonAdapter(FakePb)
     adapter.fe, adapter.vocab_size = fe, 100
-    adapter.cancel_poll_s, adapter.stats_interval_s, adapter.cancel_grace_s = 0.01, 0.01, 0.5
+    adapter.settings = AdapterConfig(cancel_poll_interval_ms=10, stats_interval_ms=stats_interval_ms,
+                                     cancel_grace_s=0.5)
     from minisgl_backend.triton.metrics import EngineMetrics
 
     adapter.metrics = EngineMetrics(FakePb, "minisgl", "1")
     adapter.start_threads()
     return adapter
+
+
+def wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
 
 
 def text(s):
@@ -196,8 +207,7 @@ def test_counters_are_complete_once_the_last_request_in_flight_ends():
     """Counters are summed between flushes; none may be missing once nothing is in flight, even
     with a flush interval far longer than the run."""
     FakeFamily.families.clear()
-    adapter = make_adapter(FakeFrontend(pieces=4, delay=0.002))
-    adapter.stats_interval_s = 3600.0
+    adapter = make_adapter(FakeFrontend(pieces=4, delay=0.002), stats_interval_ms=3_600_000)
     requests = [FakeRequest({"text_input": text(f"p{i}"), "stream": np.array([True])}) for i in range(6)]
     adapter.execute(requests)
     for req in requests:
@@ -235,10 +245,9 @@ def test_histogram_values_leave_in_chunks_and_none_is_lost():
 
 
 def test_paced_sender_delivers_every_piece_and_ends_promptly():
-    """A long pause between rounds (pacing 50) merges pieces into fewer responses, never loses one,
-    and a request's end cuts the pause short."""
+    """Rounds with pauses between them merge pieces into fewer responses, never lose one, and a
+    request's end cuts the pause short."""
     adapter = make_adapter(FakeFrontend(pieces=6, delay=0.003))
-    adapter.sender_pacing = 50.0
     requests = [FakeRequest({"text_input": text(f"p{i}"), "stream": np.array([True])}) for i in range(4)]
     started = time.monotonic()
     adapter.execute(requests)
@@ -253,22 +262,22 @@ def test_paced_sender_delivers_every_piece_and_ends_promptly():
 def test_a_request_end_goes_out_during_the_pause_and_the_others_wait_for_the_round():
     """The pause between rounds: an ended stream (queued at the front) is sent at once, the
     streams still generating stay queued until the pause is over (they gather more ids)."""
-    adapter, sent = TritonAdapter(FakePb), []
+    replies, sent = TritonAdapter(FakePb).replies, []
     ended, running = SimpleNamespace(end="stop"), SimpleNamespace(end=None)
-    adapter._send_news = lambda stream: sent.append((stream, time.monotonic() - started))
-    adapter._ready.extend([running])
+    replies._send_news = lambda stream: sent.append((stream, time.monotonic() - started))
+    replies._ready.extend([running])
 
     def end_later():
         time.sleep(0.05)
-        adapter._ready.appendleft(ended)
-        adapter._urgent_news.set()
+        replies._ready.appendleft(ended)
+        replies._urgent_news.set()
 
     started = time.monotonic()
     threading.Thread(target=end_later).start()
-    adapter._pause(0.4)
+    replies._pause(0.4)
     assert time.monotonic() - started >= 0.4
     assert [stream for stream, _ in sent] == [ended] and sent[0][1] < 0.3
-    assert list(adapter._ready) == [running]
+    assert list(replies._ready) == [running]
 
 
 def test_bad_and_broken_inputs_get_one_invalid_arg_and_never_raise():
@@ -309,7 +318,7 @@ def test_cancellation_aborts_in_engine_and_ends_with_cancelled():
     adapter = make_adapter(fe)
     req = FakeRequest({"text_input": text("hi"), "stream": np.array([True])})
     adapter.execute([req])
-    time.sleep(0.05)
+    wait_for(lambda: req.sender.sent)  # streaming
     req.sender.cancelled = True
     assert req.sender.done.wait(5)
     assert fe.aborted == {1}
@@ -324,7 +333,7 @@ def test_cancellation_grace_when_engine_never_confirms():
     adapter = make_adapter(fe)
     req = FakeRequest({"text_input": text("hi"), "stream": np.array([True])})
     adapter.execute([req])
-    time.sleep(0.03)
+    wait_for(lambda: req.sender.sent)  # streaming
     req.sender.cancelled = True
     assert req.sender.done.wait(5)
     finals = [r for r, f in req.sender.sent if f]
@@ -336,8 +345,8 @@ def test_cancellation_grace_when_engine_never_confirms():
 
 def test_gauges_follow_stats():
     adapter = make_adapter(FakeFrontend())
-    time.sleep(0.1)
     usage = FakeFamily.families["minisgl_kv_cache_usage_ratio"].metrics
+    wait_for(lambda: list(usage.values())[0].value != 0.0)
     assert list(usage.values())[0].value == pytest.approx(0.2)
     adapter.finalize()
 
@@ -385,7 +394,14 @@ def test_split_parameters_skips_empty_and_backend_keys():
         "model_path": {"string_value": ""}, "tp_size": {"string_value": "2"}, "page_size": {"string_value": ""},
         "EXECUTION_ENV_PATH": {"string_value": "/x"}, "stats_interval_ms": {"string_value": "100"}}})
     assert engine == {"model_path": "", "tp_size": "2"}
-    assert adapter["stats_interval_ms"] == "100"
+    assert adapter == AdapterConfig(stats_interval_ms=100)
+
+
+def test_split_parameters_leaves_unknown_and_removed_keys_to_the_engine_config():
+    """They stay with the engine settings, even empty, so that EngineConfig.from_flat names them."""
+    engine, _ = split_parameters({"parameters": {"sender_nice": {"string_value": ""},
+                                                 "no_such_setting": {"string_value": "1"}}})
+    assert engine == {"sender_nice": "", "no_such_setting": "1"}
 
 
 def test_initialize_requires_decoupled():
@@ -395,39 +411,29 @@ def test_initialize_requires_decoupled():
                             "model_version": "1"})
 
 
-@pytest.mark.parametrize("key,value", [("sender_nice", "-1"), ("sender_nice", "20"), ("sender_nice", "x"),
-                                       ("sender_pacing", "-0.5"), ("sender_pacing", "nan"), ("sender_pacing", "y")])
-def test_initialize_rejects_a_bad_sender_setting(key, value):
-    adapter = TritonAdapter(FakePb)
+def initialize_with(parameters):
     config = {"model_transaction_policy": {"decoupled": True},
-              "parameters": {"model_path": {"string_value": "/m"}, key: {"string_value": value}}}
-    with pytest.raises(ValueError):
-        adapter.initialize({"model_config": json.dumps(config), "model_name": "m", "model_version": "1"})
+              "parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+    TritonAdapter(FakePb).initialize({"model_config": json.dumps(config), "model_name": "m", "model_version": "1"})
 
 
-def test_sender_thread_runs_at_the_configured_nice_value():
-    import os
-    import threading
+@pytest.mark.parametrize("key,value", [("sender_pacing", "1"), ("sender_nice", "0"), ("cpu_affinity", "off"),
+                                       ("lpm_window", "128"), ("fuse_attention_prologue", "")])
+def test_initialize_names_a_removed_setting(tmp_path, key, value):
+    with pytest.raises(ConfigError, match=f"setting '{key}' was removed"):
+        initialize_with({"model_path": str(tmp_path), key: value})
 
-    adapter, seen = TritonAdapter(FakePb), []
-    adapter.sender_nice = 7
-    adapter._sender_stop.set()  # the loop checks in once and returns
-    adapter._ready.clear()
-    original = os.setpriority
 
-    def record(which, who, value):
-        seen.append((who, value))
-        original(which, who, value)
+def test_initialize_names_an_unknown_setting(tmp_path):
+    with pytest.raises(ConfigError, match="unknown engine setting 'sender_speed'"):
+        initialize_with({"model_path": str(tmp_path), "sender_speed": "2"})
 
-    os.setpriority = record
-    try:
-        worker = threading.Thread(target=adapter._send_loop)
-        worker.start()
-        adapter._wake.set()
-        worker.join(5)
-    finally:
-        os.setpriority = original
-    assert seen and seen[0][1] == 7 and seen[0][0] != os.getpid()  # the thread, not the process
+
+@pytest.mark.parametrize("key,value", [("cancel_grace_s", "0"), ("cancel_poll_interval_ms", "x"),
+                                       ("stats_interval_ms", "-5")])
+def test_initialize_rejects_a_bad_adapter_setting(tmp_path, key, value):
+    with pytest.raises(ConfigError, match=key):
+        initialize_with({"model_path": str(tmp_path), key: value})
 
 
 @pytest.mark.parametrize("cores,tp,threads", [(2, 1, 1), (1, 1, 1), (16, 1, 15), (16, 2, 7), (3, 4, 1)])
@@ -441,20 +447,19 @@ def test_serving_cpu_threads_leave_a_core_to_the_serving_layer(monkeypatch, core
 def test_stub_calls_of_other_threads_let_a_waiting_execute_go_first():
     """While execute() waits for the IPC lock, a sender's next stub call waits for it (at most
     a few ms): a lock is not fair, and new requests would queue behind a stream of sends."""
-    from minisgl_backend.triton import adapter as adapter_module
-
     adapter = TritonAdapter(FakePb)
+    stub_lock = adapter.stub_lock
     started = time.monotonic()
-    assert adapter._stub_lock() is adapter._ipc and time.monotonic() - started < 0.004  # nobody waits
-    with adapter._ipc:  # a send in progress; an execute arrives and waits
+    with stub_lock:  # nobody waits
+        assert stub_lock.lock._is_owned()
+    assert time.monotonic() - started < 0.004
+    with stub_lock.lock:  # a send in progress; an execute arrives and waits
         waiter = threading.Thread(target=adapter.execute, args=([],))
         waiter.start()
-        deadline = time.monotonic() + 2
-        while adapter._no_execute_waiting.is_set() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert not adapter._no_execute_waiting.is_set()
+        wait_for(lambda: stub_lock.execute_waiting, timeout=2)
         started = time.monotonic()
-        adapter._stub_lock()  # the next send steps aside, bounded
-        assert time.monotonic() - started >= 0.8 * adapter_module._EXECUTE_FIRST_MAX_S
+        with stub_lock:  # the next send steps aside, bounded
+            pass
+        assert time.monotonic() - started >= 0.8 * sender_module.EXECUTE_FIRST_MAX_S
     waiter.join(2)
-    assert adapter._no_execute_waiting.is_set()  # execute got the lock and ran
+    assert not stub_lock.execute_waiting  # execute got the lock and ran

@@ -9,13 +9,11 @@ import urllib.request
 import pytest
 
 from minisgl_backend.triton.contract import INPUTS, OUTPUTS
-from tests.triton_server import TritonServer, require_triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(300)]
 
 
-def test_auto_complete_config(tiny_llama, tmp_path):
-    require_triton()
+def test_auto_complete_config(triton_server_factory, tiny_llama, tmp_path):
     from minisgl_backend.triton.repository import SOURCE
 
     model_dir = tmp_path / "repo" / "minisgl"
@@ -25,9 +23,7 @@ def test_auto_complete_config(tiny_llama, tmp_path):
         'backend: "python"\n'
         f'parameters: {{ key: "model_path" value: {{ string_value: "{tiny_llama}" }} }}\n'
         'parameters: { key: "max_total_tokens" value: { string_value: "4096" } }\n')
-    srv = TritonServer(tmp_path / "repo", tmp_path / "server.log")
-    srv.start()
-    try:
+    with triton_server_factory("triton-autocomplete", repository=tmp_path / "repo") as srv:
         with urllib.request.urlopen(f"http://{srv.http_url}/v2/models/minisgl/config", timeout=10) as resp:
             config = json.loads(resp.read())
         assert config["model_transaction_policy"]["decoupled"] is True
@@ -41,6 +37,3 @@ def test_auto_complete_config(tiny_llama, tmp_path):
         assert status == 200 and len(events) >= 1, events
         status, body = srv.generate({"text_input": "hello", "parameters": {"max_tokens": 4}})
         assert status == 200 and body["text_output"].startswith("hello"), body
-    finally:
-        srv.stop()
-    assert srv.graceful and srv.leftovers == [], (srv.leftovers, srv.log_tail())

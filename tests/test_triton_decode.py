@@ -10,8 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from minisgl_backend.attention.triton_decode import MAX_SPLITS, num_splits, paged_decode_attention, unsupported_reason
-from minisgl_backend.models.attention_prologue import triton_installed
+from minisgl_backend import kernels
+from minisgl_backend.attention.triton_decode import MAX_SPLITS, num_splits, paged_decode_attention
+from minisgl_backend.kernels import Target, triton_installed
 from tests.triton_interpreter import ROOT, TESTS, run_interpreted
 
 
@@ -48,16 +49,23 @@ def test_split_count_fills_the_gpu_and_stays_bounded():
     assert num_splits(1, 8, 132) == MAX_SPLITS
     assert num_splits(4, 8, 132) == 9
     assert num_splits(64, 8, 132) == 1 and num_splits(256, 8, 132) == 1
-    if triton_installed():
-        assert unsupported_reason(128, torch.bfloat16) is None
-        assert "power of two" in unsupported_reason(96, torch.bfloat16)
-        assert "dtype" in unsupported_reason(128, torch.float32)
-        assert unsupported_reason(128, torch.bfloat16, torch.float8_e4m3fn) is None, "an fp8 KV cache"
-        assert "KV cache dtype" in unsupported_reason(128, torch.bfloat16, torch.float16)
-    else:
-        assert "triton" in unsupported_reason(128, torch.bfloat16)
     with pytest.raises(ValueError):
         paged_decode_attention(*decode_case([3], 4, 2, 16, torch.float16), splits=MAX_SPLITS + 1)
+
+
+def _target(head_dim, dtype, kv_dtype=None):
+    return Target(torch.device("cpu"), dtype, kv_dtype or dtype, head_dim)
+
+
+def test_the_kernel_is_chosen_only_where_it_can_run(monkeypatch):
+    monkeypatch.setattr(kernels, "triton_installed", lambda: True)
+    assert kernels.triton_decode_problem(_target(128, torch.bfloat16)) is None
+    assert "power of two" in kernels.triton_decode_problem(_target(96, torch.bfloat16))
+    assert "dtype" in kernels.triton_decode_problem(_target(128, torch.float32))
+    assert kernels.triton_decode_problem(_target(128, torch.bfloat16, torch.float8_e4m3fn)) is None, "fp8 KV"
+    assert "KV cache dtype" in kernels.triton_decode_problem(_target(128, torch.bfloat16, torch.float16))
+    monkeypatch.setattr(kernels, "triton_installed", lambda: False)
+    assert "triton" in kernels.triton_decode_problem(_target(128, torch.bfloat16))
 
 
 _INTERPRETED = textwrap.dedent("""
@@ -87,8 +95,8 @@ _INTERPRETED = textwrap.dedent("""
 def test_kernels_in_the_interpreter_match_the_reference():
     """Lengths 1..70 over 1, 3 and 16 splits (empty splits included: a length-1 request with 16),
     grouped query heads 1, 2 and 4 per KV head, in fp16. (Triton 3.6's interpreter gets `tl.dot`
-    on bf16 operands wrong, off by ~1e9 where fp16 is within 5e-4; bf16 is checked compiled, on
-    the GPU, against flashinfer: tests/test_gpu.py.)"""
+    on bf16 operands wrong; bf16 is checked compiled, on the GPU, against flashinfer:
+    tests/test_gpu.py.)"""
     assert "interpreted decode ok" in run_interpreted(_INTERPRETED.format(tests=TESTS))
 
 
@@ -129,14 +137,14 @@ def test_kernels_compile_for_hopper_without_a_gpu(splits, pool):
 _ENGINE = textwrap.dedent("""
     import sys, types, torch
     sys.path.insert(0, {root!r})
-    import minisgl_backend.attention.flashinfer_backend as fib
+    import minisgl_backend.kernels as kernels
     from tests.test_flashinfer_metadata import _FakeDecode, _FakeEvent, _FakePrefill
     from minisgl_backend import LLM, SamplingParams
 
     module = types.ModuleType("flashinfer")
     module.BatchDecodeWithPagedKVCacheWrapper, module.BatchPrefillWithPagedKVCacheWrapper = _FakeDecode, _FakePrefill
     sys.modules["flashinfer"] = module
-    fib.flashinfer_unsupported_reason = lambda *a: None
+    kernels.flashinfer_attention_problem = lambda target: None  # the stand-in runs on the CPU
     torch.cuda.Event = _FakeEvent
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [3] * 19, [20, 21]]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from minisgl_backend.procinfo import alive, children, cmdline
-from minisgl_backend.triton.repository import make_model_repository
-from tests.triton_server import GrpcStream, TritonServer, grpc_inputs, parse_metric, require_triton, wait_idle
+from minisgl_backend.procinfo import children, cmdline
+from minisgl_backend.testing.procinfo import alive
+from minisgl_backend.testing.triton import GrpcStream, TritonServer, grpc_inputs
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
@@ -27,16 +27,9 @@ PROMPTS = ["Hello, my name is", "The capital of France is", "a b c d e f g", "On
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama, tmp_path_factory):
-    require_triton()
-    work = tmp_path_factory.mktemp("triton-reliability")
-    srv = TritonServer(make_model_repository(work / "repo", {"model_path": tiny_llama, **SETTINGS}),
-                       work / "server.log")
-    srv.start()
-    yield srv
-    srv.stop()
-    assert srv.graceful and srv.leftovers == [], srv.log_tail()
-    assert "resource leak" not in srv.log_path.read_text(errors="replace")
+def server(triton_server_factory, tiny_llama):
+    with triton_server_factory("triton-reliability", {"minisgl": {"model_path": tiny_llama, **SETTINGS}}) as srv:
+        yield srv
 
 
 def run_each_on_its_own_stream(server: TritonServer, requests: list[tuple[str, int]]) -> list[dict]:
@@ -59,7 +52,6 @@ def test_injected_fault_fails_only_its_request(server):
     400 and a stream error carries only the message; test_request_parsing checks that
     ErrorKind.REQUEST becomes INTERNAL.)"""
     import threading
-    import urllib.request
 
     requests = [(prompt, 100 + i) for i, prompt in enumerate(PROMPTS)]
     solo = [run_each_on_its_own_stream(server, [request])[0] for request in requests]
@@ -80,11 +72,10 @@ def test_injected_fault_fails_only_its_request(server):
         assert got["error"] is None and got["final"], got["error"]
         assert "".join(got["texts"]) == "".join(want["texts"]), "a request changed by its faulty batch-mate"
     assert server.metric("minisgl_requests_total", {"finish_reason": "error"}) == errors_before + 1
-    wait_idle(server)
+    server.wait_idle()
     status, _ = server.generate({"text_input": "still", "parameters": {"max_tokens": 2}})
     assert status == 200
-    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/minisgl/ready", timeout=5) as resp:
-        assert resp.status == 200, "one request's fault does not take the model out of service"
+    assert server.model_ready(), "one request's fault does not take the model out of service"
 
 
 def test_injected_detokenization_fault_fails_only_its_request(server):
@@ -100,51 +91,41 @@ def test_injected_detokenization_fault_fails_only_its_request(server):
         if i != bad:
             assert got["error"] is None and got["final"], got["error"]
             assert "".join(got["texts"]) == "".join(want["texts"]), "a request changed by its faulty batch-mate"
-    wait_idle(server)
+    server.wait_idle()
 
 
 # ---------------------------------------------------------------- stub death
 
 
-def _ready(server: TritonServer) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/minisgl/ready", timeout=2) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def test_stub_sigkill_under_bare_tritonserver(tiny_llama, tmp_path):
+def test_stub_sigkill_under_bare_tritonserver(triton_server_factory, tiny_llama):
     """Bare tritonserver 2.51 (no `make serve` supervisor): the stub dies, the scheduler
     processes follow within 5 s (their death signal is tied to the stub), new requests get an
     error, but Triton keeps the model READY and never restarts a decoupled model's stub. That is
-    why `make serve` restarts the server (tests/test_serve_shutdown.py)."""
-    require_triton()
-    repo = make_model_repository(tmp_path / "repo", {"model_path": tiny_llama, "max_total_tokens": 4096})
-    srv = TritonServer(repo, tmp_path / "server.log", extra_args=["--model-control-mode=explicit",
-                                                                  "--load-model=minisgl"])
-    srv.start()
+    why `make serve` restarts the server (tests/test_serve_shutdown.py). Its stop is not checked for a
+    clean unload: the stub that would unload the model is gone."""
+    models = {"minisgl": {"model_path": tiny_llama, "max_total_tokens": 4096}}
     client = None
-    try:
+    with triton_server_factory("triton-stub-kill", models, extra_args=["--model-control-mode=explicit",
+                                                                       "--load-model=minisgl"],
+                               clean_shutdown=False, stop_timeout=20) as srv:
         stubs = [p for p in children(srv.proc.pid) if "triton_python_backend_stub" in cmdline(p)]
         assert len(stubs) == 1, stubs
         schedulers = [p for p in children(stubs[0]) if "minisgl_backend.launch" in cmdline(p)]
         assert schedulers, "the scheduler process runs below the stub"
-        client = GrpcStream(srv.grpc_url)
-        client.send("s0", grpc_inputs(PROMPTS[0], stream=True), parameters={"max_tokens": 3000, "ignore_eos": True})
-        time.sleep(2)
-        os.kill(stubs[0], signal.SIGKILL)
-        killed = time.monotonic()
-        while any(alive(p) for p in schedulers):
-            assert time.monotonic() - killed < 5, "scheduler processes outlived the stub by 5 s"
-            time.sleep(0.05)
-        status, body = srv.generate({"text_input": "hi", "parameters": {"max_tokens": 2}}, timeout=30)
-        assert status != 200 and "not healthy" in body["error"], body
-        assert _ready(srv), "Triton 2.51 keeps reporting READY (if this fails, Triton learnt better: update README)"
-    finally:
-        if client is not None:
-            client.close(cancel=True)
-        srv.stop(timeout=20)
+        try:
+            client = GrpcStream(srv.grpc_url)
+            client.send("s0", grpc_inputs(PROMPTS[0], stream=True),
+                        parameters={"max_tokens": 3000, "ignore_eos": True})
+            client.wait_started(["s0"])  # the stream runs
+            os.kill(stubs[0], signal.SIGKILL)
+            killed = time.monotonic()
+            while any(alive(p) for p in schedulers):
+                assert time.monotonic() - killed < 5, "scheduler processes outlived the stub by 5 s"
+                time.sleep(0.05)
+            status, body = srv.generate({"text_input": "hi", "parameters": {"max_tokens": 2}}, timeout=30)
+            assert status != 200 and "not healthy" in body["error"], body
+            assert srv.model_ready(), ("Triton 2.51 keeps reporting READY (if this fails, Triton learnt better: "
+                                       "update README)")
+        finally:
+            if client is not None:
+                client.close(cancel=True)

@@ -6,12 +6,10 @@ import os
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
-from tests.triton_server import GrpcStream, TritonServer, grpc_inputs, require_triton
+from minisgl_backend.testing.triton import GrpcStream, grpc_inputs
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(600)]
 
@@ -26,24 +24,14 @@ MODELS = {"minisgl": ("qwen3", 1), "minisgl_qwen3_kv2": ("qwen3", 2),
 
 
 @pytest.fixture(scope="module")
-def tp2_server(tiny_model_factory, tmp_path_factory):
-    require_triton()
-    from minisgl_backend.triton.repository import make_model_repository
-
-    work = tmp_path_factory.mktemp("triton-tp2")
+def tp2_server(triton_server_factory, tiny_model_factory):
+    """One server with every model of MODELS loaded (and READY) under explicit model control: a
+    model whose engine died can unload itself, so readiness says so."""
     paths = {name: tiny_model_factory(arch, num_kv_heads=kv) for name, (arch, kv) in MODELS.items()}
-    for name, path in paths.items():
-        make_model_repository(work / "repo", {"model_path": path, **SETTINGS}, model_name=name)
-    # explicit model control: a model whose engine died can unload itself, so readiness says so
+    models = {name: {"model_path": path, **SETTINGS} for name, path in paths.items()}
     loads = [f"--load-model={name}" for name in MODELS]
-    srv = TritonServer(work / "repo", work / "server.log", extra_args=["--model-control-mode=explicit", *loads])
-    srv.start()
-    deadline = time.monotonic() + 300
-    while not all(_model_ready(srv, name) for name in MODELS) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    yield srv, paths
-    srv.stop()
-    assert srv.leftovers == [], srv.leftovers
+    with triton_server_factory("triton-tp2", models, extra_args=["--model-control-mode=explicit", *loads]) as srv:
+        yield srv, paths
 
 
 def _scheduler_pids(model_path: str) -> dict[int, int]:
@@ -57,19 +45,12 @@ def _scheduler_pids(model_path: str) -> dict[int, int]:
     return pids
 
 
-def _model_ready(srv: TritonServer, name: str = "minisgl") -> bool:
-    try:
-        return urllib.request.urlopen(f"http://{srv.http_url}/v2/models/{name}/ready", timeout=5).status == 200
-    except urllib.error.HTTPError:
-        return False
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_tp2_server_equals_tp1_offline(tp2_server, name):
     from minisgl_backend import LLM, SamplingParams
 
     srv, paths = tp2_server
-    assert _model_ready(srv, name)
+    assert srv.model_ready(name)
     reference = LLM(paths[name], max_total_tokens=4096, page_size=16).generate(PROMPTS, SamplingParams(**GREEDY))
     client = GrpcStream(srv.grpc_url, model=name)
     try:
@@ -83,13 +64,14 @@ def test_tp2_server_equals_tp1_offline(tp2_server, name):
 
 def test_dead_rank_errors_requests_and_unloads(tp2_server):
     srv, paths = tp2_server
-    assert _model_ready(srv)
+    assert srv.model_ready()
     long = {"max_tokens": 3000, "temperature": 0.0, "ignore_eos": True}
     clients = [GrpcStream(srv.grpc_url) for _ in range(3)]  # stream errors carry no request id: one each
     try:
         for i, client in enumerate(clients):
             client.send(f"long{i}", grpc_inputs("a b c", stream=True), parameters=long)
-        time.sleep(1.0)
+        for i, client in enumerate(clients):  # every stream runs
+            client.wait_started([f"long{i}"])
         pids = _scheduler_pids(paths["minisgl"])
         assert set(pids) == {0, 1}, pids
         os.kill(pids[1], signal.SIGKILL)
@@ -103,10 +85,10 @@ def test_dead_rank_errors_requests_and_unloads(tp2_server):
             client.close()
     assert all(r["error"] and "engine failure" in str(r["error"]) for r in got.values()), got
     deadline = time.monotonic() + 30
-    while _model_ready(srv) and time.monotonic() < deadline:
+    while srv.model_ready() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _model_ready(srv), "a model whose engine died must not report ready"
+    assert not srv.model_ready(), "a model whose engine died must not report ready"
     while _scheduler_pids(paths["minisgl"]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _scheduler_pids(paths["minisgl"]) == {}, "the unload must leave no scheduler process behind"
-    assert all(_model_ready(srv, name) for name in MODELS if name != "minisgl"), "the other models keep serving"
+    assert all(srv.model_ready(name) for name in MODELS if name != "minisgl"), "the other models keep serving"

@@ -1,8 +1,9 @@
-"""The CPU's compiled paged attention (`cpu/csrc/paged_attention.c`, built by `minisgl_backend.cpu`).
+"""The CPU's compiled paged attention (`cpu/csrc/paged_attention.c`, built by `minisgl_backend.cpu`;
+`minisgl_backend.kernels` loads it where it is chosen).
 
 Decode rows and short extends read their keys and values straight from the paged pool: no gather
 of every row's pages into a padded copy and no mask, which on the CPU cost more than the attention
-itself (at 256 streams of a micro model the gather was 33 % and SDPA 26 % of the scheduler's time).
+itself.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import ctypes
 from dataclasses import dataclass
 
 import torch
-
-from minisgl_backend.cpu import cpu_library
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _ATTENTION_ARGS = [_P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
@@ -61,13 +60,8 @@ class PagedAttentionKernel:
         return True
 
 
-def paged_attention_kernel() -> PagedAttentionKernel | None:
-    """The compiled kernel, or None where the CPU library cannot be built here (warned once)."""
-    library = cpu_library()
-    return None if library is None else kernel_of(library)
-
-
 def kernel_of(library: ctypes.CDLL) -> PagedAttentionKernel:
+    """The kernel's two functions in the compiled CPU library."""
     fn, store = library.paged_attention_f32, library.store_kv_f32
     fn.argtypes, fn.restype = _ATTENTION_ARGS, ctypes.c_int
     store.argtypes, store.restype = _STORE_ARGS, None

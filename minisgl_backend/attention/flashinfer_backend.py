@@ -26,8 +26,9 @@ With `decode_kernel="triton"` decode batches skip all of that: `attention/triton
 reads the page table and the batch's rows / lengths on the device, so neither an eager decode
 step nor a replayed graph plans anything on the host. Prefill stays on flashinfer.
 
-`import flashinfer` happens inside the constructor only: the package imports on a CPU machine
-but none of its kernels run there. `build_paged_metadata` is plain torch and runs anywhere.
+`minisgl_backend.kernels` decides whether this backend (and which decode kernel) can serve the
+model here; `import flashinfer` happens inside the constructor only: the package imports on a CPU
+machine but none of its kernels run there. `build_paged_metadata` is plain torch and runs anywhere.
 """
 
 from __future__ import annotations
@@ -43,31 +44,11 @@ from minisgl_backend.attention import triton_decode
 from minisgl_backend.attention.base import BatchLayout
 from minisgl_backend.kvcache.staging import HostStaging
 from minisgl_backend.kvcache import KVCache
-from minisgl_backend.kvcache.pool import FP8_DTYPES
 
-# Head sizes flashinfer's fa2 paged kernels are built and tested for (its AOT set); others may
-# JIT-compile but are not relied on. Float32 has no flashinfer kernel at all.
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # flashinfer's recommended float workspace (split-k partial results); its docs use 128 MiB.
 DEFAULT_WORKSPACE_BYTES = 128 * 1024 * 1024
 # Use the tensor-core (prefill-kernel) decode from this many query heads per KV head on.
 TENSOR_CORE_MIN_GROUP = 4
-
-
-def flashinfer_unsupported_reason(head_dim: int, dtype: torch.dtype, device: torch.device | str) -> str | None:
-    """None when FlashInferBackend can serve this model here, else why not (for `auto` fallback)."""
-    if torch.device(device).type != "cuda":
-        return "flashinfer runs on CUDA only"
-    if dtype not in SUPPORTED_DTYPES:
-        return f"flashinfer needs float16 or bfloat16, not {dtype}"
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        return f"flashinfer head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}"
-    try:
-        import flashinfer  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken CUDA toolchain underneath
-        return f"flashinfer is not importable: {exc}"
-    return None
 
 
 # ---------------------------------------------------------------------------- metadata
@@ -210,18 +191,9 @@ class FlashInferBackend:
     def __init__(self, kv_cache: KVCache, page_table: torch.Tensor, num_qo_heads: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str,
                  max_batch_size: int, *, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-                 use_tensor_cores: bool | None = None, decode_kernel: str = "flashinfer",
-                 pdl: bool | None = None) -> None:
-        kv_dtype = kv_cache.k[0].dtype if kv_cache.k else dtype
-        reason = flashinfer_unsupported_reason(head_dim, dtype, device)
-        if reason is None and kv_dtype not in (dtype, *FP8_DTYPES):
-            reason = f"a KV cache of {kv_dtype} with a {dtype} model (the model's dtype or fp8 only)"
-        if reason is None and decode_kernel == "triton":
-            reason = triton_decode.unsupported_reason(head_dim, dtype, kv_dtype, device)
-        elif reason is None and decode_kernel != "flashinfer":
-            reason = f"decode_kernel must be flashinfer or triton, got {decode_kernel!r}"
-        if reason is not None:
-            raise ValueError(reason)
+                 use_tensor_cores: bool | None = None, decode_kernel: str = "flashinfer") -> None:
+        if decode_kernel not in ("flashinfer", "triton"):
+            raise ValueError(f"decode_kernel must be flashinfer or triton, got {decode_kernel!r}")
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         import flashinfer
@@ -232,8 +204,7 @@ class FlashInferBackend:
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.page_size = kv_cache.page_size
         self.dtype = dtype
-        self.kv_dtype = kv_dtype  # fp8 (kv_cache_dtype): plan() picks kernels that widen it on load
-        self._pdl = {} if pdl is None else {"enable_pdl": pdl}  # flashinfer_pdl; None: flashinfer's default
+        self.kv_dtype = kv_cache.k[0].dtype if kv_cache.k else dtype  # fp8: plan() picks kernels that widen it
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
         self.staging = HostStaging(self.device)
@@ -372,7 +343,7 @@ class FlashInferBackend:
                                                        seq_lens, splits)
             return out.reshape(q.shape[0], self.num_qo_heads * self.head_dim)
         assert self._wrapper is not None, "prepare() must run before attend()"
-        out = self._wrapper.run(q.contiguous(), self._paged_kv(layer_id), **self._pdl)
+        out = self._wrapper.run(q.contiguous(), self._paged_kv(layer_id))
         return out.reshape(q.shape[0], self.num_qo_heads * self.head_dim)
 
     # ------------------------------------------------------------ CUDA graphs

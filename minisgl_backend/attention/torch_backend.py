@@ -1,7 +1,7 @@
 """Reference attention on plain torch: gathers each request's K/V through the page table.
 
-K/V are gathered a page at a time (`index_select` over whole pages is several times cheaper
-than indexing token by token); positions past a request's length are masked.
+K/V are gathered a page at a time (`index_select` over whole pages is cheaper than indexing
+token by token); positions past a request's length are masked.
 
 The CPU path and the correctness reference for the flashinfer backend. Requests are padded to
 the longest one of their group and masked: decode rows (1 new token) form one group, and the
@@ -50,10 +50,8 @@ class _KernelGroup:
     token_index: torch.Tensor | None  # [T_g] the group's tokens in the batch's flat token order (None: all)
 
 
-# Extends longer than this go to SDPA. On the 2-core AVX-512 dev machine the kernel was faster at
-# every length tried (prefill ms, SDPA -> kernel; tiny 4-layer Llama, head_dim 32: 1 x 1024 tokens
-# 32.9 -> 25.4, 16 x 256 58.6 -> 53.4, 2 x 2000 196 -> 155; SmolLM2-135M, head_dim 64: 1 x 1024
-# 1,854 -> 1,708, 2 x 2000 8,851 -> 7,958), so only very long chunks keep SDPA's blocked GEMMs.
+# Extends longer than this go to SDPA: the kernel was faster at every length tried, so only very
+# long chunks keep SDPA's blocked GEMMs.
 KERNEL_MAX_EXTEND = 2048
 
 
@@ -185,8 +183,7 @@ class TorchAttentionBackend:
 def _by_key_length(seq_lens: list[int], members: list[int]) -> list[list[int]]:
     """Rows with longer extends, grouped so that no row is padded past twice its key length:
     a group's rows are padded to its longest, and a 16-token prompt padded to 128 costs 64x its
-    own attention. 48 fresh prompts of 16..128 tokens make 3 groups: their attention over 4
-    layers took 31 -> 22 ms (2 threads), with bit-equal outputs."""
+    own attention."""
     groups: list[list[int]] = []
     for i in sorted(members, key=lambda i: -seq_lens[i]):
         if groups and 2 * seq_lens[i] >= seq_lens[groups[-1][0]]:

@@ -1,30 +1,27 @@
 """Paged decode attention in Triton that needs no planning on the host.
 
 flashinfer's decode kernel takes a CSR list of page ids built per batch (`build_paged_metadata`)
-and a `plan()` per step: together ~0.2-0.4 ms of host time per decode step on an H100, beside a
-0.6 ms graph launch. Here the kernel reads the page table itself: each position's KV slot from the
-request's row, up to its length. Its inputs are the batch's rows and lengths on the device (a
-CUDA graph's static buffer), so a captured decode step needs nothing from the host but its one
-copy in.
+and a `plan()` per step, both host work on every decode step. Here the kernel reads the page
+table itself: each position's KV slot from the request's row, up to its length. Its inputs are
+the batch's rows and lengths on the device (a CUDA graph's static buffer), so a captured decode
+step needs nothing from the host but its one copy in.
 
 Split-KV for small batches (flash-decoding): `num_splits(batch)` splits each request's positions
 so that about two programs per SM run; the merge kernel combines the splits by their log-sum-exp.
 One split (large batches) writes the output directly: one kernel per layer.
 
-The kernels live in `triton_decode_kernel.py`; `triton` is imported only when they are used. Under
-TRITON_INTERPRET=1 (set before triton is imported) they run in Triton's interpreter on CPU tensors.
+The kernels live in `triton_decode_kernel.py`; `triton` is imported only when they are used, and
+whether they can run here is decided by `minisgl_backend.kernels`. Under TRITON_INTERPRET=1 (set
+before triton is imported) they run in Triton's interpreter on CPU tensors.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from typing import Any
 
 import torch
-
-from minisgl_backend.kvcache.pool import FP8_DTYPES, triton_fp8_problem
 
 MAX_SPLITS = 16
 BLOCK_N = 32
@@ -46,21 +43,6 @@ def decode_kernels() -> tuple[Any, Any]:
 def num_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
     """Splits per request so that batch * KV heads * splits is about two programs per SM."""
     return max(1, min(MAX_SPLITS, math.ceil(2 * sm_count / (batch_size * num_kv_heads))))
-
-
-def unsupported_reason(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None,
-                       device: torch.device | str = "cpu") -> str | None:
-    """Why the kernel cannot serve this model and KV cache, or None (checked when the backend is
-    built, so a missing triton fails the start, not the first decode step)."""
-    if importlib.util.find_spec("triton") is None:
-        return "decode_attention=triton needs the triton package (CUDA builds of torch bring it)"
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        return f"head_dim {head_dim} is not a power of two >= 16"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {dtype} (fp16 / bf16 only)"
-    if kv_dtype is not None and kv_dtype not in (dtype, *FP8_DTYPES):
-        return f"KV cache dtype {kv_dtype} with model dtype {dtype}"
-    return None if kv_dtype is None else triton_fp8_problem(kv_dtype, device)
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_table: torch.Tensor,

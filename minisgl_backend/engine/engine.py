@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from minisgl_backend.attention import make_attention_backend
 from minisgl_backend.attention.base import BatchLayout, ForwardBatch
 from minisgl_backend.batch import Batch
 from minisgl_backend.config import EngineConfig
@@ -19,9 +18,10 @@ from minisgl_backend.engine.host_malloc import keep_freed_memory
 from minisgl_backend.engine.sampling import PenaltyInputs, Sampler, SamplingTensors, argmax_rows
 from minisgl_backend.engine.metadata import DeviceBatchIndices, HostBatchIndices
 from minisgl_backend.grammar.bitmask import apply_mask
+from minisgl_backend.kernels import choose_kernels
 from minisgl_backend.kvcache import KVCache, PageTable
 from minisgl_backend.kvcache.staging import HostResults, HostStaging
-from minisgl_backend.models import load_model
+from minisgl_backend.models import load_model, read_arch_config
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ class Engine:
         if self.device.type == "cpu":
             keep_freed_memory()  # the step's temporaries are not page-faulted in again every step
         torch.manual_seed(config.seed)
-        self.model = load_model(config.model.model_path, self.dtype, self.device, config.layer_ops,
-                                config.fuse_attention_prologue, config.pdl)
+        self.kernels = choose_kernels(config, read_arch_config(config.model.model_path))
+        self.model = load_model(config.model.model_path, self.dtype, self.device, self.kernels.layer_ops)
         self.arch = self.model.arch
         self.vocab_size = self.arch.vocab_size
         self.eos_ids = list(self.arch.eos_token_ids)
@@ -63,10 +63,10 @@ class Engine:
                                 self.model.num_kv_heads_per_rank, self.model.head_dim, self.kv_dtype, self.device)
         self.page_table = PageTable(config.scheduler.max_running_requests, self.max_seq_len,
                                     self.kv_cache.page_size, self.kv_cache.spare_slot, self.device)
-        self.attn = make_attention_backend(config, self.kv_cache, self.page_table.slots,
-                                           num_qo_heads=self.model.num_heads_per_rank,
-                                           num_kv_heads=self.model.num_kv_heads_per_rank,
-                                           head_dim=self.model.head_dim, dtype=self.dtype)
+        self.attn = self.kernels.make_attention(self.kv_cache, self.page_table.slots,
+                                                num_qo_heads=self.model.num_heads_per_rank,
+                                                num_kv_heads=self.model.num_kv_heads_per_rank,
+                                                max_batch_size=config.scheduler.max_running_requests)
         self.sampler = Sampler()
         self.staging = HostStaging(self.device)
         self.results = HostResults()

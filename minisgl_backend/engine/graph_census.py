@@ -1,12 +1,11 @@
 """What a captured CUDA graph holds: its nodes by type, its edges by type, and whether it is a
 straight line.
 
-The host cost of `cudaGraphLaunch` is the largest item of a decode step's host time (~2.2 us per
-node on an H100 for ~320 nodes). Since CUDA 12.6 a graph that is a straight line of kernel nodes
-launches in constant time; a memcpy or memset node, a fork or a programmatic (PDL) edge may put
-a graph back on the per-node path. This census says which of those a graph has, read through
-the CUDA driver API (libcuda) from the graph template that `torch.cuda.CUDAGraph(keep_graph=True)`
-keeps (`raw_cuda_graph()`).
+The host cost of `cudaGraphLaunch` is the largest item of a decode step's host time. Since CUDA
+12.6 a graph that is a straight line of kernel nodes launches in constant time; a memcpy or
+memset node, a fork or a programmatic (PDL) edge may put a graph back on the per-node path. This
+census says which of those a graph has, read through the CUDA driver API (libcuda) from the graph
+template that `torch.cuda.CUDAGraph(keep_graph=True)` keeps (`raw_cuda_graph()`).
 """
 
 from __future__ import annotations

@@ -2,10 +2,8 @@
 
 A CPU step allocates and frees megabytes of temporaries (gathered K/V pages, masks,
 activations). With glibc's defaults, free memory at the top of the heap is given back to the
-OS and large blocks are mmapped afresh, so the next step faults the same memory in again:
-56-91k minor page faults per second at 256 streams on the serving benchmark's micro model.
-Keeping it (a high trim threshold, and blocks up to 32 MB from the heap) took that to ~1.3k
-and in-process tokens/s at 256 streams from 20.6-23.7k to 28.7-31.1k.
+OS and large blocks are mmapped afresh, so the next step faults the same memory in again.
+Keeping it (a high trim threshold, and blocks up to 32 MB from the heap) spares those page faults.
 """
 
 from __future__ import annotations

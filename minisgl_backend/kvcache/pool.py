@@ -2,28 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # `kv_cache_dtype` fp8 / fp8_e5m2
-
-
-@functools.lru_cache(maxsize=None)  # asked once per layer call by the fused prologue: a lookup after the first
-def triton_fp8_problem(kv_dtype: torch.dtype, device: torch.device | str) -> str | None:
-    """Why a Triton kernel cannot load or store this KV dtype on `device`, or None: Triton has
-    e4m3 only from sm_89 (Ada, Hopper) on; e5m2 and the other dtypes everywhere."""
-    device = torch.device(device)
-    if kv_dtype != torch.float8_e4m3fn or device.type != "cuda":
-        return None
-    major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
-    if (major, minor) < (8, 9):
-        return f"an fp8 e4m3 KV cache in Triton kernels needs sm_89+ (this GPU is sm_{major}{minor}); use fp8_e5m2"
-    return None
-
-
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 def to_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -10,27 +10,22 @@ token.
 Numerics follow the unfused flashinfer path: the norm in float32 with one rounding to the
 activation dtype (what the norm kernel writes), rope in float32 on that, one rounding.
 
-`triton` is imported only by `prologue_kernel()` (the kernel itself lives in
-`attention_prologue_kernel.py`), i.e. only where the kernel is used. Under TRITON_INTERPRET=1
-(set before triton is imported) the same kernel runs in Triton's interpreter on CPU tensors: the
-tests check it that way on machines without a GPU.
+Whether the kernel can run here (triton installed, fp16 / bf16, a power-of-two head size, the KV
+dtype on this GPU) is decided once by `minisgl_backend.kernels`; at call time `layout_problem`
+only checks the tensors' layout. `triton` is imported only by `prologue_kernel()` (the kernel
+itself lives in `attention_prologue_kernel.py`). Under TRITON_INTERPRET=1 (set before triton is
+imported) the same kernel runs in Triton's interpreter on CPU tensors: the tests check it that
+way on machines without a GPU.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 from typing import Any
 
 import torch
 
-from minisgl_backend.kvcache.pool import FP8_DTYPES, triton_fp8_problem
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+from minisgl_backend.kvcache.pool import FP8_DTYPES
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,19 +41,10 @@ def prologue_kernel() -> Any:
     return triton.jit(attention_prologue_kernel, do_not_specialize_on_alignment=["positions_ptr", "slots_ptr"])
 
 
-def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor) -> str | None:
-    """Why these tensors cannot go through the kernel, or None: [T, H, D] views with the heads of a
-    token side by side (the qkv output's q / k / v views are), D a power of two, one dtype (the pool
-    may be fp8)."""
+def layout_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why these tensors cannot go through the kernel, or None: it takes [T, H, D] views with the
+    heads of a token side by side (the qkv output's q / k / v views are)."""
     head_dim = q.shape[-1]
-    if head_dim < 2 or head_dim & (head_dim - 1):
-        return f"head_dim {head_dim} is not a power of two"
-    if (q.dtype not in SUPPORTED_DTYPES or not q.dtype == k.dtype == v.dtype
-            or k_pool.dtype not in (q.dtype, *FP8_DTYPES)):
-        return f"dtypes {q.dtype} / {k.dtype} / {v.dtype} / pool {k_pool.dtype}"
-    fp8_problem = triton_fp8_problem(k_pool.dtype, k_pool.device)
-    if fp8_problem:
-        return fp8_problem
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 3 or x.stride(2) != 1 or x.stride(1) != head_dim:
             return f"{name} of shape {tuple(x.shape)} and strides {x.stride()}"
@@ -71,7 +57,7 @@ def attention_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weig
                        slots: torch.Tensor) -> torch.Tensor:
     """q [T, Hq, D], k / v [T, Hkv, D] -> q normed (when weights are given) and rotated, as a new
     contiguous tensor; k normed and rotated and v written to the pools [slots, Hkv, D] at `slots`.
-    The caller checks `unsupported_reason` first."""
+    The caller checks `layout_problem` first."""
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     q_out = torch.empty((tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from minisgl_backend.models.fused import TorchOps
+from minisgl_backend.models.torch_ops import TorchOps
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
@@ -41,9 +41,9 @@ def _as_heads(x: torch.Tensor) -> tuple[int, int, int, int]:
 class CpuOps:
     name = "cpu"
     needs_cos_sin_cache = True  # [max_positions, head_dim] float32: cos half, then sin half
+    fused_prologue = True
 
-    def __init__(self, library: ctypes.CDLL, fuse_prologue: bool = True) -> None:
-        self.fused_prologue = fuse_prologue
+    def __init__(self, library: ctypes.CDLL) -> None:
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(library, name)
             fn.argtypes, fn.restype = argtypes, None
@@ -100,7 +100,7 @@ class CpuOps:
 
     def attention_prologue(self, q, k, v, q_weight, k_weight, eps, rope, k_pool, v_pool, slots):
         positions, cos_sin = rope
-        if not (self.fused_prologue and _heads_side_by_side(q, k, v, k_pool, v_pool) and _fits(cos_sin)
+        if not (_heads_side_by_side(q, k, v, k_pool, v_pool) and _fits(cos_sin)
                 and slots.dtype == torch.int64 and slots.is_contiguous()
                 and (q_weight is None or (_fits(q_weight) and _fits(k_weight)))):
             return None

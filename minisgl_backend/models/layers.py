@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from minisgl_backend.distributed.layers import default_weight_loader
-from minisgl_backend.models.fused import LayerOps, TorchOps
+from minisgl_backend.models.torch_ops import LayerOps, TorchOps
 
 
 class RMSNorm(nn.Module):

@@ -19,9 +19,9 @@ from minisgl_backend.distributed.layers import (
     VocabParallelEmbedding,
 )
 from minisgl_backend.distributed.parallel_state import get_tp_size
-from minisgl_backend.models.fused import LayerOps, TorchOps
 from minisgl_backend.models.hf_config import ModelArchConfig
 from minisgl_backend.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from minisgl_backend.models.torch_ops import LayerOps, TorchOps
 
 
 class LlamaAttention(nn.Module):

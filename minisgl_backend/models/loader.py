@@ -17,9 +17,9 @@ from safetensors import safe_open
 from torch import nn
 
 from minisgl_backend.distributed.layers import default_weight_loader
-from minisgl_backend.models.fused import select_ops
 from minisgl_backend.models.hf_config import read_arch_config
 from minisgl_backend.models.llama import LlamaForCausalLM
+from minisgl_backend.models.torch_ops import LayerOps
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +46,15 @@ class SafetensorsSource:
 
 
 def load_model(model_path: str, dtype: torch.dtype | str, device: str | torch.device,
-               layer_ops: str = "auto", fuse_prologue: bool = True, pdl: bool | None = None) -> LlamaForCausalLM:
-    """The model of `model_path` for the current TP rank (see `parallel_state`), in eval mode;
-    `layer_ops`, `fuse_prologue` and `pdl` pick the elementwise ops (`select_ops`)."""
+               ops: LayerOps | None = None) -> LlamaForCausalLM:
+    """The model of `model_path` for the current TP rank (see `parallel_state`), in eval mode; every
+    layer computes its elementwise ops with `ops` (`KernelChoice.layer_ops`; None: the torch reference)."""
     if isinstance(dtype, str):
         if dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
         dtype = getattr(torch, dtype)
     arch = read_arch_config(model_path)
     files = safetensors_files(model_path)
-    ops = select_ops(device, dtype, layer_ops, fuse_prologue, pdl)  # fused kernels or the torch reference, fixed for the model's life
     with torch.device(device):
         model = _MODEL_CLASSES[arch.family](arch, dtype, ops)
     load_weights(model, model_path, files)

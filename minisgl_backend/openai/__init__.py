@@ -11,5 +11,4 @@ model and a Triton vLLM-backend model alike. Modules, bottom first:
 * `responses`: OpenAI response bodies and stream chunks.
 * `app`: the FastAPI routes, server-sent events, cancellation on disconnect.
 * `__main__`: command line, uvicorn.
-* `launcher`: the frontend as a subprocess or on a thread, for tests and benchmarks.
 """

@@ -40,10 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[minisgl-openai] %(levelname)s %(message)s")
     # uvloop (grpc.aio runs on it through add_reader) and httptools: the event loop and the HTTP
-    # parser in C, ~10-15% of the frontend's CPU per streamed token; uvicorn falls back to
-    # asyncio / h11 where they are not installed. Idle keep-alive connections live longer than
-    # clients keep them (httpx: 5 s), so a client never reuses a connection the server is closing
-    # at that moment (a ReadError on the next request).
+    # parser in C; uvicorn falls back to asyncio / h11 where they are not installed. Idle
+    # keep-alive connections live longer than clients keep them, so a client never reuses a
+    # connection the server is closing at that moment (a ReadError on the next request).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="auto", http="auto",
                 log_level="warning", timeout_keep_alive=30, timeout_graceful_shutdown=5)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from minisgl_backend.checkout import resolve_model_path
 from minisgl_backend.openai.chat import ChatRenderer
 from minisgl_backend.openai.errors import OpenAIError, not_ready
 from minisgl_backend.openai.triton_client import TritonGenerateClient
@@ -47,7 +48,7 @@ class TokenizerSource:
                     raise OpenAIError(500, f"cannot load the tokenizer from {folder!r}: {exc}; "
                                            "start the server with --tokenizer DIR", "server_error") from None
                 logger.info("tokenizer and chat template from %s", folder)
-                freeze_startup_objects()  # transformers + torch: ~400k objects each full collection walked
+                freeze_startup_objects()  # transformers + torch: kept out of every full collection
         return self._renderer
 
     async def _discover(self) -> str:
@@ -60,8 +61,6 @@ class TokenizerSource:
         if "model_path" not in params:
             raise OpenAIError(500, f"the Triton model '{self.client.model}' has no model_path parameter: "
                                    "start the server with --tokenizer DIR", "server_error")
-        from minisgl_backend.triton.adapter import resolve_model_path
-
         try:
             return resolve_model_path(params["model_path"], __file__)
         except ValueError as exc:

@@ -38,18 +38,17 @@ def cached_prefix_len(tree: RadixTree, tokens: list[int]) -> int:
 class SchedulePolicy:
     """Orders the head of the pending queue for admission.
 
-    `fcfs`: arrival order. `lpm`: once at least `min_queue` requests wait, the oldest `window`
-    of them go longest-cached-prefix first (ties in arrival order), so requests that share a
-    cached prefix run while it is still cached. Either way a request that has waited
-    `max_wait_steps` steps is aged: aged requests go first, in arrival order.
+    `fcfs`: arrival order. `lpm`: the oldest `window` waiting requests go longest-cached-prefix
+    first (ties in arrival order), so requests that share a cached prefix run while it is still
+    cached; the window bounds the sort's cost under a long queue, as SGLang's does. Either way a
+    request that has waited `max_wait_steps` steps is aged: aged requests go first, in arrival order.
     """
 
-    def __init__(self, name: str, cache: CacheManager, min_queue: int = 8, window: int = 128,
-                 max_wait_steps: int = 256) -> None:
+    window = 128
+
+    def __init__(self, name: str, cache: CacheManager, max_wait_steps: int = 256) -> None:
         self.name = name
         self.cache = cache
-        self.min_queue = min_queue
-        self.window = window
         self.max_wait_steps = max_wait_steps
         self.step = 0
         self._enqueued: dict[Req, int] = {}  # request -> step it (last) entered the queue
@@ -77,7 +76,7 @@ class SchedulePolicy:
         """The first candidates for admission, best first (up to `window` of them; after them the
         caller goes on in arrival order)."""
         head = list(islice(pending, self.window))
-        if self.name == "fcfs" or not self.cache.enable_prefix_cache or len(pending) < self.min_queue:
+        if self.name == "fcfs" or not self.cache.enable_prefix_cache:
             return head
         aged = [r for r in head if self.is_aged(r)]
         fresh = [r for r in head if not self.is_aged(r)]

@@ -43,8 +43,7 @@ class Scheduler:
                                   config.cache.enable_prefix_cache)
         self.table = TableManager(engine.page_table)
         sc = config.scheduler
-        self.policy = SchedulePolicy(sc.schedule_policy, self.cache, min_queue=sc.lpm_min_queue,
-                                     window=sc.lpm_window, max_wait_steps=sc.max_wait_steps)
+        self.policy = SchedulePolicy(sc.schedule_policy, self.cache, max_wait_steps=sc.max_wait_steps)
         self.prefill = PrefillManager(self.cache, self.table, sc.chunk_size, self.policy)
         self.decode = DecodeManager(self.cache)
         self._prefill_streak = 0  # prefill-only steps in a row while requests wait to decode

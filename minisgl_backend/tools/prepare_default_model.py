@@ -5,7 +5,7 @@ plain safetensors HF folder that the engine and transformers both load.
     python -m minisgl_backend.tools.prepare_default_model models/SmolLM2-135M-Instruct
 
 The wheel's package is never imported (it needs the `llm` package): only its folder is used.
-Idempotent: a folder that already holds a complete model is left alone. ~30 s, ~2 GB peak.
+Idempotent: a folder that already holds a complete model is left alone.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def build_tiny_tokenizer():
 
 
 def save_tiny_tokenizer(out_dir: str):
-    """Train (offline, < 1 s) and save the tiny tokenizer to `out_dir`; return it.
+    """Train (offline) and save the tiny tokenizer to `out_dir`; return it.
 
     tokenizer_config.json names `PreTrainedTokenizerFast` as tokenizer_class, so AutoTokenizer
     loads this exact tokenizer even beside a config.json of another model type (e.g. qwen2).

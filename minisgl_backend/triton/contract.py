@@ -69,27 +69,3 @@ OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("num_output_tokens", "TYPE_UINT32", (-1,), optional=False),
     TensorSpec("logprobs", "TYPE_STRING", (-1,), optional=False),
 )
-
-# Settings of the Python adapter itself (not engine settings), read from config.pbtxt parameters.
-ADAPTER_PARAMETERS: dict[str, str] = {
-    "cancel_poll_interval_ms": "50",  # how often live requests are checked for cancellation
-    # how often the running/pending/KV gauges are refreshed and recorded counters / histogram values sent
-    "stats_interval_ms": "500",
-    "cancel_grace_s": "10",  # a cancelled request gets its CANCELLED final at the latest after this
-    # nice value of the response sender thread (0-19): above 0, on a machine short of CPU the
-    # engine's steps come first (without pacing: 14.0k -> 16.2k tok/s at 64 streams on 2 cores),
-    # but a starved sender can hold a short request's first tokens until its end; with pacing
-    # the gain is within noise, so 0
-    "sender_nice": "0",
-    # after a round of responses that took t, the sender waits this many t before the next one
-    # (requests that end meanwhile go out at once): bounds the serving layer's share of the CPU under load
-    "sender_pacing": "1",
-    # auto: with the engine on the CPU, its ranks get cores of their own (the last ones, or
-    # cpu_cores) and tritonserver + this stub the rest; off: where the OS puts them. Off by
-    # default: it pays when the serving layer fits its cores, and costs when it does not (the
-    # OpenAI frontend on the same 2 cores), see minisgl_backend/cpu_affinity.py
-    "cpu_affinity": "off",
-}
-
-# Environment variable consulted when the model_path parameter is empty.
-MODEL_PATH_ENV = "MINISGL_MODEL_PATH"

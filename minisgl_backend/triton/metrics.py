@@ -1,6 +1,6 @@
 """Engine metrics exported on Triton's metrics port through `pb_utils.MetricFamily`.
 
-All calls into the stub go through the adapter's IPC lock (see adapter.py): the Python-backend
+All calls into the stub go through the adapter's IPC lock (`triton/sender.py`): the Python-backend
 stub crashes the server when metric updates race with responses sent from other threads.
 
 Counters:   minisgl_prompt_tokens_total, minisgl_generation_tokens_total,

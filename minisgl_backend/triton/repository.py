@@ -17,7 +17,9 @@ import re
 import shutil
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parents[2] / "model_repository"
+from minisgl_backend.checkout import ROOT
+
+SOURCE = ROOT / "model_repository"
 MODEL_NAME = "minisgl"
 
 _PARAM_RE = re.compile(

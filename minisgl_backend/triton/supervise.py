@@ -22,36 +22,24 @@ signal can die before it stops the server. Here:
 from __future__ import annotations
 
 import argparse
-import ctypes
+import functools
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from minisgl_backend import procinfo
+from minisgl_backend.checkout import ROOT, TRITONSERVER_WRAPPER
 from minisgl_backend.ports import answers_ok
+from minisgl_backend.processes import PR_SET_CHILD_SUBREAPER, die_with_parent, prctl
+from minisgl_backend.triton.repository import MODEL_NAME as MODEL
 
-ROOT = Path(__file__).resolve().parents[2]
-WRAPPER = ROOT / "scripts" / "tritonserver"
 OPENAI_MAIN = ROOT / "minisgl_backend" / "openai" / "__main__.py"
-MODEL = "minisgl"
 
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _prctl(option: int, value: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, value, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
-
-
-def _die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """preexec_fn of our children: `sig` when we die (survives exec of a non-setuid binary)."""
-    _prctl(_PR_SET_PDEATHSIG, sig)
+# our children get SIGTERM when we die: tritonserver and the frontend then stop on their own
+_CHILD_DEATH_SIGNAL = functools.partial(die_with_parent, signal.SIGTERM)
 
 
 def say(message: str) -> None:
@@ -71,9 +59,9 @@ class Supervisor:
     def install(self) -> None:
         for sig in _STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
-        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
         parent = os.getppid()
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        die_with_parent(signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before the death signal was armed
             self.stop_signal = signal.SIGTERM
 
@@ -100,7 +88,7 @@ class Supervisor:
         a = self.args
         say(f"tritonserver --model-repository {a.model_repository} (http {a.http_port}, grpc {a.grpc_port}, "
             f"metrics {a.metrics_port})")
-        self.server = self._spawn([str(WRAPPER), "--model-repository", a.model_repository,
+        self.server = self._spawn([str(TRITONSERVER_WRAPPER), "--model-repository", a.model_repository,
                                    "--http-port", str(a.http_port), "--grpc-port", str(a.grpc_port),
                                    "--metrics-port", str(a.metrics_port), "--exit-timeout-secs", str(a.exit_timeout),
                                    # an engine that dies unloads the model, and readiness says so
@@ -119,7 +107,7 @@ class Supervisor:
         _kill_adopted()
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(cmd, cwd=str(ROOT), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        return subprocess.Popen(cmd, cwd=str(ROOT), stdin=subprocess.DEVNULL, preexec_fn=_CHILD_DEATH_SIGNAL)
 
     def _wait_ready(self) -> int | None:
         """None once the model is READY; an exit code if we must stop before."""
@@ -151,7 +139,7 @@ class Supervisor:
             "-d '{\"text_input\":\"Hi\",\"parameters\":{\"max_tokens\":16}}'")
 
     def _wait_openai(self) -> bool:
-        """Until the frontend's /health answers (it loads its tokenizer first: seconds), so that
+        """Until the frontend's /health answers (it loads its tokenizer first), so that
         READY means every port it names answers; False when it exited or a stop signal came (the
         serve loop then stops everything)."""
         url = f"http://127.0.0.1:{self.args.openai_port}/health"

@@ -1,8 +1,11 @@
-"""Start a real tritonserver (from the nvidia-pytriton wheel) on free ports: tests and benchmarks.
+"""A real tritonserver (from the nvidia-pytriton wheel) on free ports, and clients for it.
 
 `TritonServer(repo).start()` runs `scripts/tritonserver` in its own process group, waits for
 the model to be READY and, on `stop()`, sends SIGTERM, waits, then SIGKILLs whatever is left
-of the group (Python-backend stubs, scheduler processes) so that nothing outlives a test run.
+of the group (Python-backend stubs, scheduler processes) so that nothing outlives a test run;
+`shutdown_problems()` then says what was not clean about that stop. `GrpcStream` and
+`grpc_inputs` speak the minisgl model's gRPC streaming contract; `parse_metric` reads the
+metrics port's text.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from minisgl_backend import procinfo
+from minisgl_backend.checkout import ROOT, TRITONSERVER_WRAPPER
 from minisgl_backend.ports import answers_ok, free_ports
+from minisgl_backend.procinfo import cmdline
+from minisgl_backend.testing.procinfo import group_members
+from minisgl_backend.triton.repository import MODEL_NAME as MODEL
 
-ROOT = Path(__file__).resolve().parents[2]
 TRITON_HOME = Path(os.environ.get("MINISGL_TRITON_HOME", ROOT / "build" / "triton"))
-WRAPPER = ROOT / "scripts" / "tritonserver"
-MODEL = "minisgl"
 
 
 def triton_available() -> str | None:
@@ -57,16 +60,19 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def start(self, timeout: float = 300.0) -> "TritonServer":
+    def start(self, timeout: float = 300.0, models: tuple[str, ...] | list[str] = (MODEL,)) -> "TritonServer":
+        """Start it and wait until each of `models` is READY (`timeout` for them all)."""
         self._shm_before = set(_shm_regions())
         self._log = open(self.log_path, "wb")
-        cmd = [str(WRAPPER), "--model-repository", self.repo, "--http-port", str(self.http_port),
+        cmd = [str(TRITONSERVER_WRAPPER), "--model-repository", self.repo, "--http-port", str(self.http_port),
                "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
                "--exit-timeout-secs", "15", *self.extra_args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=self.env, start_new_session=True, cwd=str(ROOT))
+        deadline = time.monotonic() + timeout
         try:
-            self.wait_ready(timeout)
+            for model in models:
+                self.wait_ready(max(deadline - time.monotonic(), 1.0), model)
         except Exception:
             self.stop()
             raise
@@ -74,24 +80,23 @@ class TritonServer:
 
     def wait_ready(self, timeout: float, model: str = MODEL) -> None:
         deadline = time.monotonic() + timeout
-        url = f"http://{self.http_url}/v2/models/{model}/ready"
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if answers_ok(url):
+            if self.model_ready(model):
                 return
             time.sleep(0.5)
         raise TimeoutError(f"model {model} not READY after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def model_ready(self, model: str = MODEL) -> bool:
+        """Whether Triton reports `model` READY now."""
+        return answers_ok(f"http://{self.http_url}/v2/models/{model}/ready")
 
     def is_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, n: int = 60) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(line for line in lines[-n:])
+        return "\n".join(self.log_text().splitlines()[-n:])
 
     def stop(self, timeout: float = 45.0) -> None:
         if self.proc is None:
@@ -104,8 +109,12 @@ class TritonServer:
                 self.graceful = True
             except subprocess.TimeoutExpired:
                 self.graceful = False
-            time.sleep(0.5)
-            self.leftovers = group_members(pgid)  # what a clean unload left behind (should be none)
+            # what a clean unload left behind: none once tritonserver is gone (its stubs and their
+            # scheduler processes get half a second to follow it)
+            settle = time.monotonic() + 0.5
+            while (leftovers := _group_cmdlines(pgid)) and time.monotonic() < settle:
+                time.sleep(0.05)
+            self.leftovers = leftovers
         try:
             os.killpg(pgid, signal.SIGKILL)  # stubs and scheduler processes still around
         except (ProcessLookupError, PermissionError):
@@ -119,6 +128,33 @@ class TritonServer:
             self._log = None
         self.proc = None
         _remove_orphan_shm(set(_shm_regions()) - getattr(self, "_shm_before", set()))
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def leak_lines(self) -> list[str]:
+        """The lines of the server's log in which a scheduler reported a resource leak."""
+        return [line for line in self.log_text().splitlines() if "resource leak" in line]
+
+    def shutdown_problems(self, unloaded: tuple[str, ...] | list[str] = ()) -> list[str]:
+        """What was not clean about the last `stop()` ([] when it was): SIGTERM did not end the
+        server within the timeout, a process of its group outlived it, a model of `unloaded`
+        did not log its unload, or a scheduler logged a resource leak."""
+        problems = []
+        if self.proc is not None or self.graceful is None:
+            problems.append("the server was not stopped with SIGTERM")
+        elif not self.graceful:
+            problems.append("tritonserver did not exit within the timeout after SIGTERM")
+        if self.leftovers:
+            problems.append(f"processes of its group outlived it: {self.leftovers}")
+        log = self.log_text()
+        problems += [f"the log does not say \"successfully unloaded '{name}'\"" for name in unloaded
+                     if f"successfully unloaded '{name}'" not in log]
+        problems += [f"logged: {line}" for line in self.leak_lines()[:10]]
+        return problems
 
     # ------------------------------------------------------------ helpers for tests
 
@@ -146,6 +182,25 @@ class TritonServer:
             events = [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
             return status, events
         return status, json.loads(body) if body else None
+
+    def wait_idle(self, timeout: float = 30.0) -> dict[str, float]:
+        """Wait until the gauges show an idle engine (nothing running or pending, no locked page,
+        every page free or cached, KV usage 0); returns those gauges, or raises AssertionError
+        with the gauges it saw last."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.metrics_text()
+            gauges = {s: parse_metric(text, "minisgl_kv_pages", {"state": s})
+                      for s in ("total", "free", "cached", "locked")}
+            gauges["running"] = parse_metric(text, "minisgl_num_requests_running")
+            gauges["pending"] = parse_metric(text, "minisgl_num_requests_pending")
+            gauges["usage"] = parse_metric(text, "minisgl_kv_cache_usage_ratio")
+            if (gauges["running"] == gauges["pending"] == gauges["locked"] == gauges["usage"] == 0
+                    and gauges["free"] + gauges["cached"] == gauges["total"] > 0):
+                return gauges
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the engine did not return to idle: {gauges}")
+            time.sleep(0.2)
 
 
 def _shm_regions() -> list[str]:
@@ -178,9 +233,9 @@ def _remove_orphan_shm(names: set[str]) -> None:
             pass
 
 
-def group_members(pgid: int) -> list[str]:
+def _group_cmdlines(pgid: int) -> list[str]:
     """Command lines of the live processes in process group `pgid`."""
-    return [procinfo.cmdline(pid)[:200] for pid in procinfo.group_members(pgid)]
+    return [cmdline(pid)[:200] for pid in group_members(pgid)]
 
 
 def parse_metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:

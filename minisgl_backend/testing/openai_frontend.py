@@ -1,5 +1,5 @@
-"""Start the OpenAI frontend for tests and benchmarks: as a subprocess (`OpenAIFrontend`, the
-real command line) or inside this process on a thread (`InProcessFrontend`)."""
+"""The OpenAI frontend for tests and benchmarks: as a subprocess (`OpenAIFrontend`, the real
+command line) or inside this process on a thread (`InProcessFrontend`)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import threading
 import time
 from pathlib import Path
 
+from minisgl_backend.checkout import ROOT
 from minisgl_backend.openai.app import ServerSettings, create_app
 from minisgl_backend.ports import answers_ok, free_port
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class OpenAIFrontend:
