@@ -35,6 +35,9 @@ class Req:
     finish_sent: bool = False
     first_scheduled_time: float = 0.0
     grammar: Any = None  # GrammarState of a constrained request, set once its grammar compiled
+    # prompt_logprobs collected so far: one per prompt token after the first (and its TopLogprobs)
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top: list[Any] = field(default_factory=list)
     # device_len below which another decode step may be scheduled (-1: none at all)
     max_device_len: int = field(init=False, default=-1)
     # a step ending at `end` >= this takes the plain argmax as its next id (never: sys.maxsize)
@@ -53,6 +56,11 @@ class Req:
     @property
     def all_ids(self) -> list[int]:
         return self.input_ids + self.output_ids
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Asked for prompt logprobs that are not all computed yet (its prefix cache is not used)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.input_ids) - 1
 
     @property
     def wants_more(self) -> bool:

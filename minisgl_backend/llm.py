@@ -25,6 +25,9 @@ class _Collected:
         self.text: list[str] = []
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list = []
+        self.prompt_logprobs: list[float] | None = None
+        self.prompt_top: list | None = None
         self.last: StreamOutput | None = None
         self.done = threading.Event()
 
@@ -32,6 +35,9 @@ class _Collected:
         self.text.append(out.text)
         self.token_ids.extend(out.token_ids)
         self.logprobs.extend(out.logprobs or [])
+        self.top_logprobs.extend(out.top_logprobs or [])
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs, self.prompt_top = out.prompt_logprobs, out.prompt_top
         self.last = out
         if out.finished:
             self.done.set()
@@ -43,7 +49,8 @@ class _Collected:
                 "error": last.error if last else "no output",
                 "num_input_tokens": last.num_input_tokens if last else 0,
                 "cached_tokens": last.cached_tokens if last else 0,
-                "logprobs": self.logprobs or None}
+                "logprobs": self.logprobs or None, "top_logprobs": self.top_logprobs or None,
+                "prompt_logprobs": self.prompt_logprobs, "prompt_top_logprobs": self.prompt_top}
 
 
 class LLM:

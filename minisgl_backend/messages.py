@@ -48,6 +48,15 @@ class FlushCacheMsg(msgspec.Struct, tag=True):
     pass
 
 
+class TopLogprobs(msgspec.Struct, array_like=True):
+    """At one position: the chosen token's rank among the whole vocabulary (1: the most likely)
+    and the most likely tokens with their logprobs, best first."""
+
+    rank: int
+    ids: list[int]
+    logprobs: list[float]
+
+
 class TokenBatch(msgspec.Struct, tag=True):
     """Scheduler -> frontend: every id one step sampled, `tokens[i]` for request `rids[i]`
     (one message per step, no object per token)."""
@@ -55,6 +64,7 @@ class TokenBatch(msgspec.Struct, tag=True):
     rids: list[int]
     tokens: list[int]
     logprobs: list[float] | None = None  # aligned with tokens; NaN for requests that did not ask
+    top: list[TopLogprobs | None] | None = None  # aligned with tokens, for requests that asked logprobs
 
 
 class TokenEvent(msgspec.Struct, tag=True):
@@ -71,6 +81,9 @@ class TokenEvent(msgspec.Struct, tag=True):
     error: str | None = None
     error_kind: ErrorKind | None = None  # set with `error`
     queue_time: float = 0.0
+    # in a request's start event, when it asked `prompt_logprobs`: one entry per prompt token after the first
+    prompt_logprobs: list[float] | None = None
+    prompt_top: list[TopLogprobs] | None = None
 
 
 class StatsEvent(msgspec.Struct, tag=True):

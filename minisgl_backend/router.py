@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from minisgl_backend.detokenizer import IncrementalDetokenizer
 from minisgl_backend.messages import (AbortMsg, ErrorKind, FinishReason, SchedulerInput, SchedulerOutput,
-                                      TokenBatch, TokenEvent, UserMsg)
+                                      TokenBatch, TokenEvent, TopLogprobs, UserMsg)
 from minisgl_backend.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,11 @@ class StreamOutput:
     cached_tokens: int = 0
     queue_time: float = 0.0
     error_kind: ErrorKind | None = None  # set with `error`
+    top_logprobs: list[TopLogprobs] | None = None  # aligned with `logprobs` (rank and alternatives)
+    # the first output of a request that asked prompt_logprobs: one per prompt token after the first
+    prompt_logprobs: list[float] | None = None
+    prompt_top: list[TopLogprobs] | None = None
+    prompt_token_ids: list[int] | None = None  # with prompt_logprobs
 
 
 Consumer = Callable[[StreamOutput], None]
@@ -67,6 +72,7 @@ class RequestStream:
         self.rid = rid
         self.consumer = consumer
         self.num_input_tokens = len(input_ids)
+        self.input_ids = input_ids
         self.detok = IncrementalDetokenizer(tokenizer, input_ids, params.stop)
         self.has_stop_strings = bool(params.stop)
         self.deliver_every = 1 if self.has_stop_strings else deliver_every
@@ -79,6 +85,8 @@ class RequestStream:
         self.queued = False  # free for the deliverer's bookkeeping (e.g. "in my ready queue")
         self.ids: list[int] = []  # received, not yet delivered (guarded by the router's lock)
         self.logprobs: list[float] = []
+        self.top: list[TopLogprobs] = []
+        self.start: TokenEvent | None = None  # the start event, until its prompt logprobs are delivered
         self.end: TokenEvent | None = None  # the scheduler's last event for this request
 
     @property
@@ -90,13 +98,16 @@ class RequestStream:
             return
         if event.finish_reason is None:  # the start: first token's metadata
             self.cached_tokens, self.queue_time = event.cached_tokens, event.queue_time
+            if event.prompt_logprobs is not None:
+                self.start = event
             return
         self.ids.extend(event.token_ids)
         if event.logprobs:
             self.logprobs.extend(event.logprobs)
         self.end = event
 
-    def build_output(self, ids: list[int], logprobs: list[float], end: TokenEvent | None) -> StreamOutput:
+    def build_output(self, ids: list[int], logprobs: list[float], end: TokenEvent | None,
+                     top: list[TopLogprobs] | None = None, start: TokenEvent | None = None) -> StreamOutput:
         """The output for `ids` (taken from the stream); the caller sets `finished` first."""
         try:
             text, ids, reason = self._detokenize(ids, end)
@@ -112,7 +123,9 @@ class RequestStream:
         return StreamOutput(self.rid, text, ids, self.finished, reason, end.error if end else None,
                             self.num_input_tokens, self.num_output_tokens,
                             logprobs[:len(ids)] if logprobs else None, self.cached_tokens, self.queue_time,
-                            end.error_kind if end else None)
+                            end.error_kind if end else None, top[:len(ids)] if top else None,
+                            start.prompt_logprobs if start else None, start.prompt_top if start else None,
+                            self.input_ids if start else None)
 
     def _detokenize(self, ids: list[int], end: TokenEvent | None) -> tuple[str, list[int], FinishReason | None]:
         if self.inject_fault:
@@ -236,6 +249,8 @@ class RequestRouter:
             entry.ids.append(token)
             if logprobs is not None and not math.isnan(logprobs[i]):
                 entry.logprobs.append(logprobs[i])
+            if batch.top is not None and batch.top[i] is not None:
+                entry.top.append(batch.top[i])
             news[rid] = entry
 
     def take(self, stream: RequestStream) -> StreamOutput | None:
@@ -244,10 +259,10 @@ class RequestRouter:
         with self._lock:
             if stream.finished or (not stream.ids and stream.end is None):
                 return None
-            ids, logprobs, end = stream.ids, stream.logprobs, stream.end
-            stream.ids, stream.logprobs = [], []
+            ids, logprobs, top, end, start = stream.ids, stream.logprobs, stream.top, stream.end, stream.start
+            stream.ids, stream.logprobs, stream.top, stream.start = [], [], [], None
             stream.finished = end is not None
-        out = stream.build_output(ids, logprobs, end)
+        out = stream.build_output(ids, logprobs, end, top, start)
         if out.finished and end is None:  # a stop string hit, or this request failed on our side
             with self._lock:
                 ours = self._streams.pop(stream.rid, None) is not None

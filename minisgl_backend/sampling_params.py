@@ -12,6 +12,8 @@ from minisgl_backend.structured_outputs import LEGACY_KEYS, StructuredOutputs, f
 
 
 _INT32_MAX = 2**31 - 1  # bounds every integer that becomes an engine tensor
+MAX_TOP_LOGPROBS = 20  # alternatives per position, as OpenAI allows
+MAX_LOGIT_BIAS = 100.0
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
@@ -28,7 +30,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: bool = False
+    logprobs: bool = False  # the sampled tokens' logprobs
+    top_logprobs: int = 0  # with logprobs: this many most likely tokens per position, and the chosen one's rank
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs (and this many alternatives each)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
     structured_outputs: StructuredOutputs | None = None  # given as an object / JSON text, kept normalised
 
     def __post_init__(self) -> None:
@@ -45,7 +50,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         """Greedy without penalties or logprobs: the row's argmax is the next id (once
         `min_tokens` no longer suppresses EOS / stop ids)."""
         return (self.is_greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
-                and self.frequency_penalty == 0.0 and not self.logprobs)
+                and self.frequency_penalty == 0.0 and not self.logprobs and not self.logit_bias)
 
     def validate(self) -> None:
         _check(1 <= self.max_tokens <= _INT32_MAX, "max_tokens", f"must be in [1, {_INT32_MAX}]", self.max_tokens)
@@ -66,6 +71,15 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
         _check(all(isinstance(t, int) and 0 <= t <= _INT32_MAX for t in self.stop_token_ids),
                "stop_token_ids", f"must be token ids in [0, {_INT32_MAX}]", self.stop_token_ids)
+        _check(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]",
+               self.top_logprobs)
+        _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS, "prompt_logprobs",
+               f"must be in [0, {MAX_TOP_LOGPROBS}] (or null: none)", self.prompt_logprobs)
+        for token, bias in (self.logit_bias or {}).items():
+            _check(isinstance(token, int) and 0 <= token <= _INT32_MAX, "logit_bias",
+                   f"keys must be token ids in [0, {_INT32_MAX}]", token)
+            _check(_finite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS, "logit_bias",
+                   f"values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] (token {token})", bias)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "SamplingParams":
@@ -88,7 +102,8 @@ _FIELD_KINDS = {
     "max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
     "seed": "optional_int", "stop": "str_list", "stop_token_ids": "int_list", "ignore_eos": bool,
     "min_tokens": int, "repetition_penalty": float, "presence_penalty": float,
-    "frequency_penalty": float, "logprobs": bool, "structured_outputs": "structured",
+    "frequency_penalty": float, "logprobs": bool, "top_logprobs": int, "prompt_logprobs": "optional_int",
+    "logit_bias": "bias_map", "structured_outputs": "structured",
 }
 
 
@@ -128,11 +143,17 @@ def _coerce(key: str, raw: Any, kind: Any) -> Any:
             if isinstance(raw, (list, tuple)):
                 return [to_int(x) for x in raw]
             return [to_int(raw)]
+        if kind == "bias_map":
+            if raw is None:
+                return None
+            if not isinstance(raw, Mapping):
+                raise ValueError
+            return {to_int(token): COERCERS[float](bias) for token, bias in raw.items()}
         return COERCERS[kind](raw)
     except ValueError:
         expected = {"optional_int": "an integer", "str_list": "a string or a list of strings",
                     "int_list": "a list of integers", bool: "a boolean", int: "an integer",
-                    float: "a number"}[kind]
+                    float: "a number", "bias_map": "an object of token id -> bias"}[kind]
         raise ValueError(f"sampling parameter {key!r} must be {expected}, got {raw!r}") from None
 
 

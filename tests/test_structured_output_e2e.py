@@ -206,3 +206,24 @@ def test_tp2_equals_tp1(tiny_model_factory):
     assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in ref]
     assert [o["finish_reason"] for o in outs] == [o["finish_reason"] for o in ref]
     assert bad["finish_reason"] == "error" and "does not compile" in bad["error"]
+
+
+def test_a_model_whose_config_names_no_eos_ends_grammars_at_the_tokenizers_eos(tiny_llama, tmp_path):
+    """config.json and generation_config.json without eos_token_id (the tokenizer has one)."""
+    import shutil
+
+    folder = tmp_path / "no-eos"
+    shutil.copytree(tiny_llama, folder)
+    for name in ("config.json", "generation_config.json"):
+        path = folder / name
+        if path.is_file():
+            config = json.loads(path.read_text())
+            config.pop("eos_token_id", None)
+            path.write_text(json.dumps(config))
+    with LLM(str(folder), **CPU) as engine:
+        assert engine.scheduler.eos_ids == []
+        outs = engine.generate(PROMPTS[:2], [_params({"choice": CHOICES}, 0), _params({"json": SCHEMA}, 1, max_tokens=96)])
+    assert outs[0]["finish_reason"] == "stop" and outs[0]["text"] in CHOICES
+    assert outs[1]["finish_reason"] in ("stop", "length") and outs[1]["error"] is None
+    if outs[1]["finish_reason"] == "stop":
+        assert _check_json(outs[1]["text"])

@@ -375,7 +375,7 @@ def test_auto_complete_config_fills_contract():
     names = [i["name"] for i in cfg.inputs]
     assert names.count("text_input") == 1 and "sampling_parameters" in names and "input_ids" in names
     assert {o["name"] for o in cfg.outputs} == {"text_output", "finish_reason", "num_input_tokens",
-                                                 "num_output_tokens", "logprobs"}
+                                                 "num_output_tokens", "logprobs", "prompt_logprobs"}
     assert cfg.policy == {"decoupled": True} and cfg.mbs == 0
 
 

@@ -15,7 +15,8 @@ from minisgl_backend.config import EngineConfig
 from minisgl_backend.distributed.group import destroy_distributed
 from minisgl_backend.engine.graph import build_graph_runner
 from minisgl_backend.engine.host_malloc import keep_freed_memory
-from minisgl_backend.engine.sampling import PenaltyInputs, Sampler, SamplingTensors, argmax_rows
+from minisgl_backend.engine.logprobs import LogitSelection, LogprobDetails, add_prompt_details, sampled_details
+from minisgl_backend.engine.sampling import PenaltyInputs, Sampler, SamplingTensors, argmax_rows, dense_logit_bias
 from minisgl_backend.engine.metadata import DeviceBatchIndices, HostBatchIndices
 from minisgl_backend.grammar.bitmask import apply_mask
 from minisgl_backend.kernels import choose_kernels
@@ -36,6 +37,7 @@ class ForwardResult:
     next_ids_host: torch.Tensor
     logprobs_host: torch.Tensor | None
     ready: torch.cuda.Event | None  # None on CPU: the copy is already done
+    details: LogprobDetails | None = None  # ranks, alternatives, prompt logprobs (read after `wait`)
 
     def wait(self) -> tuple[list[int], list[float] | None]:
         if self.ready is not None:
@@ -142,21 +144,29 @@ class Engine:
         out_loc = self.page_table.slots.view(-1)[idx.token_flat].long()
         self.attn.prepare(BatchLayout(batch.is_decode, idx.rows, idx.seq_lens, idx.extend_lens, out_loc,
                                       ends, ext, rows))
-        logits = self.model(input_ids, idx.positions, ForwardBatch(self.attn, idx.last_token)).float()
-        next_ids, logprobs = self._sample(batch, logits)
+        selection = None if batch.is_decode else LogitSelection.build(batch, host.last_token)
+        logit_rows = idx.last_token if selection is None else self.staging.to_device(selection.token_indices)
+        logits = self.model(input_ids, idx.positions, ForwardBatch(self.attn, logit_rows)).float()
+        selected = logits
+        if selection is not None:
+            logits = selected[self.staging.to_device(selection.sample_rows)]
+        next_ids, logprobs, details = self._sample(batch, logits)
+        if selection is not None:
+            details = details or LogprobDetails(0)
+            add_prompt_details(details, selection, selected, self._pinned_results())
         # the next step reads its input ids from the token pool, so they never wait on the host
         self.page_table.tokens.view(-1)[idx.sampled_flat] = next_ids
-        return self._copy_to_host(next_ids, logprobs)
+        return self._copy_to_host(next_ids, logprobs, details)
 
     def _forward_graph(self, batch: Batch, host: HostBatchIndices) -> ForwardResult:
         out = self.graph_runner.replay(host, self.staging)
         if self._greedy_argmax_suffices(batch):  # the graph's argmax, already in the token pool
             # the next replay overwrites it: on CUDA it is copied out first, elsewhere cloned
             ids = out.greedy_ids if self.device.type == "cuda" else out.greedy_ids.clone()
-            return self._copy_to_host(ids, None)
-        next_ids, logprobs = self._sample_rows(batch, out.logits)
+            return self._copy_to_host(ids, None, None)
+        next_ids, logprobs, details = self._sample_rows(batch, out.logits)
         self.page_table.tokens.view(-1)[out.sampled_cells] = next_ids
-        return self._copy_to_host(next_ids, logprobs)
+        return self._copy_to_host(next_ids, logprobs, details)
 
     @staticmethod
     def _greedy_argmax_suffices(batch: Batch) -> bool:
@@ -171,11 +181,12 @@ class Engine:
 
     def _sample(self, batch: Batch, logits: torch.Tensor):
         if self._greedy_argmax_suffices(batch):  # no per-row sampling state to build
-            return argmax_rows(logits), None
+            return argmax_rows(logits), None, None
         return self._sample_rows(batch, logits)
 
     def _sample_rows(self, batch: Batch, logits: torch.Tensor):
-        """Sampling with per-row state: temperature, penalties, logprobs, min_tokens, a grammar mask."""
+        """Sampling with per-row state: temperature, penalties, logit bias, logprobs, min_tokens, a
+        grammar mask. Returns (ids, logprobs or None, their ranks and alternatives or None)."""
         if batch.grammar_mask is not None:  # structured output: forbidden tokens -> -inf before any sampling step
             logits = apply_mask(logits, batch.grammar_mask)
         reqs = [it.req for it in batch.items]
@@ -184,9 +195,13 @@ class Engine:
         st = SamplingTensors.build(params, [r.seed for r in reqs], steps, self.device, self.staging)
         penalties = self._penalty_inputs(batch) if st.need_penalties else None
         suppress = self._suppressed_ids(batch, steps)
-        out = self.sampler.sample(logits, st, penalties, suppress_ids=suppress,
-                                  return_logprobs=st.need_logprobs)
-        return out if st.need_logprobs else (out, None)
+        bias = dense_logit_bias([p.logit_bias for p in params], logits.shape[1], self.staging)
+        ids = self.sampler.sample(logits, st, penalties, suppress_ids=suppress, bias=bias)
+        if not st.need_logprobs:
+            return ids, None, None
+        top_k = max(p.top_logprobs for p in params if p.logprobs)
+        logprobs, details = sampled_details(logits, ids, top_k, self._pinned_results())
+        return ids, logprobs, details
 
     def _penalty_inputs(self, batch: Batch) -> PenaltyInputs:
         # Outputs are read from the token pool so that an id sampled by an in-flight batch counts.
@@ -213,11 +228,16 @@ class Engine:
         padded = np.array([r + [-1] * (width - len(r)) for r in rows], dtype=np.int64)
         return self.staging.to_device(padded.ravel()).view(len(rows), width)
 
-    def _copy_to_host(self, next_ids: torch.Tensor, logprobs: torch.Tensor | None) -> ForwardResult:
+    def _pinned_results(self) -> HostResults | None:
+        """Where device results are copied for the host on CUDA (None: on the CPU they are there)."""
+        return self.results if self.device.type == "cuda" else None
+
+    def _copy_to_host(self, next_ids: torch.Tensor, logprobs: torch.Tensor | None,
+                      details: LogprobDetails | None) -> ForwardResult:
         if self.device.type != "cuda":
-            return ForwardResult(next_ids, next_ids, logprobs, None)
+            return ForwardResult(next_ids, next_ids, logprobs, None, details)
         host_ids = self.results.copy(next_ids)
         host_lp = self.results.copy(logprobs) if logprobs is not None else None
         event = torch.cuda.Event()
         event.record(self.stream)
-        return ForwardResult(next_ids, host_ids, host_lp, event)
+        return ForwardResult(next_ids, host_ids, host_lp, event, details)

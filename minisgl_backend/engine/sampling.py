@@ -2,7 +2,7 @@
 
 Pipeline per row (each step optional, skipped for the whole batch when no row needs it):
 
-    suppress ids -> penalties -> [greedy rows: argmax]
+    logit bias -> suppress ids -> penalties -> [greedy rows: argmax]
                                  [other rows: temperature -> top-k -> top-p -> min-p -> Gumbel-max]
 
 Randomness is counter based: the noise of row b at vocabulary index v is a pure function of
@@ -11,8 +11,9 @@ token depends only on its own logits, seed and output position, never on its bat
 position in the batch, or how many random numbers other code drew. Seeds are always supplied
 by the caller (the scheduler draws one for each unseeded request).
 
-Log-probs (when asked) are `log_softmax` of the RAW logits (before penalties / temperature /
-filtering) at the chosen token.
+Log-probs (when asked) are `log_softmax` of the RAW logits (before logit bias / penalties /
+temperature / filtering) at the chosen token; `logprob_details` adds its rank and the most likely
+tokens of the same distribution.
 """
 
 from __future__ import annotations
@@ -349,8 +350,11 @@ class Sampler:
 
     def process_logits(self, logits: torch.Tensor, st: SamplingTensors,
                        penalties: PenaltyInputs | None = None,
-                       suppress_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Suppression and penalties (applied to every row, greedy ones included)."""
+                       suppress_ids: torch.Tensor | None = None,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Logit bias, suppression and penalties (applied to every row, greedy ones included)."""
+        if bias is not None:
+            logits = logits + bias
         if suppress_ids is not None:
             logits = _suppress(logits, suppress_ids)
         if st.need_penalties:
@@ -362,6 +366,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, st: SamplingTensors,
                penalties: PenaltyInputs | None = None, *,
                suppress_ids: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None,
                return_logprobs: bool = False):
         """Next token per row: LongTensor [B]; with `return_logprobs`, (ids, logprobs [B] float32).
 
@@ -369,9 +374,10 @@ class Sampler:
         penalties: needed when `st.need_penalties`.
         suppress_ids: optional [B, S] int64 (-1 = pad) ids forced to -inf (e.g. EOS before
             min_tokens); they are never chosen unless a row suppresses everything.
+        bias: optional [B, V] float32 added to the logits first (`dense_logit_bias`).
         """
         raw = logits if logits.dtype == torch.float32 else logits.float()
-        proc = self.process_logits(raw, st, penalties, suppress_ids)
+        proc = self.process_logits(raw, st, penalties, suppress_ids, bias)
         if st.all_greedy:
             ids = argmax_rows(proc)
         else:
@@ -391,6 +397,31 @@ class Sampler:
         vocab = filtered.shape[1]
         g = _gumbel(st.seeds, st.steps, vocab, self.index_hash(vocab, filtered.device))
         return argmax_rows(g.add_(filtered))
+
+
+def logprob_details(logits: torch.Tensor, ids: torch.Tensor,
+                    k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of each row's `ids` under log_softmax(logits [B, V]): (logprob [B], rank [B] int64, 1 for
+    the most likely token, ids [B, k] and logprobs [B, k] of the k most likely tokens, best first)."""
+    lp = torch.log_softmax(logits.float(), dim=1)
+    chosen = lp.gather(1, ids.view(-1, 1).to(torch.int64))
+    rank = (lp > chosen).sum(dim=1) + 1
+    top_lp, top_ids = torch.topk(lp, min(k, lp.shape[1]), dim=1, largest=True, sorted=True)
+    return chosen.squeeze(1), rank, top_ids, top_lp
+
+
+def dense_logit_bias(biases: Sequence[dict[int, float] | None], vocab_size: int,
+                     staging: HostStaging) -> torch.Tensor | None:
+    """[B, V] float32 on the device: each row's `logit_bias` (ids past the vocabulary ignored);
+    None when no row has one."""
+    if not any(biases):
+        return None
+    entries = [(row, token, value) for row, bias in enumerate(biases) for token, value in (bias or {}).items()
+               if token < vocab_size]
+    cells = staging.to_device(np.array([row * vocab_size + token for row, token, _ in entries], dtype=np.int64))
+    values = staging.to_device(np.array([value for _, _, value in entries], dtype=np.float32))
+    dense = torch.zeros(len(biases) * vocab_size, dtype=torch.float32, device=cells.device)
+    return dense.index_copy_(0, cells, values).view(len(biases), vocab_size)
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

@@ -83,8 +83,10 @@ class GrammarCompiler:
             import xgrammar
 
             tokenizer = self._tokenizer_factory()
+            # the model's own EOS ids; a model whose config names none ends a grammar at the
+            # tokenizer's EOS (None: xgrammar reads it from the tokenizer)
             info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
-                                                           stop_token_ids=self.stop_token_ids)
+                                                           stop_token_ids=self.stop_token_ids or None)
             self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         return self._compiler
 

@@ -79,9 +79,10 @@ class CacheManager:
 
     # ------------------------------------------------------------ request lifecycle
 
-    def match_and_lock(self, req: Req, tokens: list[int]) -> None:
-        """Serve the longest cached prefix of `tokens[:-1]` (at least one token is always computed)."""
-        if self.enable_prefix_cache:
+    def match_and_lock(self, req: Req, tokens: list[int], reuse: bool = True) -> None:
+        """Serve the longest cached prefix of `tokens[:-1]` (at least one token is always computed);
+        `reuse` false: compute every position (prompt logprobs need their logits)."""
+        if self.enable_prefix_cache and reuse:
             match = self.tree.match_prefix(tokens[:-1])
             self.tree.lock(match.node)
             req.cache_node, req.pages = match.node, list(match.pages)

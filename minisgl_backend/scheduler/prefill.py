@@ -78,7 +78,7 @@ class PrefillManager:
             return False
         tokens = req.all_ids
         req.row = self.table.allocate_row()
-        self.cache.match_and_lock(req, tokens)
+        self.cache.match_and_lock(req, tokens, reuse=not req.needs_prompt_logprobs)
         need = self.cache.pages_for(len(tokens)) - req.num_pages
         if need + decode_reserve > self.cache.available_pages:
             self.cache.release(req, [])

@@ -13,7 +13,7 @@ import time
 from minisgl_backend.config import EngineConfig
 from minisgl_backend.batch import Batch, Req, ScheduledReq
 from minisgl_backend.messages import (AbortMsg, ErrorKind, FinishReason, FlushCacheMsg, SchedulerInput, ShutdownMsg,
-                                      StatsEvent, TokenEvent, UserMsg)
+                                      StatsEvent, TokenEvent, TopLogprobs, UserMsg)
 from minisgl_backend.engine.engine import Engine, ForwardResult
 from minisgl_backend.grammar.manager import GrammarManager
 from minisgl_backend.scheduler.cache import CacheManager
@@ -169,6 +169,10 @@ class Scheduler:
         bad = [t for t in msg.input_ids if not 0 <= t < self.vocab_size]
         if bad:
             return ErrorKind.INVALID, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+        biased = [t for t in msg.params.logit_bias or {} if t >= self.vocab_size]
+        if biased:
+            return ErrorKind.INVALID, (f"sampling parameter 'logit_bias' names token id {biased[0]}, outside the "
+                                       f"vocabulary [0, {self.vocab_size})")
         return None
 
     def abort(self, rid: int) -> None:
@@ -313,15 +317,23 @@ class Scheduler:
 
     def _process(self, batch: Batch, result: ForwardResult) -> None:
         ids, logprobs = result.wait()
+        details = result.details
+        prompt = details.prompt_logprobs() if details is not None else {}
         for i, item in enumerate(batch.items):
             req = item.req
             req.inflight -= 1
+            if i in prompt:
+                req.prompt_logprobs += prompt[i][0]
+                req.prompt_top += prompt[i][1]
             if item.samples and not req.finished:
-                self._append_token(req, ids[i], logprobs[i] if logprobs is not None else None)
+                wants = req.params.logprobs and logprobs is not None
+                top = (details.top(i, req.params.top_logprobs)
+                       if wants and details is not None and details.ranks is not None else None)
+                self._append_token(req, ids[i], logprobs[i] if wants else None, top)
             self._release_if_done(req)
         self._emit_stats()
 
-    def _append_token(self, req: Req, token: int, logprob: float | None) -> None:
+    def _append_token(self, req: Req, token: int, logprob: float | None, top: TopLogprobs | None) -> None:
         if req.grammar is not None and not req.grammar.accept(token):
             self._end_rejected(req)
             return
@@ -329,11 +341,14 @@ class Scheduler:
         reason = self._finish_reason(req, token)
         if reason is None and req.grammar is not None and req.grammar.is_terminated:
             reason = FinishReason.STOP
-        self._events.token(req.rid, token, logprob if req.params.logprobs else None)
+        self._events.token(req.rid, token, logprob, top)
         if len(req.output_ids) == 1:  # the request's start: what its metrics need
             queue_time = max(req.first_scheduled_time - req.arrival_time, 0.0) if req.arrival_time else 0.0
+            asked = req.params.prompt_logprobs is not None
             self._events.append(TokenEvent(req.rid, [], num_input_tokens=len(req.input_ids),
-                                           cached_tokens=req.matched_len, queue_time=queue_time))
+                                           cached_tokens=req.matched_len, queue_time=queue_time,
+                                           prompt_logprobs=req.prompt_logprobs if asked else None,
+                                           prompt_top=req.prompt_top if asked else None))
         if reason is not None:
             self._events.append(TokenEvent(req.rid, [], reason))
             self._finish(req)

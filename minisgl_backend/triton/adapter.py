@@ -181,7 +181,8 @@ class TritonAdapter:
             self._reject(sender, "UNAVAILABLE", "the engine is not running (a scheduler process died); "
                                                 "reload the model or restart the server", invalid=False)
             return
-        live = LiveRequest(sender, parsed, ResponseAssembler(parsed, self._prompt_echo(parsed)), arrival)
+        assembler = ResponseAssembler(parsed, self._prompt_echo(parsed), self._decode_token)
+        live = LiveRequest(sender, parsed, assembler, arrival)
         self.replies.track(live)
         try:
             live.rid = self.fe.submit(parsed.prompt, parsed.params, partial(self.replies.on_output, live),
@@ -217,6 +218,9 @@ class TritonAdapter:
             return self.fe.tokenizer.decode(parsed.prompt, skip_special_tokens=True)
         except Exception:
             return ""
+
+    def _decode_token(self, token: int) -> str:
+        return self.fe.tokenizer.decode([token])
 
     def _reject(self, sender: Any, code: str, message: str, invalid: bool = True) -> None:
         if invalid and self.metrics is not None:

@@ -68,4 +68,5 @@ OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("num_input_tokens", "TYPE_UINT32", (-1,), optional=False),
     TensorSpec("num_output_tokens", "TYPE_UINT32", (-1,), optional=False),
     TensorSpec("logprobs", "TYPE_STRING", (-1,), optional=False),
+    TensorSpec("prompt_logprobs", "TYPE_STRING", (-1,), optional=False),
 )

@@ -144,6 +144,20 @@ def _normalise(value: Any) -> Any:
     return value
 
 
+def logprobs_count(value: Any) -> int | None:
+    """The sampling key `logprobs`: a count of alternatives per token (vLLM: 0 = the sampled token
+    only) gives it; a boolean (or null) says nothing more than the `return_logprobs` switch."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "null", "none", ""):
+        return None
+    try:
+        return to_int(value)
+    except ValueError:
+        raise RequestError(f"sampling parameter 'logprobs' must be a number of alternatives per token "
+                           f"(0-20) or a boolean, got {value!r}") from None
+
+
 def as_bool(value: Any, what: str) -> bool:
     try:
         return to_bool(value)

@@ -21,8 +21,8 @@ import numpy as np
 
 from minisgl_backend.sampling_params import SamplingParams
 from minisgl_backend.triton.contract import BOOL_INPUTS, FLAT_SAMPLING_INPUTS
-from minisgl_backend.triton.parameters import (RequestError, as_bool, drop_neutral_vllm_keys, request_parameters,
-                                               require_encodable, sampling_parameters_json)
+from minisgl_backend.triton.parameters import (RequestError, as_bool, drop_neutral_vllm_keys, logprobs_count,
+                                               request_parameters, require_encodable, sampling_parameters_json)
 
 __all__ = ["InputGetter", "ParsedRequest", "RequestError", "parse_request"]
 
@@ -38,6 +38,9 @@ class ParsedRequest:
     return_num_output_tokens: bool = False
     return_logprobs: bool = False
     prompt_text: str | None = None  # the text prompt, for echoing it in non-streaming output
+    # `logprobs` asked as a count in the sampling parameters (Triton's vLLM backend): each token's
+    # logprobs as {token id: {logprob, rank, decoded_token}} instead of one float
+    vllm_logprobs: bool = False
 
 
 InputGetter = Callable[[str], "np.ndarray | None"]
@@ -65,6 +68,9 @@ def parse_request(get_input: InputGetter, parameters_json: str | bytes | None = 
         sampling.update(sampling_parameters_json(_single_string(sp, "sampling_parameters")))
 
     sampling = drop_neutral_vllm_keys(sampling)
+    top_logprobs = logprobs_count(sampling.pop("logprobs", None))
+    if top_logprobs is not None:
+        sampling["top_logprobs"] = top_logprobs
     if flags["return_logprobs"]:
         sampling["logprobs"] = True
     try:
@@ -75,7 +81,7 @@ def parse_request(get_input: InputGetter, parameters_json: str | bytes | None = 
         raise RequestError(f"invalid sampling parameters: {exc}") from None
 
     prompt, prompt_text = _prompt(get_input, vocab_size)
-    return ParsedRequest(prompt=prompt, params=params, prompt_text=prompt_text,
+    return ParsedRequest(prompt=prompt, params=params, prompt_text=prompt_text, vllm_logprobs=top_logprobs is not None,
                          **{k: bool(v) for k, v in flags.items()})
 
 
