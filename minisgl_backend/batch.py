@@ -28,7 +28,8 @@ class Req:
     cached_len: int = 0
     device_len: int = 0
     pages: list[int] = field(default_factory=list)
-    cache_node: Any = None  # locked radix node of the matched prefix
+    cache_node: Any = None  # locked radix node: the request's pages [0, locked_len / page_size) are the tree's
+    locked_len: int = 0
     matched_len: int = 0  # prefix tokens served from the radix cache at admission
     inflight: int = 0  # scheduled batches whose results are not processed yet
     finished: bool = False

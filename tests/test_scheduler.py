@@ -134,3 +134,21 @@ def test_pending_queue_limit_rejects_with_an_error(model):
     assert len(rejected) == 2 and "overloaded" in rejected[0]["error"]
     assert all(o["finish_reason"] in ("stop", "length") for o in outs[:3])
     assert llm.scheduler.leaks() == []
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_computed_prompt_is_shared_before_its_request_ends(model, overlap):
+    """Three requests of one 40-token prompt, admitted a step apart (the prefill budget holds one
+    prompt): once the first's prompt is computed, the later ones reuse its pages while it still
+    decodes, and everyone's tokens equal a solo run."""
+    prompt = list(range(3, 43))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    solo = LLM(model, **CPU, page_size=4, enable_prefix_cache=False).generate([prompt], params)[0]["token_ids"]
+    llm = LLM(model, **CPU, page_size=4, max_total_tokens=2048, prefill_budget=40, enable_overlap=overlap)
+    outs = llm.generate([prompt] * 3, params)
+    assert _token_ids(outs) == [solo] * 3
+    assert outs[0]["cached_tokens"] == 0
+    assert all(o["cached_tokens"] == 36 for o in outs[2 if overlap else 1:]), [o["cached_tokens"] for o in outs]
+    assert llm.scheduler.leaks() == []
+    stats = llm.scheduler.stats()
+    assert stats.free_pages + stats.cached_pages == stats.total_pages and stats.locked_pages == 0

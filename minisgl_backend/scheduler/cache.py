@@ -86,9 +86,9 @@ class CacheManager:
             match = self.tree.match_prefix(tokens[:-1])
             self.tree.lock(match.node)
             req.cache_node, req.pages = match.node, list(match.pages)
-            req.cached_len = req.matched_len = match.num_tokens
+            req.cached_len = req.matched_len = req.locked_len = match.num_tokens
         else:
-            req.cache_node, req.pages, req.cached_len, req.matched_len = None, [], 0, 0
+            req.cache_node, req.pages, req.cached_len, req.matched_len, req.locked_len = None, [], 0, 0, 0
         if req.pages:
             self._write_table(req.row, 0, req.pages)
 
@@ -109,9 +109,31 @@ class CacheManager:
         self._write_table(req.row, req.num_pages, new_pages)
         req.pages.extend(new_pages)
 
+    def share(self, req: Req, tokens_with_kv: list[int]) -> None:
+        """A running request's page-aligned `tokens_with_kv` (its computed prompt) go into the tree
+        now, so that requests admitted from now on reuse them (n choices of one prompt, a shared
+        system prompt) instead of waiting for this one to finish. The request keeps them locked;
+        its copies of pages the tree already had are freed, the tree's used instead (later steps
+        read them in stream order, after every step already launched)."""
+        locked = req.locked_len // self.page_size
+        keep = min(len(tokens_with_kv) // self.page_size, req.num_pages) if self.enable_prefix_cache else 0
+        if keep <= locked:
+            return
+        tokens = tokens_with_kv[:keep * self.page_size]
+        existing = self.tree.insert(tokens, req.pages[:keep])
+        match = self.tree.match_prefix(tokens)
+        self.tree.lock(match.node)
+        if req.cache_node is not None:
+            self.tree.unlock(req.cache_node)
+        if existing > locked:
+            self._free.extend(req.pages[locked:existing])
+            req.pages[locked:existing] = match.pages[locked:existing]
+            self._write_table(req.row, locked, req.pages[locked:existing])
+        req.cache_node, req.locked_len = match.node, keep * self.page_size
+
     def release(self, req: Req, tokens_with_kv: list[int]) -> None:
         """Donate the page-aligned part of `tokens_with_kv` to the tree; free everything else."""
-        locked = req.matched_len // self.page_size  # the tree's own pages, locked by this request
+        locked = req.locked_len // self.page_size  # the tree's own pages, locked by this request
         keep = min(len(tokens_with_kv) // self.page_size, req.num_pages) if self.enable_prefix_cache else 0
         in_tree = locked
         if keep > locked:
@@ -121,7 +143,7 @@ class CacheManager:
         self._free.extend(req.pages[max(keep, locked):])
         if req.cache_node is not None:
             self.tree.unlock(req.cache_node)
-        req.cache_node, req.pages, req.matched_len = None, [], 0
+        req.cache_node, req.pages, req.matched_len, req.locked_len = None, [], 0, 0
 
     def flush(self) -> int:
         """Evict every unlocked cached page; returns how many were freed."""

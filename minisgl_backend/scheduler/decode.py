@@ -57,4 +57,4 @@ class DecodeManager:
     def _reclaimable(self, req: Req) -> int:
         # A retracted request's pages go to the tree (evictable) or the free list; the prefix
         # it shares with others stays locked by them, so count only pages it alone holds.
-        return req.num_pages - req.matched_len // self.cache.page_size
+        return req.num_pages - req.locked_len // self.cache.page_size

@@ -23,6 +23,8 @@ class InjectedFault(RuntimeError):
 class NoResult:
     """The result of a batch none of whose requests is left to run."""
 
+    details = None
+
     def wait(self) -> tuple[list[int], None]:
         return [], None
 

@@ -325,6 +325,8 @@ class Scheduler:
             if i in prompt:
                 req.prompt_logprobs += prompt[i][0]
                 req.prompt_top += prompt[i][1]
+            if item.samples and item.start < len(req.input_ids) and not req.finished and req.row >= 0:
+                self.cache.share(req, req.input_ids[:req.cached_len])  # its prompt, for the requests after it
             if item.samples and not req.finished:
                 wants = req.params.logprobs and logprobs is not None
                 top = (details.top(i, req.params.top_logprobs)
