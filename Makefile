@@ -2,7 +2,13 @@
 #
 #   make setup [GPU=1]              venv + packages (+ flashinfer) + a runnable tritonserver in build/triton
 #   make serve [MODEL=/path] [TP=2] [HTTP_PORT=8000] [GRPC_PORT=8001] [METRICS_PORT=8002]
-#              [OPENAI_PORT=9000] [SETTINGS="page_size=32 max_total_tokens=65536"]
+#              [OPENAI_PORT=9000] [SETTINGS="page_size=32 max_total_tokens=65536"] [API_KEY=...]
+#              [LORA_MODULES="name=/adapter other=/adapter"] [TOOL_CALL_PARSER=hermes]
+#   make serve-cluster [REPLICAS=3] [POLICY=cache_aware] [ROUTER_PORT=30000] [API_KEY=...] [MODEL=...]
+#                                   replicas (tritonserver + OpenAI frontend each) behind sglang-router
+#   make serve-node DIST_INIT_ADDR=HEAD:PORT [NODE_RANK=1] [NNODES=2] [MODEL=...] [TP=...] [SETTINGS=...]
+#                                   another node of a multi-node TP group whose node 0 is
+#                                   make serve SETTINGS="nnodes=2 node_rank=0 dist_init_addr=HEAD:PORT" TP=...
 #   make soak [SOAK_SECONDS=600] [MODEL=...]  2,000+ mixed requests through tritonserver (benchmarks/soak.py)
 #   make test                       the whole pytest suite (CPU; GPU tests skip without CUDA)
 #   make bench                      offline throughput, uniform batch vs transformers, decode step (benchmarks/)
@@ -37,6 +43,20 @@ METRICS_PORT ?= 8002
 OPENAI_PORT ?= 9000
 SOAK_SECONDS ?= 600
 SETTINGS ?=
+# the key every /v1/... request must carry (make serve, make serve-cluster); empty: $MINISGL_API_KEY, else none
+API_KEY ?=
+# the OpenAI frontends' tool-call format (hermes, llama3_json, mistral); empty: from the chat template
+# (the default model: hermes)
+TOOL_CALL_PARSER ?=
+# LoRA adapters to serve, "name=/folder other=/folder" (written to multi_lora.json; turns LoRA on)
+LORA_MODULES ?=
+REPLICAS ?= 3
+POLICY ?= cache_aware
+ROUTER_PORT ?= 30000
+# make serve-node: this node's rank, the node count, node 0's dist_init_addr
+NODE_RANK ?= 1
+NNODES ?= 2
+DIST_INIT_ADDR ?=
 DEFAULT_MODEL_DIR := build/models/smollm2
 PYTEST_ARGS ?=
 
@@ -46,7 +66,7 @@ PERF_ANALYZER := build/perf_analyzer/perf_analyzer
 
 export MODEL TP HTTP_PORT GRPC_PORT METRICS_PORT OPENAI_PORT SETTINGS
 
-.PHONY: setup model serve soak test bench gpu-bundle bench-latency bench-online bench-triton bench-serving bench-openai perf-analyzer perf-analyzer-260 genai-perf clean help
+.PHONY: setup model serve serve-node serve-cluster soak test bench gpu-bundle bench-latency bench-online bench-triton bench-serving bench-openai perf-analyzer perf-analyzer-260 genai-perf clean help
 
 help:
 	@sed -n '1,/^$$/p' Makefile
@@ -92,6 +112,19 @@ $(DEFAULT_MODEL_DIR)/config.json: | $(SETUP_STAMP)
 serve: setup
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory model; fi
 	scripts/serve.sh
+
+# REPLICAS x (tritonserver + OpenAI frontend) behind sglang-router on ROUTER_PORT (scripts/serve_cluster.sh)
+serve-cluster: setup
+	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory model; fi
+	scripts/serve_cluster.sh
+
+# a node other than 0 of a multi-node TP group: its tp_size / nnodes ranks, no tritonserver; TP and
+# SETTINGS as on node 0 (docs/architecture.md#tensor-parallelism)
+serve-node: setup
+	@if [ -z "$(DIST_INIT_ADDR)" ]; then echo "serve-node: set DIST_INIT_ADDR=HOST:PORT, node 0's dist_init_addr" >&2; exit 1; fi
+	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory model; fi
+	$(PY) -m minisgl_backend.node --node-rank $(NODE_RANK) --nnodes $(NNODES) --dist-init-addr $(DIST_INIT_ADDR) \
+	  --model $(or $(MODEL),$(DEFAULT_MODEL_DIR)) tp_size=$(TP) $(SETTINGS)
 
 # 2,000+ mixed requests (streaming, cancelled, hostile...) on a tiny model and KV pool; JSON report
 soak: setup

@@ -37,6 +37,8 @@ REMOVED_SETTINGS = {
     "lpm_min_queue": "lpm orders every queue",
     "lpm_window": "lpm looks at the oldest 128 waiting requests",
     "disable_overlap": "use enable_overlap=false",
+    "master_addr": "use dist_init_addr=HOST:PORT (node 0's address; empty: 127.0.0.1 and a free port)",
+    "master_port": "use dist_init_addr=HOST:PORT (node 0's address; empty: 127.0.0.1 and a free port)",
 }
 
 
@@ -106,16 +108,50 @@ class SchedulerConfig:
 
 @dataclass
 class ParallelConfig:
-    tp_size: int = setting(1, "tensor-parallel ranks (one process each)")
-    master_addr: str = setting("127.0.0.1", "torch.distributed rendezvous host")
-    master_port: int = setting(0, "torch.distributed rendezvous port; 0: a free port")
-    cpu_threads: int = setting(0, "torch threads per rank on the CPU; 0: cores / tp_size (under Triton "
+    tp_size: int = setting(1, "tensor-parallel ranks (one process each), over all nodes")
+    nnodes: int = setting(1, "hosts the tp_size ranks are spread over (tp_size / nnodes each); node 0 serves, "
+                             "the others run `python -m minisgl_backend.node`")
+    node_rank: int = setting(0, "this host's place among the nnodes (0: the Triton model)")
+    dist_init_addr: str = setting("", "HOST:PORT of node 0 where the nodes meet (a TCP store); empty: "
+                                      "127.0.0.1 and a free port (one node only)")
+    node_addr: str = setting("", "this node's address the other nodes reach its ranks at (gloo); empty: "
+                                 "what the hostname resolves to, or GLOO_SOCKET_IFNAME's interface")
+    node_join_timeout_s: float = setting(300.0, "how long node 0 waits for every node to join (and a node "
+                                                "for node 0) before the load fails")
+    node_timeout_s: float = setting(5.0, "a node whose heartbeat stops this long counts as lost: the requests "
+                                         "in flight fail and the group ends")
+    dist_timeout_s: float = setting(600.0, "timeout of one torch.distributed collective")
+    cpu_threads: int = setting(0, "torch threads per rank on the CPU; 0: cores / ranks per node (under Triton "
                                   "one core fewer)")
-    cpu_cores: str = setting("", "cores the ranks are pinned to, shared out in order (\"0-3,8\"); empty: "
-                                 "the OS decides")
+    cpu_cores: str = setting("", "cores this node's ranks are pinned to, shared out in order (\"0-3,8\"); "
+                                 "empty: the OS decides")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp_size // self.nnodes
+
+    @property
+    def local_ranks(self) -> range:
+        """The global ranks this node runs."""
+        return range(self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node)
+
+    def init_address(self) -> tuple[str, int]:
+        """(host, port) of `dist_init_addr`; port 0 when it is empty (a free one is picked)."""
+        return split_host_port(self.dist_init_addr) if self.dist_init_addr else ("127.0.0.1", 0)
 
     def validate(self) -> None:
         _require(self.tp_size >= 1, "tp_size must be >= 1")
+        _require(self.nnodes >= 1, "nnodes must be >= 1")
+        _require(0 <= self.node_rank < self.nnodes, f"node_rank must be in [0, nnodes={self.nnodes}), "
+                                                    f"got {self.node_rank}")
+        _require(self.tp_size % self.nnodes == 0, f"tp_size {self.tp_size} does not divide over nnodes "
+                                                  f"{self.nnodes}: every node runs tp_size / nnodes ranks")
+        _require(self.nnodes == 1 or bool(self.dist_init_addr),
+                 f"nnodes={self.nnodes} needs dist_init_addr=HOST:PORT, node 0's address the other nodes reach")
+        if self.dist_init_addr:
+            split_host_port(self.dist_init_addr)
+        for name in ("node_join_timeout_s", "node_timeout_s", "dist_timeout_s"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0")
         _require(self.cpu_threads >= 0, "cpu_threads must be >= 0 (0: automatic)")
         if self.cpu_cores:
             from minisgl_backend.cpu_affinity import parse_cpu_list
@@ -124,8 +160,17 @@ class ParallelConfig:
                 cores = parse_cpu_list(self.cpu_cores)
             except ValueError as exc:
                 raise ConfigError(f"cpu_cores: {exc}") from None
-            _require(len(cores) >= self.tp_size,
-                     f"cpu_cores '{self.cpu_cores}' has {len(cores)} cores for {self.tp_size} ranks: one at least each")
+            _require(len(cores) >= self.ranks_per_node, f"cpu_cores '{self.cpu_cores}' has {len(cores)} cores for "
+                                                        f"{self.ranks_per_node} ranks: one at least each")
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port); a ConfigError shows the expected form."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"dist_init_addr must be HOST:PORT (e.g. 10.0.0.1:29500), got {address!r}")
+    return host, int(port)
 
 
 @dataclass

@@ -33,3 +33,43 @@ def rss_bytes(pid: int) -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def is_alive(pid: int, start: str) -> bool:
+    """Alive and not a zombie, and still the same process (pid reuse: same start time)."""
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z" and fields[19] == start
+
+
+def descendants(root: int) -> list[tuple[int, str, str]]:
+    """(pid, start time, command line) of every live process below `root`."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := stat_fields(int(entry))) is not None and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+            starts[int(entry)] = fields[19]
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:300]
+        except OSError:
+            continue
+        found.append((pid, starts[pid], cmd))
+    return found
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on `port` on every interface now."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False

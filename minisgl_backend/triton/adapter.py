@@ -55,12 +55,12 @@ def split_parameters(model_config: dict) -> tuple[dict[str, str], AdapterConfig]
     return engine, AdapterConfig.from_flat(adapter)
 
 
-def serving_cpu_threads(tp_size: int) -> int:
-    """Torch threads per scheduler rank on the CPU under Triton: one core stays with tritonserver
-    and this stub (with every core computing, each step waits for the thread the serving layer
-    preempted)."""
+def serving_cpu_threads(local_ranks: int) -> int:
+    """Torch threads per scheduler rank of this node on the CPU under Triton: one core stays with
+    tritonserver and this stub (with every core computing, each step waits for the thread the
+    serving layer preempted)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, (cores - 1) // tp_size)
+    return max(1, (cores - 1) // local_ranks)
 
 
 class TritonAdapter:
@@ -112,7 +112,7 @@ class TritonAdapter:
         engine["model_path"] = resolve_model_path(engine.get("model_path", ""), self.model_file)
         config = EngineConfig.from_flat(engine)
         if config.parallel.cpu_threads == 0:
-            config.parallel.cpu_threads = serving_cpu_threads(config.parallel.tp_size)
+            config.parallel.cpu_threads = serving_cpu_threads(config.parallel.ranks_per_node)
         logger.info("starting engine: %s", config.to_flat())
         self.fe = Frontend(config, deliver=self.replies.on_news)
         self.vocab_size = self.fe.info.vocab_size
