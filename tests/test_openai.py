@@ -47,8 +47,10 @@ def triton(triton_server_factory, tiny_llama):
 
 @pytest.fixture(scope="module")
 def frontend(triton, tmp_path_factory):
-    """The real command line; no --tokenizer: the chat template comes from the model's model_path."""
-    fe = OpenAIFrontend(triton.grpc_url, tmp_path_factory.mktemp("fe") / "frontend.log")
+    """The real command line; no --tokenizer: the chat template comes from the model's model_path.
+    tritonserver's metrics port is a free port here, not 8002: --metrics-url names it."""
+    fe = OpenAIFrontend(triton.grpc_url, tmp_path_factory.mktemp("fe") / "frontend.log",
+                        extra_args=["--metrics-url", triton.metrics_url])
     fe.start()
     yield fe
     fe.stop()
@@ -263,7 +265,7 @@ BAD_CHAT = {
     "min_tokens above max_tokens (engine)": ({"max_tokens": 2, "extra_body": {"min_tokens": 5}}, "min_tokens"),
     "presence_penalty out of range (engine)": ({"presence_penalty": 3}, "presence_penalty"),
     "temperature not a number": ({"extra_body": {"temperature": "hot"}}, "temperature"),
-    "unknown field": ({"extra_body": {"colour": "red"}}, "colour"),
+    "router extra at a value it cannot give": ({"extra_body": {"no_stop_trim": True}}, "no_stop_trim"),
     "image content part": ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages.0.content"),
     "tool role": ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages.0"),
@@ -509,3 +511,137 @@ def test_model_not_ready_is_503(triton, tiny_llama):
                                                stream=stream)
             assert info.value.status_code == 503
             assert info.value.response.json()["error"]["code"] == "model_not_ready"
+
+
+# ---------------------------------------------------------------- behind routers and gateways
+
+# the bodies the SGLang Model Gateway (sglang-router 0.3.2) sends for plain requests (captured)
+ROUTER_CHAT_EXTRAS = {"logprobs": False, "no_stop_trim": False, "ignore_eos": False, "continue_final_message": False,
+                      "skip_special_tokens": True, "separate_reasoning": True, "stream_reasoning": True,
+                      "return_hidden_states": False}
+ROUTER_COMPLETION_EXTRAS = {"echo": False, "no_stop_trim": False, "ignore_eos": False, "skip_special_tokens": True,
+                            "return_hidden_states": False}
+
+
+def test_the_routers_request_bodies_are_served(frontend, offline, chat_prompts):
+    ref = offline(chat_prompts[0], max_tokens=MAX_TOKENS, temperature=0.0)
+    body = {"messages": CONVERSATIONS[0], "model": MODEL, "max_completion_tokens": MAX_TOKENS, "stream": False,
+            "temperature": 0.0, **ROUTER_CHAT_EXTRAS}
+    resp = httpx.post(f"{frontend.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"] == ref["text"]
+    comp_ref = offline(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0)
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "stream": False, "temperature": 0.0,
+            **ROUTER_COMPLETION_EXTRAS}
+    resp = httpx.post(f"{frontend.base_url}/v1/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["text"] == comp_ref["text"]
+
+
+def test_unknown_fields_are_ignored_with_a_log_line(client, frontend, offline, chat_prompts):
+    got = client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=MAX_TOKENS,
+                                         extra_body={**IGNORE_EOS, "colour_of_the_sky": "blue"}, **GREEDY)
+    assert got.choices[0].message.content == greedy_ref(offline, chat_prompts[0])["text"]
+    deadline = time.monotonic() + 10
+    while "colour_of_the_sky" not in frontend.log_path.read_text():
+        assert time.monotonic() < deadline, frontend.log_tail()
+        time.sleep(0.1)
+    line = next(l for l in frontend.log_path.read_text().splitlines() if "colour_of_the_sky" in l)
+    assert "ignored" in line and "/v1/chat/completions" in line
+
+
+def test_continue_final_message(client, offline, tokenizer):
+    conv = [{"role": "user", "content": "Finish my sentence."}, {"role": "assistant", "content": "The sky is"}]
+    prompt = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=False,
+                                           continue_final_message=True)
+    assert prompt.endswith("The sky is")
+    got = client.chat.completions.create(model=MODEL, messages=conv, max_tokens=MAX_TOKENS,
+                                         extra_body={**IGNORE_EOS, "continue_final_message": True}, **GREEDY)
+    assert got.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert got.choices[0].message.content == greedy_ref(offline, prompt)["text"]
+
+
+def test_continuous_usage_stats_put_usage_on_every_chunk(client):
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=CONVERSATIONS[0], max_tokens=MAX_TOKENS, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body=IGNORE_EOS, **GREEDY))
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == MAX_TOKENS
+    assert len({c.usage.prompt_tokens for c in chunks}) == 1 and chunks[0].usage.prompt_tokens > 0
+    assert any(c.choices and c.choices[0].delta.content for c in chunks) and chunks[-1].choices == []
+
+
+def test_router_probe_endpoints(frontend, tiny_llama):
+    for path in ("/server_info", "/get_server_info"):
+        info = httpx.get(f"{frontend.base_url}{path}").json()
+        assert info["served_model_name"] == MODEL and info["model_path"] == tiny_llama
+        assert info["page_size"] == SETTINGS["page_size"] and info["tp_size"] == 1 and info["dp_size"] == 1
+        assert info["model_parameters"]["max_total_tokens"] == str(SETTINGS["max_total_tokens"])
+    for path in ("/model_info", "/get_model_info"):
+        info = httpx.get(f"{frontend.base_url}{path}").json()
+        assert info["model_path"] == info["tokenizer_path"] == tiny_llama
+        assert info["is_generation"] is True and info["model_type"] == "llama"
+
+
+def test_get_load_and_metrics_follow_the_models_gauges(triton, frontend):
+    triton.wait_idle()
+    load = httpx.get(f"{frontend.base_url}/get_load").json()
+    assert load == [{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}]
+    with httpx.stream("POST", f"{frontend.base_url}/v1/chat/completions", json={**LONG, "stream": True},
+                      timeout=60) as resp:
+        lines = resp.iter_lines()
+        next(lines)
+        _wait_busy(triton)
+        load = httpx.get(f"{frontend.base_url}/get_load").json()[0]
+        assert load["num_reqs"] >= 1 and load["num_tokens"] >= SETTINGS["page_size"]
+        assert load["num_tokens"] % SETTINGS["page_size"] == 0
+        text = httpx.get(f"{frontend.base_url}/metrics").text
+        assert parse_metric(text, "minisgl_num_requests_running") >= 1  # Triton's own metrics, passed on
+        assert parse_metric(text, "vllm:num_requests_running", {"model_name": MODEL}) == parse_metric(
+            text, "minisgl_num_requests_running")
+        assert parse_metric(text, "vllm:num_requests_waiting", {"model_name": MODEL}) == parse_metric(
+            text, "minisgl_num_requests_pending")
+        assert parse_metric(text, "vllm:kv_cache_usage_perc", {"model_name": MODEL}) == parse_metric(
+            text, "minisgl_kv_cache_usage_ratio") > 0
+        assert parse_metric(text, "vllm:cache_config_info", {"block_size": str(SETTINGS["page_size"])}) == 1
+    triton.wait_idle()
+    resp = httpx.get(f"{frontend.base_url}/metrics")
+    assert resp.headers["content-type"].startswith("text/plain")
+    assert parse_metric(resp.text, "vllm:num_requests_running") == 0
+
+
+def test_metrics_unreachable_is_503(triton, tiny_llama):
+    settings = ServerSettings(triton_url=triton.grpc_url, model=MODEL, tokenizer=tiny_llama,
+                              metrics_url=f"http://127.0.0.1:{free_port()}/metrics")
+    with InProcessFrontend(settings) as fe:
+        for path in ("/metrics", "/get_load"):
+            resp = httpx.get(f"{fe.base_url}{path}")
+            assert resp.status_code == 503 and "metrics" in resp.json()["error"]["message"], path
+
+
+def test_api_key(triton, tiny_llama):
+    settings = ServerSettings(triton_url=triton.grpc_url, model=MODEL, tokenizer=tiny_llama, api_key="sk-test",
+                              metrics_url=triton.metrics_url)
+    with InProcessFrontend(settings) as fe:
+        for key in ("wrong", None):
+            headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+            for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")):
+                resp = httpx.request(method, f"{fe.base_url}{path}", headers=headers,
+                                     json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+                assert resp.status_code == 401, (path, key)
+                assert resp.json()["error"]["code"] == "invalid_api_key"
+        bad = openai.OpenAI(base_url=f"{fe.base_url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=f"{fe.base_url}/v1", api_key="sk-test", max_retries=0)
+        assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices
+        for path in ("/health", "/metrics", "/get_load", "/server_info", "/model_info"):
+            assert httpx.get(f"{fe.base_url}{path}").status_code == 200, path
+
+
+def test_vllm_guided_keys_constrain_the_answer(client):
+    for seed in range(3):
+        got = client.chat.completions.create(model=MODEL, messages=CONVERSATIONS[0], max_tokens=8, temperature=0.9,
+                                             seed=seed, extra_body={"guided_choice": ["yes", "no"]})
+        assert got.choices[0].message.content in ("yes", "no"), got

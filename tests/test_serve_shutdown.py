@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -29,7 +28,7 @@ import pytest
 
 from minisgl_backend.checkout import ROOT
 from minisgl_backend.ports import answers_ok, free_ports
-from minisgl_backend.procinfo import stat_fields
+from minisgl_backend.testing.procinfo import descendants, is_alive, port_is_free
 from minisgl_backend.testing.triton import GrpcStream, grpc_inputs
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow, pytest.mark.timeout(600),
@@ -37,6 +36,7 @@ pytestmark = [pytest.mark.triton, pytest.mark.slow, pytest.mark.timeout(600),
 
 EXIT_TIMEOUT = 10  # seconds tritonserver may take to stop (make serve EXIT_TIMEOUT=...)
 GONE_WITHIN = EXIT_TIMEOUT + 10  # the supervisor SIGKILLs at EXIT_TIMEOUT + 5
+API_KEY = "sk-make-serve"
 
 
 class Serve:
@@ -44,7 +44,7 @@ class Serve:
         self.ports = dict(zip(("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "OPENAI_PORT"), free_ports(4)))
         cmd = ["make", "--no-print-directory", "-o", ".venv/.minisgl-setup", "-o", "build/triton/env.sh", "serve",
                f"MODEL={model}", "SETTINGS=max_total_tokens=4096 page_size=16", f"EXIT_TIMEOUT={EXIT_TIMEOUT}",
-               *(f"{k}={v}" for k, v in self.ports.items())]
+               f"API_KEY={API_KEY}", *(f"{k}={v}" for k, v in self.ports.items())]
         self.log_path = log_path
         self.log = open(log_path, "wb")
         # its own session, as a terminal's job: SIGINT to the group is Ctrl-C
@@ -69,7 +69,13 @@ class Serve:
             ROOT / "minisgl_backend" / "openai" / "__main__.py")
         assert "OpenAI frontend" in self.text(), "make serve says whether it started the OpenAI frontend"
         if "OpenAI frontend on port" in self.text():  # READY: every port it names answers, at once
-            assert answers_ok(f"http://127.0.0.1:{self.ports['OPENAI_PORT']}/health"), self.text()[-2000:]
+            base = f"http://127.0.0.1:{self.ports['OPENAI_PORT']}"
+            assert answers_ok(f"{base}/health"), self.text()[-2000:]
+            # make serve API_KEY=...: the frontend refuses /v1/... without it
+            assert not answers_ok(f"{base}/v1/models")
+            keyed = urllib.request.Request(f"{base}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+            with urllib.request.urlopen(keyed, timeout=30) as resp:
+                assert resp.status == 200
 
     def generate(self) -> dict:
         req = urllib.request.Request(f"http://127.0.0.1:{self.ports['HTTP_PORT']}/v2/models/minisgl/generate",
@@ -100,43 +106,6 @@ class Serve:
             os.killpg(self.make.pid, signal.SIGKILL)
             self.make.wait(10)
         self.log.close()
-
-
-def is_alive(pid: int, start: str) -> bool:
-    """Alive and not a zombie, and still the same process (pid reuse: same start time)."""
-    fields = stat_fields(pid)
-    return fields is not None and fields[0] != "Z" and fields[19] == start
-
-
-def descendants(root: int) -> list[tuple[int, str, str]]:
-    """(pid, start time, command line) of every live process below `root`."""
-    children: dict[int, list[int]] = {}
-    starts: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := stat_fields(int(entry))) is not None and fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry))
-            starts[int(entry)] = fields[19]
-    found, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:300]
-        except OSError:
-            continue
-        found.append((pid, starts[pid], cmd))
-    return found
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-            return True
-        except OSError:
-            return False
 
 
 def _sigint_group(serve: Serve) -> None:

@@ -11,6 +11,11 @@ import argparse
 import logging
 
 from minisgl_backend.openai.app import ServerSettings, create_app
+from minisgl_backend.openai.tool_parsers import TOOL_PARSERS
+
+TOOL_CALL_PARSER_ENV = "MINISGL_TOOL_CALL_PARSER"
+
+API_KEY_ENV = "MINISGL_API_KEY"
 
 
 def parse_args(argv: list[str] | None = None) -> ServerSettings:
@@ -28,10 +33,21 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     p.add_argument("--default-max-tokens", type=int, default=None, metavar="N",
                    help="max_tokens of requests that set none (default: until the context ends, as OpenAI; "
                         "a Triton vLLM-backend model needs a number here)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every /v1/... request (401 otherwise); /health, "
+                        f"/metrics and the router probes stay open (default: ${API_KEY_ENV}, else no key)")
+    p.add_argument("--metrics-url", default=None, metavar="URL",
+                   help="tritonserver's metrics endpoint, served on /metrics with vLLM-named aliases and read "
+                        "for /get_load (default: http://<the --triton-url host>:8002/metrics)")
+    p.add_argument("--tool-call-parser", default=os.environ.get(TOOL_CALL_PARSER_ENV) or None,
+                   choices=sorted(TOOL_PARSERS),
+                   help="the model's tool-call format (default: $MINISGL_TOOL_CALL_PARSER, else picked from its "
+                        "chat template when that is unambiguous)")
     args = p.parse_args(argv)
     return ServerSettings(triton_url=args.triton_url, model=args.model, tokenizer=args.tokenizer,
                           chat_template=args.chat_template, host=args.host, port=args.port,
-                          default_max_tokens=args.default_max_tokens)
+                          default_max_tokens=args.default_max_tokens, api_key=args.api_key,
+                          metrics_url=args.metrics_url, tool_call_parser=args.tool_call_parser)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from minisgl_backend.openai.auth import ApiKeyMiddleware
+from minisgl_backend.openai.chat import ChatRenderer
+from minisgl_backend.openai.choices import ChoiceRequest, choice_requests, run_choices
 from minisgl_backend.openai.errors import OpenAIError, invalid, not_ready, server_error
+from minisgl_backend.openai.gateway import GatewayRoutes, TritonMetrics, default_metrics_url
+from minisgl_backend.openai.lora import LoraModels
 from minisgl_backend.openai.protocol import ChatCompletionRequest, CompletionRequest
 from minisgl_backend.openai.responses import ChatShape, ChoiceBuilder, CompletionShape, StreamEvents
 from minisgl_backend.openai.streaming import SSEResponse, sse_body
@@ -49,6 +54,13 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 9000
     default_max_tokens: int | None = None  # None: until the context ends
+    api_key: str | None = None  # set: /v1/... requests need "Authorization: Bearer <api_key>"
+    metrics_url: str | None = None  # tritonserver's metrics endpoint; None: the Triton host, port 8002
+    tool_call_parser: str | None = None  # one of TOOL_PARSERS; None: picked from the chat template
+
+    def __repr__(self) -> str:  # never the key in logs or tracebacks
+        fields = {k: ("***" if k == "api_key" and v else v) for k, v in self.__dict__.items()}
+        return f"ServerSettings({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
 
 
 class ClientGone(Exception):
@@ -60,6 +72,9 @@ def create_app(settings: ServerSettings, client: TritonGenerateClient | None = N
     client = client or TritonGenerateClient(settings.triton_url, settings.model)
     tokenizers = tokenizers or TokenizerSource(client, settings.tokenizer, settings.chat_template)
     routes = Routes(settings, client, tokenizers)
+    metrics = TritonMetrics(settings.metrics_url or default_metrics_url(settings.triton_url))
+    gateway = GatewayRoutes(settings.model, settings.triton_url, client, tokenizers, metrics,
+                            api_key_required=bool(settings.api_key))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -74,6 +89,15 @@ def create_app(settings: ServerSettings, client: TritonGenerateClient | None = N
     app.get("/v1/models")(routes.list_models)
     app.get("/v1/models/{name:path}")(routes.get_model)
     app.get("/health")(routes.health)
+    # for routers and gateways (open, like /health): SGLang's worker probes and the metrics
+    app.get("/metrics")(gateway.prometheus)
+    app.get("/get_load")(gateway.get_load)
+    for path in ("/server_info", "/get_server_info"):
+        app.get(path)(gateway.server_info)
+    for path in ("/model_info", "/get_model_info"):
+        app.get(path)(gateway.model_info)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     return app
 
 
@@ -128,6 +152,20 @@ class Routes:
         self._check_model(body.model)
         if (error := body.unsupported()) is not None:
             raise error
+        if ignored := body.ignored_fields():  # as vLLM's server: not refused, but said
+            logger.warning("%s: the following fields were present in the request but ignored: %s",
+                           request.url.path, ", ".join(ignored))
+        return adapter
+
+    def _tool_parser(self, tools: ToolRequest, renderer: ChatRenderer) -> str | None:
+        """The tool-call format of this model: --tool-call-parser, else its chat template's."""
+        if not tools.tools or tools.choice == "none":
+            return None
+        parser = self.settings.tool_call_parser or parser_for_template(renderer.template)
+        if parser is None:
+            raise invalid("this model's chat template names no tool-call format this server can parse; start the "
+                          f"server with --tool-call-parser (one of {', '.join(sorted(TOOL_PARSERS))})", "tools")
+        return parser
 
     def _max_tokens(self, body: ChatCompletionRequest | CompletionRequest) -> int:
         requested = body.requested_max_tokens()
@@ -153,7 +191,16 @@ class Routes:
         except ClientGone:
             await pieces.aclose()
             return Response(status_code=499)
-        return SSEResponse(sse_body(StreamEvents(shape, body.include_usage_in_stream), choice, first, pieces))
+        events = StreamEvents(shape, body.include_usage_in_stream, body.continuous_usage_in_stream)
+        if len(builders) == 1:
+            return SSEResponse(sse_body(events, builders[0], first[1], _pieces_only(pieces)))
+        return SSEResponse(sse_choices(events, builders, first, pieces))
+
+    def _pieces(self, choices: list[ChoiceRequest]) -> AsyncIterator[tuple[int, Piece]]:
+        """(choice index, piece) of every choice; one choice streams straight from its gRPC call."""
+        if len(choices) > 1:
+            return run_choices(self.client, choices)
+        return _indexed(choices[0].index, self.client.generate(choices[0].request))
 
     async def _failure(self, exc: Exception, prompt_param: str) -> OpenAIError:
         """What a request that failed before its first token tells the client."""

@@ -1,9 +1,12 @@
 """Request bodies of /v1/chat/completions and /v1/completions (pydantic).
 
-Every field is declared; anything else is refused with a 400 that names it (`extra="forbid"`).
-Fields that exist in OpenAI's API but ask for something this server does not do (`n > 1`,
-`tools`, `top_logprobs > 0`, `echo`, ...) are declared so that `unsupported_fields` can name them.
-Values are checked by the engine (its INVALID_ARG message is passed through as a 400).
+As vLLM's server does, fields this server does not know are ignored, and each request that had
+some names them in a log line (`ignored_fields`). Fields that exist in OpenAI's API, vLLM's or
+SGLang's (the SGLang Model Gateway re-sends every request with SGLang's extras) are declared:
+those that ask for something this server does not do (`no_stop_trim`, `return_hidden_states`,
+...) are accepted at their neutral values and refused with a 400 naming them otherwise
+(`unsupported`). Values are checked by the engine (its INVALID_ARG message is passed through as
+a 400). Every string must be valid Unicode (a lone surrogate escape is a 400 naming its field).
 """
 
 from __future__ import annotations
@@ -14,13 +17,56 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from minisgl_backend.openai.errors import OpenAIError, invalid
 
+MAX_CHOICES = 128  # n, and prompts x n of one request
+MAX_TOP_LOGPROBS = 20
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+
+def _encodable(value: Any) -> Any:
+    """Strings, in any nesting, must encode as UTF-8 (a JSON "\\ud800" escape decodes to a lone
+    surrogate, which the tokenizer and the wire could not carry)."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"holds a lone UTF-16 surrogate ({ascii(item[exc.start])} at character "
+                                 f"{exc.start}), which is not valid Unicode text") from None
+        elif isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+    return value
 
 
-class StreamOptions(_Strict):
+class _Lenient(BaseModel):
+    """Unknown fields are kept aside (`model_extra`), not refused: see `ignored_fields`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        return _encodable(value)
+
+    def ignored_fields(self, prefix: str = "") -> list[str]:
+        """The dotted names of the fields this request sent that no model declares."""
+        names = [f"{prefix}{name}" for name in (self.model_extra or {})]
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            items = value if isinstance(value, list) else [value]
+            for i, item in enumerate(items):
+                if isinstance(item, _Lenient):
+                    where = f"{prefix}{name}.{i}." if isinstance(value, list) else f"{prefix}{name}."
+                    names += item.ignored_fields(where)
+        return names
+
+
+class StreamOptions(_Lenient):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, `usage` on every chunk
     include_obfuscation: bool | None = None  # padding against side channels: not needed, ignored
 
 
@@ -66,12 +112,34 @@ class _Sampling(_Strict):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     structured_outputs: dict[str, Any] | str | None = None  # vLLM's: json / json_object / regex / choice / grammar
+    # vLLM's older structured-output keys (the engine takes them as they are)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # accepted at their neutral values only (`_NEUTRAL`); SGLang's, as the SGLang Model Gateway
+    # re-sends every request with them, and vLLM's
+    no_stop_trim: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    separate_reasoning: bool = True  # no reasoning parser: nothing to separate either way
+    stream_reasoning: bool = True  # no reasoning parser: nothing to hold back either way
+    return_hidden_states: bool = False
+    include_stop_str_in_output: bool = False
+    use_beam_search: bool = False
+    prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool = False
 
     @property
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def sampling_parameters(self, max_tokens: int) -> dict[str, Any]:
+    @property
+    def continuous_usage_in_stream(self) -> bool:
+        """vLLM's `stream_options.continuous_usage_stats` (with `include_usage`): usage on every chunk."""
+        return self.include_usage_in_stream and self.stream_options.continuous_usage_stats
+
+    def sampling_parameters(self, max_tokens: int, lora_name: str | None = None) -> dict[str, Any]:
         """The `sampling_parameters` JSON of the vLLM-backend contract: only what the client set."""
         out: dict[str, Any] = {"max_tokens": max_tokens}
         for key in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",

@@ -27,6 +27,7 @@ class TokenizerSource:
         self.tokenizer_dir = tokenizer_dir
         self.chat_template_file = chat_template_file
         self._renderer: ChatRenderer | None = None
+        self.folder: str | None = None  # where the tokenizer was loaded from, once it was
         self._lock = asyncio.Lock()
 
     async def try_load(self) -> None:
@@ -47,6 +48,7 @@ class TokenizerSource:
                 except OSError as exc:
                     raise OpenAIError(500, f"cannot load the tokenizer from {folder!r}: {exc}; "
                                            "start the server with --tokenizer DIR", "server_error") from None
+                self.folder = folder
                 logger.info("tokenizer and chat template from %s", folder)
                 freeze_startup_objects()  # transformers + torch: kept out of every full collection
         return self._renderer

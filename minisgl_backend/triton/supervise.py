@@ -17,6 +17,11 @@ signal can die before it stops the server. Here:
 * if the Python-backend stub dies while serving (or the engine fails and the model unloads),
   tritonserver is restarted (up to --max-restarts times): Triton itself would keep the model
   READY and leave the streams in flight unanswered.
+
+`ProcessSupervisor` is that machinery on its own (stop signals as a flag, subreaper, death
+signals, the stop sequence, the sweep of adopted orphans, a restart budget, port checks);
+`Supervisor` runs one replica with it, and `minisgl_backend.cluster` runs N such replicas (each
+one a `python -m minisgl_backend.triton.supervise` child) plus a router with it.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ import argparse
 import functools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Collection
 
 from minisgl_backend import procinfo
 from minisgl_backend.checkout import ROOT, TRITONSERVER_WRAPPER
@@ -42,17 +50,37 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _CHILD_DEATH_SIGNAL = functools.partial(die_with_parent, signal.SIGTERM)
 
 
-def say(message: str) -> None:
-    print(f"serve: {message}", flush=True)
+def say(message: str, prefix: str = "serve") -> None:
+    print(f"{prefix}: {message}", flush=True)
 
 
-class Supervisor:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+@dataclass
+class RestartBudget:
+    """At most `limit` restarts; each one is said, as is running out."""
+
+    limit: int
+    used: int = 0
+    prefix: str = "serve"
+
+    def take(self, why: str, what: str) -> bool:
+        if self.used >= self.limit:
+            say(f"{why} and {self.used} restarts were used up: stopping", self.prefix)
+            return False
+        self.used += 1
+        say(f"{why}: restarting {what} ({self.used}/{self.limit})", self.prefix)
+        return True
+
+
+class ProcessSupervisor:
+    """The machinery of a foreground supervisor: see the module's docstring."""
+
+    prefix = "serve"
+
+    def __init__(self) -> None:
         self.stop_signal: int | None = None
-        self.server: subprocess.Popen | None = None
-        self.openai: subprocess.Popen | None = None
-        self.restarts = 0
+
+    def say(self, message: str) -> None:
+        say(message, self.prefix)
 
     # ------------------------------------------------------------ signals
 
@@ -69,11 +97,62 @@ class Supervisor:
         if self.stop_signal is None:
             self.stop_signal = sig  # only a flag: the stop sequence runs once, in the main loop
 
+    # ------------------------------------------------------------ children
+
+    def spawn(self, cmd: list[str], **popen: object) -> subprocess.Popen:
+        """A child whose death signal is tied to us (it gets SIGTERM when we die)."""
+        return subprocess.Popen(cmd, cwd=str(ROOT), stdin=subprocess.DEVNULL, preexec_fn=_CHILD_DEATH_SIGNAL,
+                                **popen)
+
+    def stop_processes(self, procs: Collection[subprocess.Popen | None], grace: float) -> None:
+        """SIGTERM, wait up to `grace` seconds, SIGKILL what is left."""
+        live = [p for p in procs if p is not None and p.poll() is None]
+        for proc in live:
+            proc.terminate()
+        deadline = time.monotonic() + grace
+        while any(p.poll() is None for p in live) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for proc in live:
+            if proc.poll() is None:
+                self.say(f"pid {proc.pid} did not exit within {grace:.0f} s: SIGKILL")
+                proc.kill()
+                proc.wait()
+
+    def wait_until(self, ready: Callable[[], bool], alive: Callable[[], bool], timeout: float,
+                   interval: float = 0.5) -> str:
+        """Poll `ready` until it holds: "ready", or why not: "stopped" (a stop signal), "exited"
+        (`alive` turned false), "timeout"."""
+        deadline = time.monotonic() + timeout
+        while self.stop_signal is None:
+            if not alive():
+                return "exited"
+            if ready():
+                return "ready"
+            if time.monotonic() > deadline:
+                return "timeout"
+            time.sleep(interval)
+        return "stopped"
+
+
+class Supervisor(ProcessSupervisor):
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.args = args
+        self.server: subprocess.Popen | None = None
+        self.openai: subprocess.Popen | None = None
+        self.budget = RestartBudget(args.max_restarts)
+
+    @property
+    def restarts(self) -> int:
+        return self.budget.used
+
     # ------------------------------------------------------------ run
 
     def run(self) -> int:
         try:
-            code = self._start_all()
+            code = self._check_ports()
+            if code is None:
+                code = self._start_all()
             while code is None:  # None: serving stopped without an exit code, start again
                 code = self._serve()
                 if code is None:
@@ -82,6 +161,17 @@ class Supervisor:
         finally:
             self._stop()
         return code
+
+    def _check_ports(self) -> int | None:
+        a = self.args
+        named = [(a.http_port, "tritonserver HTTP"), (a.grpc_port, "tritonserver gRPC"),
+                 (a.metrics_port, "tritonserver metrics")]
+        if OPENAI_MAIN.is_file():
+            named.append((a.openai_port, "the OpenAI frontend"))
+        problems = port_problems(named)
+        for problem in problems:
+            self.say(problem)
+        return 1 if problems else None
 
     def _start_all(self) -> int | None:
         """tritonserver, then (once the model is READY) the OpenAI frontend; None when serving."""
@@ -104,34 +194,33 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         self.openai = None
-        _kill_adopted()
+        kill_adopted()
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(cmd, cwd=str(ROOT), stdin=subprocess.DEVNULL, preexec_fn=_CHILD_DEATH_SIGNAL)
+        return self.spawn(cmd)
 
     def _wait_ready(self) -> int | None:
         """None once the model is READY; an exit code if we must stop before."""
         url = f"http://127.0.0.1:{self.args.http_port}/v2/models/{MODEL}/ready"
-        deadline = time.monotonic() + self.args.ready_timeout
-        while self.stop_signal is None:
-            if self.server.poll() is not None:
-                say(f"tritonserver exited ({self.server.returncode}) before the model was ready")
-                return 1
-            if answers_ok(url):
-                return None
-            if time.monotonic() > deadline:
-                say(f"model not ready after {self.args.ready_timeout:.0f} s")
-                return 1
-            time.sleep(0.5)
-        return 128 + self.stop_signal
+        outcome = self.wait_until(lambda: answers_ok(url), lambda: self.server.poll() is None,
+                                  self.args.ready_timeout)
+        if outcome == "exited":
+            say(f"tritonserver exited ({self.server.returncode}) before the model was ready")
+            return 1
+        if outcome == "timeout":
+            say(f"model not ready after {self.args.ready_timeout:.0f} s")
+            return 1
+        return None if outcome == "ready" else 128 + self.stop_signal
 
     def _start_openai(self) -> None:
         if not OPENAI_MAIN.is_file():
             say("OpenAI frontend skipped: minisgl_backend/openai is not in this checkout")
         else:
+            # the key, if any, reaches it as $MINISGL_API_KEY (never on a command line)
             self.openai = self._spawn([sys.executable, "-m", "minisgl_backend.openai", "--triton-url",
                                        f"127.0.0.1:{self.args.grpc_port}", "--model", MODEL,
-                                       "--port", str(self.args.openai_port)])
+                                       "--port", str(self.args.openai_port), "--metrics-url",
+                                       f"http://127.0.0.1:{self.args.metrics_port}/metrics"])
             say(f"OpenAI frontend on port {self.args.openai_port}")
             if not self._wait_openai():
                 return
@@ -143,15 +232,11 @@ class Supervisor:
         READY means every port it names answers; False when it exited or a stop signal came (the
         serve loop then stops everything)."""
         url = f"http://127.0.0.1:{self.args.openai_port}/health"
-        deadline = time.monotonic() + self.args.ready_timeout
-        while self.stop_signal is None and self.openai.poll() is None:
-            if answers_ok(url):
-                return True
-            if time.monotonic() > deadline:
-                say(f"the OpenAI frontend does not answer {url} after {self.args.ready_timeout:.0f} s")
-                return True
-            time.sleep(0.2)
-        return False
+        outcome = self.wait_until(lambda: answers_ok(url), lambda: self.openai.poll() is None,
+                                  self.args.ready_timeout, interval=0.2)
+        if outcome == "timeout":
+            say(f"the OpenAI frontend does not answer {url} after {self.args.ready_timeout:.0f} s")
+        return outcome in ("ready", "timeout")
 
     def _serve(self) -> int | None:
         """Until a stop signal (its exit code) or a child's death (1); None: restart everything."""
@@ -179,12 +264,7 @@ class Supervisor:
         and keeps the model READY; a stub killed while it holds a shared-memory lock can also abort
         tritonserver. Restarting the server fails those streams (their connections drop) and
         serves again."""
-        if self.restarts >= self.args.max_restarts:
-            say(f"{why} and {self.restarts} restarts were used up: stopping")
-            return 1
-        self.restarts += 1
-        say(f"{why}: restarting tritonserver ({self.restarts}/{self.args.max_restarts})")
-        return None
+        return None if self.budget.take(why, "tritonserver") else 1
 
     # ------------------------------------------------------------ stop
 
@@ -192,18 +272,8 @@ class Supervisor:
         """SIGTERM, wait up to the exit timeout, SIGKILL what is left, and every orphan we adopted."""
         if self.stop_signal is not None:
             say(f"signal {signal.Signals(self.stop_signal).name}: stopping tritonserver and the engine")
-        live = [p for p in (self.openai, self.server) if p is not None and p.poll() is None]
-        for proc in live:
-            proc.terminate()
-        deadline = time.monotonic() + self.args.exit_timeout + 5
-        while any(p.poll() is None for p in live) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for proc in live:
-            if proc.poll() is None:
-                say(f"pid {proc.pid} did not exit within {self.args.exit_timeout + 5} s: SIGKILL")
-                proc.kill()
-                proc.wait()
-        _kill_adopted()
+        self.stop_processes((self.openai, self.server), self.args.exit_timeout + 5)
+        kill_adopted()
 
 
 _CRASH_SIGNALS = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
@@ -213,11 +283,15 @@ def _has_stub(server_pid: int) -> bool:
     return any("triton_python_backend_stub" in procinfo.cmdline(pid) for pid in procinfo.children(server_pid))
 
 
-def _kill_adopted() -> None:
-    """SIGKILL and reap everything below us (stubs, scheduler processes orphaned by the server)."""
-    me = os.getpid()
+def kill_adopted(keep: Collection[int] = ()) -> None:
+    """SIGKILL and reap everything below us (stubs, scheduler processes orphaned by the server),
+    except our children in `keep` and what runs below them."""
+    me, keep = os.getpid(), set(keep)
     for _ in range(50):
-        below, todo = [], procinfo.children(me)
+        others = [pid for pid in _children_and_zombies(me) if pid not in keep]
+        if not others:
+            return
+        below, todo = [], list(others)
         while todo:
             pid = todo.pop()
             below.append(pid)
@@ -227,14 +301,49 @@ def _kill_adopted() -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        while True:
+        for pid in others:  # only these: a live child in `keep` keeps its exit status for its Popen
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                return
-            if pid == 0:
-                break
+                pass
         time.sleep(0.1)
+
+
+def _children_and_zombies(parent: int) -> list[int]:
+    out = []
+    for pid in procinfo.pids():
+        fields = procinfo.stat_fields(pid)
+        if fields is not None and int(fields[1]) == parent:
+            out.append(pid)
+    return out
+
+
+def port_problems(named_ports: list[tuple[int, str]], wait: float = 0.0) -> list[str]:
+    """What stops these ports from being served: one given twice, or one that something else
+    holds (each waited for up to `wait` seconds: a process that just died may still hold it)."""
+    problems, seen = [], {}
+    for port, name in named_ports:
+        if port in seen:
+            problems.append(f"port {port} is given twice: {seen[port]} and {name}")
+        seen[port] = name
+    deadline = time.monotonic() + wait
+    for port, name in seen.items():
+        while not _port_free(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _port_free(port):
+            problems.append(f"port {port} ({name}) is already in use: stop what holds it or choose another port")
+    return problems
+
+
+def _port_free(port: int) -> bool:
+    """Whether a server could listen on `port` on every interface now (as tritonserver does)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
