@@ -256,9 +256,14 @@ def test_logprobs(client, offline, chat_prompts):
 
 
 BAD_CHAT = {
-    "n > 1": ({"n": 2}, "n"),
-    "tools": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    "top_logprobs": ({"logprobs": True, "top_logprobs": 2}, "top_logprobs"),
+    "n of 0": ({"n": 0}, "n"),
+    "tool without a valid schema": ({"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": 5}}}}}]}, "tools"),
+    "tool_choice naming an unknown tool": ({"tools": [{"type": "function", "function": {"name": "f"}}],
+                                            "tool_choice": {"type": "function", "function": {"name": "g"}}},
+                                           "tool_choice"),
+    "tool_choice without tools": ({"tool_choice": "required"}, "tool_choice"),
+    "top_logprobs above 20": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     "negative temperature (engine)": ({"temperature": -1}, "temperature"),
     "top_p out of range (engine)": ({"top_p": 1.5}, "top_p"),
     "max_tokens 0 (engine)": ({"max_tokens": 0}, "max_tokens"),
@@ -268,10 +273,11 @@ BAD_CHAT = {
     "router extra at a value it cannot give": ({"extra_body": {"no_stop_trim": True}}, "no_stop_trim"),
     "image content part": ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages.0.content"),
-    "tool role": ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages.0"),
+    "unknown role": ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
     "no messages": ({"messages": []}, "messages"),
     "stream_options without stream": ({"stream_options": {"include_usage": True}}, "stream_options"),
-    "logit_bias": ({"logit_bias": {"5": 10}}, "logit_bias"),
+    "logit_bias out of range": ({"logit_bias": {"5": 200}}, "logit_bias"),
+    "logit_bias outside the vocabulary (engine)": ({"logit_bias": {"1000000": 5}}, "logit_bias"),
     "response_format of an unknown type": ({"response_format": {"type": "xml"}}, "response_format"),
     "response_format json_schema without a schema object": (
         {"response_format": {"type": "json_schema", "json_schema": {"schema": "x"}}}, "response_format"),
@@ -282,12 +288,12 @@ BAD_CHAT = {
 }
 
 BAD_COMPLETIONS = {  # (fields, a word of the message, the error's param)
-    "top logprobs": ({"logprobs": 2}, "logprobs", "logprobs"),
+    "logprobs above 20": ({"logprobs": 21}, "logprobs", "logprobs"),
     "token id outside the vocabulary (engine)": ({"prompt": [1, 2, 10**6]}, "vocabulary", "prompt"),
     "prompt longer than the context (engine)": ({"prompt": [5] * 9000}, "context", "prompt"),
-    "two prompts": ({"prompt": ["a", "b"]}, "prompt", "prompt"),
+    "an empty prompt among two": ({"prompt": ["a", ""]}, "prompt", "prompt.1"),
     "empty prompt": ({"prompt": ""}, "prompt", "prompt"),
-    "echo": ({"echo": True}, "echo", "echo"),
+    "max_tokens 0 without echo": ({"max_tokens": 0}, "echo", "max_tokens"),
     "best_of": ({"best_of": 3}, "best_of", "best_of"),
 }
 

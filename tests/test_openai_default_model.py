@@ -22,8 +22,9 @@ pytestmark = [pytest.mark.triton, pytest.mark.timeout(600),
 def servers(triton_server_factory, default_model, tmp_path_factory):
     models = {"minisgl": {"model_path": default_model, "max_total_tokens": 4096}}
     with triton_server_factory("openai-smollm2", models) as triton:
-        # the chat template is found through model_path
-        fe = OpenAIFrontend(triton.grpc_url, tmp_path_factory.mktemp("openai-smollm2-fe") / "frontend.log")
+        # the chat template is found through model_path; it names no tool-call format: hermes
+        fe = OpenAIFrontend(triton.grpc_url, tmp_path_factory.mktemp("openai-smollm2-fe") / "frontend.log",
+                            extra_args=["--tool-call-parser", "hermes"])
         try:
             fe.start()
             yield triton, fe
@@ -45,6 +46,29 @@ def test_capital_of_france_answers_paris(frontend):
     assert "Paris" in got.choices[0].message.content, got.choices[0].message.content
     assert got.choices[0].finish_reason in ("stop", "length")
     assert 0 < got.usage.completion_tokens <= 24
+
+
+def test_asked_for_the_weather_it_calls_the_tool_and_answers_with_its_result(frontend):
+    """SmolLM2 never saw tools: `required` makes its answer a call of get_weather with a city; the
+    tool's result then renders through its template and it answers in words."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{frontend.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    got = client.chat.completions.create(model="minisgl", messages=ask, tools=[weather], tool_choice="required",
+                                         max_tokens=64, temperature=0)
+    choice = got.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
+    answer = client.chat.completions.create(model="minisgl", messages=history, tools=[weather], max_tokens=32,
+                                            temperature=0).choices[0]
+    assert answer.message.content and answer.message.content.strip(), answer
 
 
 QUESTION = "What is the capital of France?"

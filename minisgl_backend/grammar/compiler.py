@@ -73,7 +73,7 @@ class GrammarCompiler:
             else:
                 grammar = compiler.compile_grammar(constraint.grammar)
         except (RuntimeError, ValueError, TypeError) as exc:
-            message = _LOG_PREFIX.sub("", str(exc).strip())
+            message = compiler_message(exc)
             raise GrammarError(f"structured_outputs.{kind} does not compile: {message}") from None
         self.num_compiled += 1
         return grammar
@@ -105,8 +105,17 @@ def json_schema_ebnf(schema: str) -> str:
     """The EBNF of a JSON schema (compact separators, no free whitespace), with valid JSON strings."""
     import xgrammar
 
-    ebnf = str(xgrammar.Grammar.from_json_schema(schema, any_whitespace=False))
+    return valid_json_strings(str(xgrammar.Grammar.from_json_schema(schema, any_whitespace=False)))
+
+
+def valid_json_strings(ebnf: str) -> str:
+    """xgrammar's EBNF with its length-bounded string characters replaced by JSON's (see above)."""
     return ebnf.replace(_LENGTH_STRING_CHAR, _JSON_STRING_CHAR)
+
+
+def compiler_message(exc: Exception) -> str:
+    """xgrammar's error message without its log prefix."""
+    return _LOG_PREFIX.sub("", str(exc).strip())
 
 
 def choice_ebnf(choices: Sequence[str]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from minisgl_backend.openai.app import ServerSettings, create_app
 from minisgl_backend.openai.tool_parsers import TOOL_PARSERS

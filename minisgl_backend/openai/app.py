@@ -22,9 +22,11 @@ from minisgl_backend.openai.errors import OpenAIError, invalid, not_ready, serve
 from minisgl_backend.openai.gateway import GatewayRoutes, TritonMetrics, default_metrics_url
 from minisgl_backend.openai.lora import LoraModels
 from minisgl_backend.openai.protocol import ChatCompletionRequest, CompletionRequest
-from minisgl_backend.openai.responses import ChatShape, ChoiceBuilder, CompletionShape, StreamEvents
-from minisgl_backend.openai.streaming import SSEResponse, sse_body
+from minisgl_backend.openai.responses import ChatShape, ChoiceBuilder, CompletionShape, Echo, StreamEvents
+from minisgl_backend.openai.streaming import SSEResponse, sse_body, sse_choices
 from minisgl_backend.openai.tokenizer_source import TokenizerSource
+from minisgl_backend.openai.tool_grammar import ToolRequest, tool_constraint, validate_tools
+from minisgl_backend.openai.tool_parsers import TOOL_PARSERS, make_tool_parser, parser_for_template
 from minisgl_backend.openai.triton_client import (GenerateRequest, Piece, TritonGenerateClient, TritonRequestError,
                                                   TritonUnreachable)
 
@@ -174,14 +176,15 @@ class Routes:
         return self.settings.default_max_tokens or UNTIL_CONTEXT_ENDS
 
     async def _run(self, request: Request, body: ChatCompletionRequest | CompletionRequest,
-                   shape: ChatShape | CompletionShape, gen: GenerateRequest, choice: ChoiceBuilder,
+                   shape: ChatShape | CompletionShape, choices: list[ChoiceRequest], builders: list[ChoiceBuilder],
                    prompt_param: str) -> Response:
-        gen.request_id = shape.id  # the OpenAI id in Triton's logs and traces
-        pieces = self.client.generate(gen)
+        for choice in choices:  # the OpenAI id in Triton's logs and traces
+            choice.request.request_id = shape.id if len(choices) == 1 else f"{shape.id}-{choice.index}"
+        pieces = self._pieces(choices)
         try:
             if not body.stream:
-                await _until_disconnect(request, _collect(pieces, choice))
-                return JSONResponse(shape.response(choice))
+                await _until_disconnect(request, _collect(pieces, {b.index: b for b in builders}))
+                return JSONResponse(shape.response(builders))
             first = await _until_disconnect(request, anext(pieces, None))
             if first is None:
                 raise TritonUnreachable("tritonserver ended the stream without a response")
@@ -224,11 +227,35 @@ def _no_token_strings(text: str, count: int) -> list[str]:
     raise AssertionError("token strings are only needed for logprobs")
 
 
-async def _collect(pieces: AsyncIterator[Piece], choice: ChoiceBuilder) -> None:
-    async for piece in pieces:
-        choice.add(piece)
-        if piece.final:
-            break
+def _echo(renderer: ChatRenderer, prompt: str | list[int]) -> Echo:
+    """A completion's echoed prompt: its text and its first token's (as the model tokenizes it)."""
+    tokenizer = renderer.tokenizer
+    ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt, add_special_tokens=True)
+    text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+    return Echo(text, tokenizer.decode(ids[:1]) if ids else "")
+
+
+async def _indexed(index: int, pieces: AsyncIterator[Piece]) -> AsyncIterator[tuple[int, Piece]]:
+    try:
+        async for piece in pieces:
+            yield index, piece
+            if piece.final:
+                return
+    finally:
+        await pieces.aclose()
+
+
+async def _pieces_only(pieces: AsyncIterator[tuple[int, Piece]]) -> AsyncIterator[Piece]:
+    try:
+        async for _, piece in pieces:
+            yield piece
+    finally:
+        await pieces.aclose()
+
+
+async def _collect(pieces: AsyncIterator[tuple[int, Piece]], builders: dict[int, ChoiceBuilder]) -> None:
+    async for index, piece in pieces:
+        builders[index].add(piece)
 
 
 async def _until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
@@ -278,9 +305,9 @@ def _validation_to_openai(errors: list[dict]) -> OpenAIError:
     param = ".".join(p for p in loc if not _is_union_tag(p)) or None
     if first.get("type") == "json_invalid":
         return invalid(f"the request body is not valid JSON: {first.get('msg')}")
-    if first.get("type") == "extra_forbidden":
-        message = f"unsupported field '{param}': this server does not implement it"
-    elif first.get("type") == "missing":
+    if first.get("type") == "missing" and param is None:
+        return invalid("the request body is empty: send a JSON object")
+    if first.get("type") == "missing":
         message = f"missing required field '{param}'"
     else:
         message = f"invalid value for '{param}': {first.get('msg')}"

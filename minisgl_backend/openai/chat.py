@@ -11,7 +11,8 @@ from minisgl_backend.tokenizer import load_tokenizer
 
 
 class ChatRenderer:
-    """Renders messages with `apply_chat_template(..., add_generation_prompt=True)`.
+    """Renders messages with `apply_chat_template(..., add_generation_prompt=True)` (or with the
+    final message left open: `continue_final_message`).
 
     The text goes to Triton as `text_input`, which the model tokenizes again with its special
     tokens: a leading BOS that the template writes and the tokenizer would add anyway is cut
@@ -29,14 +30,18 @@ class ChatRenderer:
         template = Path(chat_template_file).read_text() if chat_template_file else None
         return cls(load_tokenizer(tokenizer_dir), template)
 
-    def render(self, messages: list[ChatMessage]) -> str:
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+               continue_final_message: bool = False, tools: list[dict] | None = None) -> str:
         if self.template is None:
             raise invalid("the model's tokenizer has no chat template: start the server with --chat-template FILE, "
                           "or send a raw prompt to /v1/completions", "messages", "no_chat_template")
-        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        turns = [m.for_template() for m in messages]
         try:
+            extra: dict[str, Any] = {"continue_final_message": True} if continue_final_message else {}
+            if tools:
+                extra["tools"] = tools
             text = self.tokenizer.apply_chat_template(turns, chat_template=self.template, tokenize=False,
-                                                      add_generation_prompt=True)
+                                                      add_generation_prompt=add_generation_prompt, **extra)
         except Exception as exc:  # templates raise on message orders they do not allow
             raise invalid(f"the chat template refused the messages: {exc}", "messages") from None
         if self._bos_to_strip and text.startswith(self._bos_to_strip):

@@ -1,21 +1,22 @@
 """The body of a streamed completion: server-sent events written straight to the ASGI `send`,
-and the Triton request cancelled when the client goes away.
+and the Triton requests cancelled when the client goes away.
 
 Each Triton response is one write (one HTTP chunk); the events that are ready together go out
-together: the role chunk with the first text, and the last text with the finish chunk, the
-usage chunk, `[DONE]` and the end of the chunked body.
+together: a choice's role chunk with its first text, and the last text with the finish chunk,
+the usage chunk, `[DONE]` and the end of the chunked body. The choices of one request (n, or
+several prompts) interleave, each chunk naming its choice's index.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from minisgl_backend.openai.errors import server_error
-from minisgl_backend.openai.responses import DONE, ChoiceBuilder, StreamEvents, sse_event
+from minisgl_backend.openai.responses import DONE, ChoiceBuilder, StreamEvents, Usage, sse_event
 from minisgl_backend.openai.triton_client import Piece, TritonRequestError, TritonUnreachable
 
 
@@ -67,23 +68,91 @@ async def _disconnected(receive: Receive) -> None:
 
 async def sse_body(events: StreamEvents, choice: ChoiceBuilder, first: Piece,
                    pieces: AsyncIterator[Piece]) -> AsyncIterator[tuple[bytes, bool]]:
-    """(bytes to write, more to come) per Triton response, starting with the one already received."""
-    out = events.opening()
-    offset = 0
-    piece: Piece | None = first
+    """One choice's stream (see `sse_choices`)."""
+    async def indexed() -> AsyncIterator[tuple[int, Piece]]:
+        try:
+            async for piece in pieces:
+                yield choice.index, piece
+        finally:
+            await pieces.aclose()
+
+    async for write in sse_choices(events, [choice], (choice.index, first), indexed()):
+        yield write
+
+
+class _ChoiceStream:
+    """What one choice of a streamed response has sent so far."""
+
+    def __init__(self, choice: ChoiceBuilder) -> None:
+        self.choice = choice
+        self.opened = False
+        self.offset = 0
+        self.done = False
+        self.tools = choice.tool_parser.stream() if choice.tool_parser is not None else None
+        self.tools_flushed = False
+
+    def events(self, events: StreamEvents, piece: Piece, usage_of: Callable[[], Usage]) -> bytes:
+        choice = self.choice
+        first = not self.opened
+        lp = choice.add(piece)
+        usage = usage_of()  # with this piece's tokens
+        text = choice.piece_text(piece, first)
+        out = b""
+        if first:  # the role chunk: after the first piece, which gives the prompt's length
+            self.opened = True
+            out += events.opening(usage, choice.index)
+        if self.tools is not None:
+            deltas = self.tools.feed(text) + (self._flush_tools() if piece.final else [])
+            if not deltas and lp is not None and lp.tokens:
+                deltas = [{}]
+            for i, delta in enumerate(deltas):
+                out += events.delta(delta, lp if i == 0 else None, usage, choice.index)
+        elif text or (lp is not None and lp.tokens):
+            out += events.text(text, lp, self.offset, usage, choice.index)
+            self.offset += len(text)
+        if piece.final:
+            out += self.close(events, usage)
+        return out
+
+    def _flush_tools(self) -> list[dict]:
+        """What the tool-call stream held back, once, at the choice's end."""
+        if self.tools_flushed:
+            return []
+        self.tools_flushed = True
+        return self.tools.finish()
+
+    def close(self, events: StreamEvents, usage: Usage) -> bytes:
+        self.done = True
+        out = b""
+        if self.tools is not None:
+            for delta in self._flush_tools():
+                out += events.delta(delta, None, usage, self.choice.index)
+        reason = self.choice.final_reason(bool(self.tools is not None and self.tools.calls))
+        return out + events.finish(reason, usage, self.choice.index)
+
+
+async def sse_choices(events: StreamEvents, choices: list[ChoiceBuilder], first: tuple[int, Piece],
+                      pieces: AsyncIterator[tuple[int, Piece]]) -> AsyncIterator[tuple[bytes, bool]]:
+    """(bytes to write, more to come) per Triton response of any choice, starting with the one
+    already received; `pieces` yields (choice index, piece) and ends when every choice has."""
+    streams = {c.index: _ChoiceStream(c) for c in choices}
+    usage_of = (lambda: choices[0].usage) if len(choices) == 1 else (lambda: Usage.total(choices))
+    out = b""
+    item: tuple[int, Piece] | None = first
     try:
-        while piece is not None:
-            lp = choice.add(piece)
-            if piece.text or (lp is not None and lp.tokens):
-                out += events.text(piece.text, lp, offset)
-                offset += len(piece.text)
-            if piece.final:
+        while item is not None:
+            index, piece = item
+            out += streams[index].events(events, piece, usage_of)
+            if all(s.done for s in streams.values()):
                 break
             if out:
                 yield out, True
                 out = b""
-            piece = await anext(pieces, None)
-        out += events.closing(choice.finish_reason or "stop", choice.usage)
+            item = await anext(pieces, None)
+        for stream in streams.values():  # a stream that ended without a final response
+            if not stream.done:
+                out += stream.close(events, usage_of())
+        out += events.ending(usage_of())
     except (TritonRequestError, TritonUnreachable) as exc:  # after the first token: the status is sent
         out += sse_event(server_error(f"the request failed while streaming: {exc}").body()) + DONE
     finally:

@@ -29,7 +29,7 @@ from jsonschema.exceptions import SchemaError
 
 # The engine's JSON-schema path repairs xgrammar's strings with minLength / maxLength (they let
 # raw control characters in): the same repair, for the schemas inside tool grammars.
-from minisgl_backend.grammar.compiler import _JSON_STRING_CHAR, _LENGTH_STRING_CHAR, _LOG_PREFIX
+from minisgl_backend.grammar.compiler import compiler_message, valid_json_strings
 from minisgl_backend.openai.errors import OpenAIError, invalid
 from minisgl_backend.openai.tool_parsers import TOOL_PARSERS
 
@@ -175,7 +175,7 @@ def _ebnf(structure: str) -> str:
     import xgrammar
 
     grammar = xgrammar.Grammar.from_structural_tag({"type": "structural_tag", "format": json.loads(structure)})
-    return str(grammar).replace(_LENGTH_STRING_CHAR, _JSON_STRING_CHAR)
+    return valid_json_strings(str(grammar))
 
 
 def _unenforceable(tools: tuple[FunctionTool, ...], exc: Exception) -> OpenAIError:
@@ -191,7 +191,7 @@ def _unenforceable(tools: tuple[FunctionTool, ...], exc: Exception) -> OpenAIErr
 
 
 def _message(exc: Exception) -> str:
-    return _LOG_PREFIX.sub("", str(exc).strip())
+    return compiler_message(exc)
 
 
 # ---------------------------------------------------------------- call formats, as xgrammar structural tags

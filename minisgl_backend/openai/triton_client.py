@@ -7,7 +7,11 @@ the minisgl model and a Triton vLLM-backend model. A decoupled model answers una
 UNIMPLEMENTED, so non-streaming requests stream too, with `stream=false` (one response).
 
 Responses may carry several tokens each: `num_output_tokens` counts the tokens of a response,
-`logprobs` is a JSON list with one entry per token of that response.
+`logprobs` is a JSON list with one entry per token of that response: a float, or, when the
+sampling parameters ask `logprobs` as a count, vLLM's {token id: {logprob, rank, decoded_token}}
+holding the sampled token first and the most likely ones after it. `prompt_logprobs` (the
+minisgl model, with the sampling parameter of that name) comes with the first response, in the
+same shape, `null` for the first prompt token.
 
 The request protobuf is built here and the responses' `raw_output_contents` are decoded here
 (Triton's wire format: BYTES elements as a 4-byte little-endian length + the bytes, numbers
@@ -35,6 +39,8 @@ _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_rece
                     ("grpc.keepalive_permit_without_calls", False), ("grpc.http2.max_pings_without_data", 2)]
 _STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 _FLAGS = ("exclude_input_in_output", "return_finish_reason", "return_num_input_tokens", "return_num_output_tokens")
+
+Alternative = tuple[str, float, "int | None"]  # (token text, logprob, rank)
 _TRUE, _FALSE = b"\x01", b"\x00"
 _INT_FORMATS = {"UINT32": "<I", "INT32": "<i", "UINT64": "<Q", "INT64": "<q", "UINT16": "<H", "INT16": "<h",
                 "UINT8": "<B", "INT8": "<b"}
@@ -59,6 +65,8 @@ class Piece:
     finish_reason: str | None = None  # set on the last response
     logprobs: list[float] = field(default_factory=list)
     token_texts: list[str] | None = None  # when the backend names the tokens (vLLM's logprobs format)
+    alternatives: list[list[Alternative]] | None = None  # per token, every token named (the sampled first)
+    prompt_logprobs: list[list[Alternative] | None] | None = None  # the first response, when asked
     final: bool = False
 
 
@@ -173,10 +181,12 @@ def decode_response(response: service_pb2.ModelInferResponse) -> Piece:
         else:
             values[output.name] = _first_int(output.datatype, data)
     reason = values.get("finish_reason") or None
-    logprobs, token_texts = _logprobs(values["logprobs"]) if "logprobs" in values else ([], None)
+    logprobs, token_texts, alternatives = _logprobs(values["logprobs"]) if "logprobs" in values else ([], None, None)
+    prompt = _prompt_logprobs(values["prompt_logprobs"]) if values.get("prompt_logprobs") else None
     return Piece(text=values.get("text_output", ""), num_output_tokens=values.get("num_output_tokens", 0),
                  num_input_tokens=values.get("num_input_tokens"), finish_reason=reason, logprobs=logprobs,
-                 token_texts=token_texts, final=final or bool(reason))
+                 token_texts=token_texts, alternatives=alternatives, prompt_logprobs=prompt,
+                 final=final or bool(reason))
 
 
 def _bytes_element(data: bytes) -> bytes:
@@ -207,19 +217,26 @@ def _first_int(datatype: str, raw: bytes | None) -> int:
     return struct.unpack_from(fmt, raw)[0]
 
 
-def _logprobs(text: str) -> tuple[list[float], list[str] | None]:
-    """minisgl: `[-0.1, -2.3]`; Triton's vLLM backend: `[{"id": {"logprob": .., "decoded_token": ..}}]`."""
+def _logprobs(text: str) -> tuple[list[float], list[str] | None, list[list[Alternative]] | None]:
+    """minisgl: `[-0.1, -2.3]`; vLLM's shape: `[{"id": {"logprob": .., "rank": .., "decoded_token": ..}}]`
+    -> (logprobs, token texts, every token named per position)."""
     if not text:
-        return [], None
+        return [], None, None
     values = json.loads(text)
     if not values or not isinstance(values[0], dict):
-        return [float(v) for v in values], None
-    logprobs, tokens = [], []
-    for entry in values:
-        info = next(iter(entry.values()))  # the sampled token comes first
-        logprobs.append(float(info["logprob"]))
-        tokens.append(str(info.get("decoded_token") or ""))
-    return logprobs, tokens
+        return [float(v) for v in values], None, None
+    named = [_alternatives(entry) for entry in values]
+    return [n[0][1] for n in named], [n[0][0] for n in named], named
+
+
+def _prompt_logprobs(text: str) -> list[list[Alternative] | None]:
+    return [None if entry is None else _alternatives(entry) for entry in json.loads(text)]
+
+
+def _alternatives(entry: dict) -> list[Alternative]:
+    """The tokens one position names, in the order given (the sampled or prompt token first)."""
+    return [(str(info.get("decoded_token") or ""), float(info["logprob"]), info.get("rank"))
+            for info in entry.values()]
 
 
 def _rpc_details(exc: grpc.RpcError) -> str:
