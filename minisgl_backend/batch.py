@@ -71,10 +71,29 @@ class Req:
 
 @dataclass
 class ScheduledReq:
+    """Positions [start, end) of one request computed in a step.
+
+    A verify item (`drafts` not empty) computes the request's last token and its drafts, which
+    sit in the token pool at [start + 1, end): every one of its positions is a sampling row of
+    its own (`rows`), as if each were a decode step that had accepted the drafts before it.
+    """
+
     req: Req
     start: int  # first position computed in this batch
     end: int  # one past the last position computed
     samples: bool  # whether this batch samples the request's next token
+    drafts: list[int] = field(default_factory=list)  # drafted ids at positions [start + 1, end)
+
+    @property
+    def num_rows(self) -> int:
+        """Sampling rows: one per position of a verify item, else one."""
+        return self.end - self.start if self.drafts else 1
+
+    def rows(self) -> list["ScheduledReq"]:
+        """A verify item as one-position decode rows (position p samples the id at p + 1)."""
+        if not self.drafts:
+            return [self]
+        return [ScheduledReq(self.req, p, p + 1, True) for p in range(self.start, self.end)]
 
 
 @dataclass
@@ -90,3 +109,14 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         return sum(item.end - item.start for item in self.items)
+
+    @property
+    def has_drafts(self) -> bool:
+        return any(item.drafts for item in self.items)
+
+    def rows(self) -> list[ScheduledReq]:
+        """The sampling rows of the step, item after item (`ScheduledReq.rows`); the items
+        themselves when nothing is verified. Computed on each call: fault isolation may drop items."""
+        if not self.has_drafts:
+            return self.items
+        return [row for item in self.items for row in item.rows()]

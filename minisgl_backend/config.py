@@ -24,6 +24,7 @@ _POLICIES = ("fcfs", "lpm")
 _ATTENTION_BACKENDS = ("auto", "torch", "cpu", "flashinfer")
 _LAYER_OPS = ("auto", "torch")
 _DECODE_ATTENTION = ("flashinfer", "triton")
+_SPECULATIVE_ALGORITHMS = ("none", "ngram")
 # KV cache storage: fp8 is stored unscaled (scale 1.0), as vLLM / SGLang store it without calibration
 KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 

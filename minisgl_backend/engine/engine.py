@@ -74,6 +74,8 @@ class Engine:
         self.results = HostResults()
         # The engine stream runs batches; the scheduler enqueues its table writes on the default one.
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.num_graph_steps = 0  # steps replayed as CUDA graphs
+        self.num_graph_verify_steps = 0  # ... of which verified drafts
         self.graph_runner = build_graph_runner(
             config, self.model, self.attn, vocab_size=self.vocab_size, page_table=self.page_table,
             logits_dtype=self.dtype, max_running_requests=self.page_table.num_rows,
@@ -131,26 +133,27 @@ class Engine:
             return self._forward(batch)
 
     def _forward(self, batch: Batch) -> ForwardResult:
-        items = batch.items
-        ends, ext = [it.end for it in items], [it.end - it.start for it in items]
-        rows = [it.req.row for it in items]
+        # one row per sampled position: a verify item's positions are decode rows of their own
+        rows = batch.rows()
+        ends, ext = [r.end for r in rows], [r.end - r.start for r in rows]
+        table_rows = [r.req.row for r in rows]
         # ids sampled for a chunk that does not sample land in the dump cell (never read)
-        host = HostBatchIndices.build(rows, [it.start for it in items], ends, self.page_table.width,
-                                      [it.samples for it in items], self.page_table.dump_cell)
-        if batch.is_decode and self.graph_runner is not None and self.graph_runner.can_run(len(items)):
-            return self._forward_graph(batch, host)
-        idx = DeviceBatchIndices.unpack(self.staging.to_device(host.pack()), len(items))
+        host = HostBatchIndices.build(table_rows, [r.start for r in rows], ends, self.page_table.width,
+                                      [r.samples for r in rows], self.page_table.dump_cell)
+        if batch.is_decode and self.graph_runner is not None and self.graph_runner.can_run(len(rows)):
+            return self._forward_graph(batch, rows, host)
+        idx = DeviceBatchIndices.unpack(self.staging.to_device(host.pack()), len(rows))
         input_ids = self.page_table.tokens.view(-1)[idx.token_flat]
         out_loc = self.page_table.slots.view(-1)[idx.token_flat].long()
         self.attn.prepare(BatchLayout(batch.is_decode, idx.rows, idx.seq_lens, idx.extend_lens, out_loc,
-                                      ends, ext, rows))
-        selection = None if batch.is_decode else LogitSelection.build(batch, host.last_token)
+                                      ends, ext, table_rows))
+        selection = None if batch.is_decode else LogitSelection.build(rows, host.last_token)
         logit_rows = idx.last_token if selection is None else self.staging.to_device(selection.token_indices)
         logits = self.model(input_ids, idx.positions, ForwardBatch(self.attn, logit_rows)).float()
         selected = logits
         if selection is not None:
             logits = selected[self.staging.to_device(selection.sample_rows)]
-        next_ids, logprobs, details = self._sample(batch, logits)
+        next_ids, logprobs, details = self._sample(batch, rows, logits)
         if selection is not None:
             details = details or LogprobDetails(0)
             add_prompt_details(details, selection, selected, self._pinned_results())
@@ -164,14 +167,14 @@ class Engine:
             # the next replay overwrites it: on CUDA it is copied out first, elsewhere cloned
             ids = out.greedy_ids if self.device.type == "cuda" else out.greedy_ids.clone()
             return self._copy_to_host(ids, None, None)
-        next_ids, logprobs, details = self._sample_rows(batch, out.logits)
+        next_ids, logprobs, details = self._sample_rows(batch, rows, out.logits, penalties)
         self.page_table.tokens.view(-1)[out.sampled_cells] = next_ids
         return self._copy_to_host(next_ids, logprobs, details)
 
     @staticmethod
-    def _greedy_argmax_suffices(batch: Batch) -> bool:
+    def _greedy_argmax_suffices(batch: Batch, rows: list[ScheduledReq]) -> bool:
         """Every row takes its plain argmax: greedy, no penalty, logprob, grammar or min_tokens."""
-        return batch.grammar_mask is None and all(it.end >= it.req.argmax_from for it in batch.items)
+        return batch.grammar_mask is None and all(r.end >= r.req.argmax_from for r in rows)
 
     def _engine_stream(self):
         if self.stream is None:
@@ -179,22 +182,25 @@ class Engine:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         return torch.cuda.stream(self.stream)
 
-    def _sample(self, batch: Batch, logits: torch.Tensor):
-        if self._greedy_argmax_suffices(batch):  # no per-row sampling state to build
+    def _sample(self, batch: Batch, rows: list[ScheduledReq], logits: torch.Tensor):
+        if self._greedy_argmax_suffices(batch, rows):  # no per-row sampling state to build
             return argmax_rows(logits), None, None
-        return self._sample_rows(batch, logits)
+        return self._sample_rows(batch, rows, logits)
 
-    def _sample_rows(self, batch: Batch, logits: torch.Tensor):
+    def _sample_rows(self, batch: Batch, rows: list[ScheduledReq], logits: torch.Tensor,
+                     penalties: PenaltyInputs | None = None):
         """Sampling with per-row state: temperature, penalties, logit bias, logprobs, min_tokens, a
-        grammar mask. Returns (ids, logprobs or None, their ranks and alternatives or None)."""
+        grammar mask. Returns (ids, logprobs or None, their ranks and alternatives or None).
+        `penalties`: the rows' histories when read already (else from the token pool now)."""
         if batch.grammar_mask is not None:  # structured output: forbidden tokens -> -inf before any sampling step
             logits = apply_mask(logits, batch.grammar_mask)
-        reqs = [it.req for it in batch.items]
+        reqs = [r.req for r in rows]
         params = [r.params for r in reqs]
-        steps = [it.end - len(r.input_ids) for it, r in zip(batch.items, reqs)]
+        steps = [row.end - len(r.input_ids) for row, r in zip(rows, reqs)]
         st = SamplingTensors.build(params, [r.seed for r in reqs], steps, self.device, self.staging)
-        penalties = self._penalty_inputs(batch) if st.need_penalties else None
-        suppress = self._suppressed_ids(batch, steps)
+        if st.need_penalties and penalties is None:
+            penalties = self._penalty_inputs(rows)
+        suppress = self._suppressed_ids(rows, steps)
         bias = dense_logit_bias([p.logit_bias for p in params], logits.shape[1], self.staging)
         ids = self.sampler.sample(logits, st, penalties, suppress_ids=suppress, bias=bias)
         if not st.need_logprobs:
@@ -203,30 +209,34 @@ class Engine:
         logprobs, details = sampled_details(logits, ids, top_k, self._pinned_results())
         return ids, logprobs, details
 
-    def _penalty_inputs(self, batch: Batch) -> PenaltyInputs:
-        # Outputs are read from the token pool so that an id sampled by an in-flight batch counts.
+    def _penalty_inputs(self, rows: list[ScheduledReq]) -> PenaltyInputs | None:
+        """The rows' prompt and output ids (None when no row uses penalties). Outputs are read
+        from the token pool, so that an id sampled by an in-flight batch counts, and so do the
+        drafts before a verify row's position (they are its history if they are accepted)."""
+        if not any(_has_penalties(r.req.params) for r in rows):
+            return None
         prompts, outputs = [], []
-        for it in batch.items:
+        for it in rows:
             row, n_in = it.req.row, len(it.req.input_ids)
             prompts.append(self.page_table.tokens[row, :n_in])
             outputs.append(self.page_table.tokens[row, n_in:max(it.end, n_in)])
         pad = lambda seqs: torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=-1)  # noqa: E731
         return PenaltyInputs.build(pad(outputs), self.vocab_size, pad(prompts))
 
-    def _suppressed_ids(self, batch: Batch, steps: list[int]) -> torch.Tensor | None:
+    def _suppressed_ids(self, rows: list[ScheduledReq], steps: list[int]) -> torch.Tensor | None:
         """EOS and stop ids may not end a request before its `min_tokens`."""
-        rows = []
-        for it, step in zip(batch.items, steps):
+        out = []
+        for it, step in zip(rows, steps):
             p = it.req.params
             if step < p.min_tokens:
-                rows.append(([] if p.ignore_eos else self.eos_ids) + list(p.stop_token_ids))
+                out.append(([] if p.ignore_eos else self.eos_ids) + list(p.stop_token_ids))
             else:
-                rows.append([])
-        if not any(rows):
+                out.append([])
+        if not any(out):
             return None
-        width = max(len(r) for r in rows)
-        padded = np.array([r + [-1] * (width - len(r)) for r in rows], dtype=np.int64)
-        return self.staging.to_device(padded.ravel()).view(len(rows), width)
+        width = max(len(r) for r in out)
+        padded = np.array([r + [-1] * (width - len(r)) for r in out], dtype=np.int64)
+        return self.staging.to_device(padded.ravel()).view(len(out), width)
 
     def _pinned_results(self) -> HostResults | None:
         """Where device results are copied for the host on CUDA (None: on the CPU they are there)."""

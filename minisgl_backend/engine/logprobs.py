@@ -2,9 +2,10 @@
 (`top_logprobs`), and the logprobs of a request's prompt tokens (`prompt_logprobs`).
 
 Prompt logprobs need the logits of every prompt position, not just the last: `LogitSelection`
-says which rows of the flattened batch the model computes logits for (each item's last token,
-plus every position of the items that want prompt logprobs) in ascending order, so a selection
-that covers every token needs no gather at all.
+says which rows of the flattened batch the model computes logits for (each row's last token,
+plus every position of the rows that want prompt logprobs) in ascending order, so a selection
+that covers every token needs no gather at all. Rows are `Batch.rows()`: a speculative verify
+item is already one row per position, so it needs no selection of its own.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from minisgl_backend.messages import TopLogprobs
 class PromptRows:
     """One item's rows of the selection that predict prompt tokens."""
 
-    item: int  # index of the item in the batch
+    item: int  # index of the item's row in the batch (`Batch.rows()`)
     rows: slice  # rows of the selected logits
     targets: list[int]  # the prompt token each row predicts
     k: int  # alternatives per position
@@ -37,14 +38,15 @@ class LogitSelection:
     prompt: list[PromptRows]
 
     @classmethod
-    def build(cls, batch: Batch, last_token: np.ndarray) -> "LogitSelection | None":
-        """None when no item of the batch wants prompt logprobs (the last tokens suffice)."""
-        wanted = [_prompt_positions(item) for item in batch.items]
+    def build(cls, rows: Sequence[ScheduledReq], last_token: np.ndarray) -> "LogitSelection | None":
+        """None when no row of the batch (`Batch.rows()`) wants prompt logprobs (the last tokens
+        suffice)."""
+        wanted = [_prompt_positions(item) for item in rows]
         if not any(hi > lo for lo, hi in wanted):
             return None
         indices, sample_rows, prompt = [], [], []
-        first_tokens = last_token - np.array([it.end - it.start for it in batch.items]) + 1
-        for i, (item, (lo, hi), first) in enumerate(zip(batch.items, wanted, first_tokens)):
+        first_tokens = last_token - np.array([it.end - it.start for it in rows]) + 1
+        for i, (item, (lo, hi), first) in enumerate(zip(rows, wanted, first_tokens)):
             if hi > lo:
                 start_row = len(indices)
                 indices.extend(range(first + lo - item.start, first + hi - item.start))

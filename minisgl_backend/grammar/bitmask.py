@@ -21,15 +21,24 @@ class GrammarMask:
     num_constrained: int
 
 
-def build_mask(states: Sequence[GrammarState | None], vocab_size: int) -> GrammarMask | None:
-    """The mask of one batch (`states[i]`: the grammar of row i, None for a free row)."""
-    rows = [i for i, s in enumerate(states) if s is not None]
-    if not rows:
+def build_mask(states: Sequence[GrammarState | None], vocab_size: int,
+               drafts: Sequence[Sequence[int]] | None = None) -> GrammarMask | None:
+    """The mask of one batch (`states[i]`: the grammar of item i, None for a free item). With
+    `drafts`, item i has `len(drafts[i]) + 1` rows (a verify item): the state after each draft."""
+    drafts = drafts if drafts is not None else [()] * len(states)
+    constrained = [i for i, s in enumerate(states) if s is not None]
+    if not constrained:
         return None
-    bitmask = torch.full((len(states), (vocab_size + 31) // 32), -1, dtype=torch.int32)
-    for i in rows:
-        states[i].fill_mask(bitmask, i)
-    return GrammarMask(bitmask, len(rows))
+    first_rows = [0]
+    for d in drafts:
+        first_rows.append(first_rows[-1] + len(d) + 1)
+    bitmask = torch.full((first_rows[-1], (vocab_size + 31) // 32), -1, dtype=torch.int32)
+    for i in constrained:
+        if drafts[i]:
+            states[i].fill_masks(bitmask, first_rows[i], drafts[i])
+        else:
+            states[i].fill_mask(bitmask, first_rows[i])
+    return GrammarMask(bitmask, len(constrained))
 
 
 def apply_mask(logits: torch.Tensor, mask: GrammarMask) -> torch.Tensor:

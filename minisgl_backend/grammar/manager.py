@@ -98,8 +98,10 @@ class GrammarManager:
         return [it.req.grammar if it.samples and not it.req.finished else None for it in batch.items]
 
     def mask_for(self, batch: Batch) -> GrammarMask | None:
-        """The allowed next tokens of the batch's constrained rows (None: no row is constrained)."""
-        return build_mask(self._constrained(batch), self.vocab_size)
+        """The allowed next tokens of the batch's constrained rows (None: no row is constrained);
+        a verify item's rows follow its drafts."""
+        drafts = [it.drafts for it in batch.items] if batch.has_drafts else None
+        return build_mask(self._constrained(batch), self.vocab_size, drafts)
 
     def needs_previous_tokens(self, batch: Batch) -> bool:
         """Overlap: whether `batch` (in flight) samples for a grammar, whose next mask needs that token."""

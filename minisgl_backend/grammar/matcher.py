@@ -38,6 +38,39 @@ class GrammarState:
         """Write the allowed next tokens of this request into row `row` of `bitmask`."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
+    def rollback(self, num_tokens: int) -> None:
+        """Forget the last `num_tokens` accepted tokens."""
+        if num_tokens:
+            self._matcher.rollback(num_tokens)
+            del self.accepted[-num_tokens:]
+
+    def valid_prefix(self, tokens: Sequence[int]) -> int:
+        """How many of `tokens` (drafts) the grammar accepts in a row from here, up to and with one
+        that ends it; the state is left as it was."""
+        n = 0
+        for token in tokens:
+            if self.is_terminated or not self.accept(token):
+                break
+            n += 1
+        self.rollback(n)
+        return n
+
+    def fill_masks(self, bitmask: torch.Tensor, first_row: int, drafts: Sequence[int]) -> None:
+        """Rows `first_row`, `first_row + 1`, ... of `bitmask`: the allowed next tokens here and
+        after each of `drafts` in turn (a verify item's positions); the state is left as it was.
+        Rows after a draft the grammar refuses, or after its end, stay as they were: such a
+        position is never accepted."""
+        self.fill_mask(bitmask, first_row)
+        n = 0
+        for token in drafts:
+            if not self.accept(token):
+                break
+            n += 1
+            if self.is_terminated:
+                break
+            self.fill_mask(bitmask, first_row + n)
+        self.rollback(n)
+
     def sync(self, output_ids: Sequence[int]) -> int:
         """Make the matcher's consumed tokens equal `output_ids`; returns how many were rolled back."""
         common = 0

@@ -109,6 +109,14 @@ class CacheManager:
         self._write_table(req.row, req.num_pages, new_pages)
         req.pages.extend(new_pages)
 
+    def truncate(self, req: Req, num_tokens: int) -> None:
+        """Free the request's pages past those that positions [0, num_tokens) need (rejected
+        drafts' pages; they are private: the tree only ever holds a request's committed prefix)."""
+        keep = max(self.pages_for(num_tokens), req.locked_len // self.page_size)
+        if keep < req.num_pages:
+            self._free.extend(req.pages[keep:])
+            del req.pages[keep:]
+
     def share(self, req: Req, tokens_with_kv: list[int]) -> None:
         """A running request's page-aligned `tokens_with_kv` (its computed prompt) go into the tree
         now, so that requests admitted from now on reuse them (n choices of one prompt, a shared

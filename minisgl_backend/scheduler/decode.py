@@ -39,16 +39,41 @@ class DecodeManager:
             freed += self._reclaimable(victim)
         return victims
 
-    def schedule(self) -> list[ScheduledReq]:
+    def schedule(self, drafts: dict[int, list[int]] | None = None) -> list[ScheduledReq]:
+        """One decode item per decodable request; a request with `drafts[rid]` gets a verify item
+        over its last token and the drafts that fit in the pages left once every plain decode
+        has its page (speculation never causes a retraction). Its lengths are provisional (all
+        drafts accepted) until the step is processed (`verified`)."""
         items = []
-        page_size = self.cache.page_size
-        for req in self.decodable():
-            if req.device_len > len(req.pages) * page_size:
-                self.cache.allocate(req, req.device_len)
-            items.append(ScheduledReq(req, req.device_len - 1, req.device_len, samples=True))
-            req.cached_len = req.device_len
-            req.device_len += 1
+        reqs = self.decodable()
+        spare = self.cache.available_pages - self._need(reqs)
+        for req in reqs:
+            draft = drafts.get(req.rid, []) if drafts else []
+            if draft:
+                draft, spare = self._fit(req, draft, spare)
+            end = req.device_len + len(draft)
+            if end > req.num_pages * self.cache.page_size:
+                self.cache.allocate(req, end)
+            items.append(ScheduledReq(req, req.device_len - 1, end, True, draft))
+            req.cached_len = end
+            req.device_len = end + 1
         return items
+
+    def verified(self, item: ScheduledReq, kept: int) -> None:
+        """After a verify item's step: `kept` ids were appended (the accepted drafts and the one
+        after them); the rejected positions' pages go back to the free list."""
+        req = item.req
+        req.cached_len = item.start + kept
+        req.device_len = item.start + kept + 1
+        self.cache.truncate(req, req.device_len)
+
+    def _fit(self, req: Req, draft: list[int], spare: int) -> tuple[list[int], int]:
+        """The part of `draft` whose positions fit the request's pages plus `spare` free ones."""
+        cache = self.cache
+        own = max(req.num_pages, cache.pages_for(req.device_len))
+        room = (own + spare) * cache.page_size - req.device_len
+        draft = draft[:max(room, 0)]
+        return draft, spare - max(cache.pages_for(req.device_len + len(draft)) - own, 0)
 
     def _need(self, reqs: list[Req]) -> int:
         page_size = self.cache.page_size

@@ -15,6 +15,7 @@ from minisgl_backend.batch import Batch, Req, ScheduledReq
 from minisgl_backend.messages import (AbortMsg, ErrorKind, FinishReason, FlushCacheMsg, SchedulerInput, ShutdownMsg,
                                       StatsEvent, TokenEvent, TopLogprobs, UserMsg)
 from minisgl_backend.engine.engine import Engine, ForwardResult
+from minisgl_backend.engine.speculative import kept_ids
 from minisgl_backend.grammar.manager import GrammarManager
 from minisgl_backend.scheduler.cache import CacheManager
 from minisgl_backend.scheduler.decode import DecodeManager
@@ -23,6 +24,8 @@ from minisgl_backend.scheduler.faults import NoResult, check_injected_fault, is_
 from minisgl_backend.scheduler.io import SchedulerIO
 from minisgl_backend.scheduler.policy import SchedulePolicy
 from minisgl_backend.scheduler.prefill import PrefillManager
+from minisgl_backend.scheduler.spec_cost import measure_step_cost
+from minisgl_backend.scheduler.speculative import Speculator
 from minisgl_backend.scheduler.table import TableManager
 from minisgl_backend.tokenizer import load_tokenizer
 
@@ -46,6 +49,11 @@ class Scheduler:
         self.policy = SchedulePolicy(sc.schedule_policy, self.cache, max_wait_steps=sc.max_wait_steps)
         self.prefill = PrefillManager(self.cache, self.table, sc.chunk_size, self.policy)
         self.decode = DecodeManager(self.cache)
+        self.spec = Speculator(config.speculative)
+        if self.spec.enabled:
+            self.spec.cost = measure_step_cost(engine, self.cache, self.table, config.speculative.speculative_num_tokens)
+            logger.info("speculative decoding: a decode step of one request takes %.2f ms, drafts add %s ms",
+                        1e3 * self.spec.cost.one, [round(1e3 * t, 2) for t in self.spec.cost.extra[1:]])
         self._prefill_streak = 0  # prefill-only steps in a row while requests wait to decode
         self.context_len = min(engine.max_seq_len, pages * self.cache.page_size)
         self.eos_ids = engine.eos_ids
@@ -82,7 +90,9 @@ class Scheduler:
         """Schedule and launch batch N+1 before processing batch N's results.
 
         On CUDA batch N still runs on the engine stream while the CPU does this; on CPU the same
-        order runs serially. Retraction needs host-side token ids, so it processes N first.
+        order runs serially. Retraction, grammar masks and drafts need host-side token ids, so
+        they process N first (and so does a batch N that verified drafts: its requests' lengths
+        are known only then).
         """
         last: InFlight | None = None
         while not self.stopped:
@@ -101,6 +111,10 @@ class Scheduler:
         if last is not None:
             self._process(*last)
             self._flush_events()
+
+    def _needs_previous_tokens(self, in_flight: Batch) -> bool:
+        return (self.decode.needs_retraction() or self.grammar.needs_previous_tokens(in_flight)
+                or self.spec.needs_previous_tokens(in_flight, self.decode.decodable()))
 
     def run_until_idle(self) -> None:
         """Serve what has been received until nothing is left (the offline API's driver)."""
@@ -225,6 +239,15 @@ class Scheduler:
         items = self.decode.schedule()
         return Batch(items, is_decode=True) if items else None
 
+    def _schedule_decode(self) -> list[ScheduledReq]:
+        """Every decodable request's next token; with speculation, drafts to verify, written into
+        the token pool after the request's last token."""
+        items = self.decode.schedule(self.spec.plan(self.decode.decodable()))
+        for item in items:
+            if item.drafts:
+                self.table.write_tokens(item.req.row, item.start + 1, item.drafts)
+        return items
+
     def _start_decoding(self, items: list[ScheduledReq]) -> None:
         for item in items:
             if item.samples:
@@ -319,21 +342,45 @@ class Scheduler:
         ids, logprobs = result.wait()
         details = result.details
         prompt = details.prompt_logprobs() if details is not None else {}
-        for i, item in enumerate(batch.items):
+        row = 0  # the item's first sampling row (a verify item has several)
+        for item in batch.items:
             req = item.req
             req.inflight -= 1
-            if i in prompt:
-                req.prompt_logprobs += prompt[i][0]
-                req.prompt_top += prompt[i][1]
+            if row in prompt:
+                req.prompt_logprobs += prompt[row][0]
+                req.prompt_top += prompt[row][1]
             if item.samples and item.start < len(req.input_ids) and not req.finished and req.row >= 0:
                 self.cache.share(req, req.input_ids[:req.cached_len])  # its prompt, for the requests after it
-            if item.samples and not req.finished:
-                wants = req.params.logprobs and logprobs is not None
-                top = (details.top(i, req.params.top_logprobs)
-                       if wants and details is not None and details.ranks is not None else None)
-                self._append_token(req, ids[i], logprobs[i] if wants else None, top)
+            if item.drafts:
+                self._process_verified(item, ids, logprobs, details, row)
+            elif item.samples and not req.finished:
+                self._append_token(req, ids[row], *self._logprob_of(req, logprobs, details, row))
             self._release_if_done(req)
+            row += item.num_rows
         self._emit_stats()
+
+    def _process_verified(self, item: ScheduledReq, ids: list[int], logprobs: list[float] | None,
+                          details, row: int) -> None:
+        """Append the ids a verify item keeps, one by one (a stop, EOS or the length limit among
+        them ends the request there), and roll back what was rejected."""
+        req = item.req
+        before = len(req.output_ids)
+        if not req.finished:
+            kept = kept_ids(item.drafts, ids[row:row + item.num_rows])
+            self.spec.verified(req, len(item.drafts), len(kept) - 1)
+            for j, token in enumerate(kept):
+                self._append_token(req, token, *self._logprob_of(req, logprobs, details, row + j))
+                if req.finished:
+                    break
+        self.decode.verified(item, len(req.output_ids) - before)
+
+    @staticmethod
+    def _logprob_of(req: Req, logprobs: list[float] | None, details, row: int) -> tuple[float | None,
+                                                                                        TopLogprobs | None]:
+        if not (req.params.logprobs and logprobs is not None):
+            return None, None
+        top = details.top(row, req.params.top_logprobs) if details is not None and details.ranks is not None else None
+        return logprobs[row], top
 
     def _append_token(self, req: Req, token: int, logprob: float | None, top: TopLogprobs | None) -> None:
         if req.grammar is not None and not req.grammar.accept(token):
