@@ -23,6 +23,7 @@ class Req:
     seed: int
     max_output_tokens: int
     arrival_time: float = 0.0
+    lora: str | None = None  # the LoRA adapter's folder (its prefix-cache namespace); None: the base model
     output_ids: list[int] = field(default_factory=list)
     row: int = -1
     cached_len: int = 0
@@ -43,6 +44,9 @@ class Req:
     max_device_len: int = field(init=False, default=-1)
     # a step ending at `end` >= this takes the plain argmax as its next id (never: sys.maxsize)
     argmax_from: int = field(init=False, default=sys.maxsize)
+    ngram: Any = field(init=False, default=None)  # NgramIndex of its tokens, built at its first draft
+    spec: Any = field(init=False, default=None)  # Payoff: whether its drafts pay (speculative decoding)
+    lora_slot: int = field(init=False, default=-1)  # its adapter's device slot while admitted (-1: none)
 
     def __post_init__(self) -> None:
         if self.max_output_tokens > 0:

@@ -207,6 +207,45 @@ class KernelConfig:
 
 
 @dataclass
+class SpeculativeConfig:
+    speculative_algorithm: str = setting("none", "none | ngram (draft from the request's own earlier tokens, verify "
+                                                 "them in one step; outputs stay token for token the same)")
+    speculative_num_tokens: int = setting(4, "ngram: most drafted tokens per request and step")
+    ngram_min: int = setting(2, "ngram: shortest suffix of the request's tokens looked up")
+    ngram_max: int = setting(4, "ngram: longest suffix looked up (the longest one found wins)")
+    speculative_max_batch_size: int = setting(8, "ngram: speculate only while at most this many requests decode "
+                                                 "(0: never); within it a request drafts only as far as its "
+                                                 "drafts pay, by the step cost measured at start-up")
+
+    @property
+    def enabled(self) -> bool:
+        return self.speculative_algorithm != "none" and self.speculative_max_batch_size > 0
+
+    def validate(self) -> None:
+        _require_choice("speculative_algorithm", self.speculative_algorithm, _SPECULATIVE_ALGORITHMS)
+        _require(self.speculative_num_tokens >= 1, "speculative_num_tokens must be >= 1")
+        _require(1 <= self.ngram_min <= self.ngram_max, "need 1 <= ngram_min <= ngram_max")
+        _require(self.speculative_max_batch_size >= 0, "speculative_max_batch_size must be >= 0")
+
+
+@dataclass
+class LoraConfig:
+    enable_lora: bool = setting(False, "serve LoRA adapters (multi_lora.json beside config.pbtxt, LLM(lora_modules=...), "
+                                       "or loaded at run time)")
+    max_loras: int = setting(4, "adapters resident on the device at once (loaded on first use, the least recently "
+                                "used idle one evicted)")
+    max_lora_rank: int = setting(16, "largest adapter rank served")
+    lora_root: str = setting("", "adapters may be loaded at run time (/v1/load_lora_adapter) from folders under this "
+                                 "one; empty: run-time loading is off")
+
+    def validate(self) -> None:
+        _require(self.max_loras >= 1, "max_loras must be >= 1")
+        _require(1 <= self.max_lora_rank <= 512, "max_lora_rank must be in [1, 512]")
+        if self.lora_root:
+            _require(os.path.isdir(self.lora_root), f"lora_root {self.lora_root!r} is not a folder")
+
+
+@dataclass
 class FaultConfig:
     """Fault injection for reliability tests (-1: off)."""
 
@@ -228,6 +267,8 @@ class EngineConfig:
     graph: GraphConfig = field(default_factory=GraphConfig)
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     seed: int = setting(0, "base seed of sampling (a request's own seed overrides it)")
 

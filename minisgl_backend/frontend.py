@@ -8,6 +8,7 @@ import threading
 from typing import Callable
 
 from minisgl_backend.config import EngineConfig
+from minisgl_backend.lora.registry import registry_for, unload_lora
 from minisgl_backend.messages import ErrorEvent, SchedulerInfo, StatsEvent
 from minisgl_backend.processes import SchedulerProcesses
 from minisgl_backend.router import Consumer, RequestRouter, RequestStream, StreamOutput
@@ -17,21 +18,25 @@ logger = logging.getLogger(__name__)
 
 
 class Frontend:
-    """Owns the scheduler processes (one per TP rank) and the router of in-flight requests.
+    """Owns the scheduler processes (node 0's TP ranks, and through them the group of every
+    node) and the router of in-flight requests.
 
     `deliver`: see `RequestRouter`; None delivers each output from the receiving thread.
     """
 
-    def __init__(self, config: EngineConfig, deliver: Callable[[RequestStream], None] | None = None) -> None:
+    def __init__(self, config: EngineConfig, deliver: Callable[[RequestStream], None] | None = None,
+                 lora_modules: dict[str, str] | None = None) -> None:
         from minisgl_backend.tokenizer import load_tokenizer
 
         self.config = config
+        self.lora = registry_for(config, lora_modules)  # checked before any process starts
         self.tokenizer = load_tokenizer(config.model.model_path)
         self._procs = SchedulerProcesses(config)
         self.info: SchedulerInfo = self._procs.start()
         self.context_len = self.info.context_len
         self.router = RequestRouter(self.tokenizer, self.context_len, self._procs.send, deliver,
-                                    config.frontend.stream_interval, config.fault.inject_detokenize_fault_seed)
+                                    config.frontend.stream_interval, config.fault.inject_detokenize_fault_seed,
+                                    self.lora)
         self._stats: StatsEvent | None = None
         self._healthy = True
         self._closed = False
@@ -49,6 +54,10 @@ class Frontend:
 
     def abort(self, rid: int) -> None:
         self.router.abort(rid)
+
+    def unload_lora(self, name: str) -> None:
+        """Forget adapter `name` (AdapterError while requests of it run); the ranks drop its slot."""
+        unload_lora(self.router, name, self._procs.send)
 
     def take(self, stream: RequestStream) -> StreamOutput | None:
         return self.router.take(stream)
@@ -78,14 +87,17 @@ class Frontend:
                     self._stats = event
                 elif isinstance(event, ErrorEvent):
                     self._on_engine_death(event.message)
-            if not events and not self._closed and not self._procs.all_alive():
-                self._on_engine_death(f"a scheduler process died (exit codes {self._procs.exit_codes()})")
+            problem = None if self._closed else self._procs.failure(events_flowing=bool(events))
+            if problem is not None:
+                self._on_engine_death(problem)
                 return
 
     def _on_engine_death(self, message: str) -> None:
+        """A rank died or failed, or another node did (or went silent): fail what is in flight,
+        refuse new requests, and end the group on every node."""
         if not self._healthy:
             return
         self._healthy = False
         logger.error("engine failure: %s", message)
         self.router.close(f"engine failure: {message}")
-        self._procs.kill()
+        self._procs.kill(f"engine failure: {message}")

@@ -71,6 +71,12 @@ class KernelChoice:
     target: Target
     cpu_attention_kernel: PagedAttentionKernel | None = None  # set when attention is "cpu"
 
+    @property
+    def lora_kernel(self) -> bool:
+        """The LoRA delta by the gathered Triton kernels (lora/kernel.py; graph-safe), else per
+        run of tokens with torch matmuls (the CPU)."""
+        return self.target.device.type == "cuda"
+
     def make_attention(self, kv_cache: KVCache, page_table: torch.Tensor, *, num_qo_heads: int,
                        num_kv_heads: int, max_batch_size: int) -> AttentionBackend:
         if self.attention == "flashinfer":

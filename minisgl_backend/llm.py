@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from minisgl_backend.config import EngineConfig
 from minisgl_backend.frontend import Frontend
+from minisgl_backend.lora.registry import registry_for, unload_lora
 from minisgl_backend.router import RequestRouter, StreamOutput
 from minisgl_backend.sampling_params import SamplingParams
 
@@ -54,14 +55,17 @@ class _Collected:
 
 
 class LLM:
-    def __init__(self, model: str, **settings: Any) -> None:
+    """`lora_modules`: {adapter name: PEFT folder} served with `enable_lora=True`; a request picks
+    one with `SamplingParams(lora_name=...)`."""
+
+    def __init__(self, model: str, lora_modules: dict[str, str] | None = None, **settings: Any) -> None:
         from minisgl_backend.tokenizer import load_tokenizer
 
         self.config = EngineConfig.from_flat(model_path=model, **settings)
         self.frontend: Frontend | None = None
         self.scheduler = None
         if self.config.parallel.tp_size > 1:
-            self.frontend = Frontend(self.config)
+            self.frontend = Frontend(self.config, lora_modules=lora_modules)
             self.router = self.frontend.router
         else:
             from minisgl_backend.rank import build_scheduler
@@ -70,7 +74,8 @@ class LLM:
             self.io = LocalIO(listener=lambda events: self.router.dispatch(events))
             self.scheduler = build_scheduler(self.config, 0, io_factory=lambda: self.io)
             self.router = RequestRouter(load_tokenizer(self.config.model.model_path), self.scheduler.context_len,
-                                        self.io.put, detokenize_fault_seed=self.config.fault.inject_detokenize_fault_seed)
+                                        self.io.put, detokenize_fault_seed=self.config.fault.inject_detokenize_fault_seed,
+                                        lora=registry_for(self.config, lora_modules))
         self.tokenizer = self.router.tokenizer
         self.context_len = self.router.context_len
 
@@ -105,6 +110,17 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         return list(params)
+
+    def load_lora(self, name: str, path: str) -> None:
+        if self.router.lora is None:
+            raise ValueError("LoRA feature is not enabled.")
+        self.router.lora.add(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        if self.frontend is not None:
+            self.frontend.unload_lora(name)
+        else:
+            unload_lora(self.router, name, self.io.put)
 
     def shutdown(self) -> None:
         if self.frontend is not None:

@@ -1,6 +1,6 @@
 """Messages between the frontend and the scheduler processes, and their msgpack codecs.
 
-frontend -> rank 0 -> ranks 1..N-1: `SchedulerInput` (UserMsg, AbortMsg, ShutdownMsg, FlushCacheMsg)
+frontend -> rank 0 -> ranks 1..N-1: `SchedulerInput` (UserMsg, AbortMsg, ShutdownMsg, FlushCacheMsg, DropLoraMsg)
 rank 0 -> frontend: `SchedulerOutput` (TokenBatch, TokenEvent, StatsEvent, ErrorEvent), one list per step
 every rank -> its parent, once at start-up: `ReadyMsg` (with `SchedulerInfo` when it started)
 """
@@ -34,6 +34,13 @@ class UserMsg(msgspec.Struct, tag=True):
     input_ids: list[int]
     params: SamplingParams
     arrival_time: float = 0.0
+    lora_path: str | None = None  # the folder of `params.lora_name` (each rank loads it from there)
+
+
+class DropLoraMsg(msgspec.Struct, tag=True):
+    """An adapter was unloaded: its slot and its cached prefixes go (no request of it is running)."""
+
+    lora_path: str
 
 
 class AbortMsg(msgspec.Struct, tag=True):
@@ -99,6 +106,16 @@ class StatsEvent(msgspec.Struct, tag=True):
     total_rows: int
     cache_hit_tokens: int
     cache_miss_tokens: int
+    # speculative decoding, cumulative: requests verified (one per request and step), drafted ids,
+    # drafted ids the model agreed with
+    spec_verify_rows: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    # LoRA: adapters in device slots now; loads into a slot and evictions from one, cumulative
+    lora_resident: int = 0
+    lora_loads: int = 0
+    lora_evictions: int = 0
+    lora_requests: dict[str, tuple[int, int]] = {}  # adapter folder -> (running, waiting) requests of it
 
 
 class ErrorEvent(msgspec.Struct, tag=True):
@@ -107,7 +124,7 @@ class ErrorEvent(msgspec.Struct, tag=True):
     message: str
 
 
-SchedulerInput = UserMsg | AbortMsg | ShutdownMsg | FlushCacheMsg
+SchedulerInput = UserMsg | AbortMsg | ShutdownMsg | FlushCacheMsg | DropLoraMsg
 SchedulerOutput = TokenBatch | TokenEvent | StatsEvent | ErrorEvent
 
 

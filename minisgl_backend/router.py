@@ -73,6 +73,7 @@ class RequestStream:
         self.consumer = consumer
         self.num_input_tokens = len(input_ids)
         self.input_ids = input_ids
+        self.lora_name = params.lora_name
         self.detok = IncrementalDetokenizer(tokenizer, input_ids, params.stop)
         self.has_stop_strings = bool(params.stop)
         self.deliver_every = 1 if self.has_stop_strings else deliver_every
@@ -169,8 +170,9 @@ class RequestRouter:
 
     def __init__(self, tokenizer: Any, context_len: int, send: Callable[[SchedulerInput], None],
                  deliver: Callable[[RequestStream], None] | None = None, stream_interval: int = 1,
-                 detokenize_fault_seed: int = -1) -> None:
+                 detokenize_fault_seed: int = -1, lora: Any = None) -> None:
         self.tokenizer = tokenizer
+        self.lora = lora  # a LoraRegistry when adapters are served
         self.context_len = context_len
         self.stream_interval = stream_interval
         self._send = send
@@ -189,6 +191,7 @@ class RequestRouter:
 
     def submit(self, prompt: str | list[int], params: SamplingParams, consumer: Consumer,
                stream: bool = True) -> int:
+        lora_path = self._lora_path(params.lora_name)
         input_ids = self.prepare(prompt)
         rid = next(self._rids)
         entry = RequestStream(rid, self.tokenizer, input_ids, params, consumer,
@@ -200,12 +203,25 @@ class RequestRouter:
                                    "or restart the server")
             self._streams[rid] = entry
         try:
-            self._send(UserMsg(rid, input_ids, params, time.monotonic()))
+            self._send(UserMsg(rid, input_ids, params, time.monotonic(), lora_path))
         except Exception:
             with self._lock:
                 self._streams.pop(rid, None)
             raise
         return rid
+
+    def _lora_path(self, name: str | None) -> str | None:
+        if name is None:
+            return None
+        problem = "LoRA feature is not enabled." if self.lora is None else self.lora.check_request(name)
+        if problem is not None:
+            raise InvalidRequest(problem)
+        return self.lora.path(name)
+
+    def requests_of(self, lora_name: str) -> int:
+        """Requests in flight that run on adapter `lora_name`."""
+        with self._lock:
+            return sum(1 for s in self._streams.values() if s.lora_name == lora_name)
 
     def abort(self, rid: int) -> None:
         if rid in self._streams:

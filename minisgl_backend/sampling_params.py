@@ -34,6 +34,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     top_logprobs: int = 0  # with logprobs: this many most likely tokens per position, and the chosen one's rank
     prompt_logprobs: int | None = None  # the prompt tokens' logprobs (and this many alternatives each)
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    lora_name: str | None = None  # the LoRA adapter that serves this request (None: the base model)
     structured_outputs: StructuredOutputs | None = None  # given as an object / JSON text, kept normalised
 
     def __post_init__(self) -> None:
@@ -103,7 +104,7 @@ _FIELD_KINDS = {
     "seed": "optional_int", "stop": "str_list", "stop_token_ids": "int_list", "ignore_eos": bool,
     "min_tokens": int, "repetition_penalty": float, "presence_penalty": float,
     "frequency_penalty": float, "logprobs": bool, "top_logprobs": int, "prompt_logprobs": "optional_int",
-    "logit_bias": "bias_map", "structured_outputs": "structured",
+    "logit_bias": "bias_map", "lora_name": "optional_str", "structured_outputs": "structured",
 }
 
 
@@ -133,6 +134,10 @@ def _coerce(key: str, raw: Any, kind: Any) -> Any:
     try:
         if kind == "optional_int":
             return None if raw is None or raw == "" else to_int(raw)
+        if kind == "optional_str":
+            if raw is None or isinstance(raw, str):
+                return raw or None
+            raise ValueError
         if kind == "str_list":
             if isinstance(raw, str):
                 return [raw]
@@ -153,7 +158,8 @@ def _coerce(key: str, raw: Any, kind: Any) -> Any:
     except ValueError:
         expected = {"optional_int": "an integer", "str_list": "a string or a list of strings",
                     "int_list": "a list of integers", bool: "a boolean", int: "an integer",
-                    float: "a number", "bias_map": "an object of token id -> bias"}[kind]
+                    float: "a number", "bias_map": "an object of token id -> bias",
+                    "optional_str": "a string"}[kind]
         raise ValueError(f"sampling parameter {key!r} must be {expected}, got {raw!r}") from None
 
 

@@ -8,7 +8,7 @@
 # Contents:
 #   proj/            the committed project (git archive HEAD: commit first)
 #   whl/             CPython 3.12 manylinux wheels: apache-tvm-ffi, nvidia-ml-py (flashinfer imports
-#                    pynvml), pyzmq, msgspec (engine) and
+#                    pynvml), pyzmq, msgspec (engine), peft + accelerate (LoRA test adapters) and
 #                    tritonclient[grpc] + grpcio + protobuf + python-rapidjson (serving benchmark)
 #   flashinfer.tar.xz  flashinfer-python 0.7.2.post1 minus kernel sources the engine never builds
 #                    (MoE, MLA, fp4/fp8 GEMMs, sm100/sm110/sm120 variants, experimental kernels)

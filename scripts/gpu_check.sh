@@ -10,7 +10,7 @@
 # (each stage gets what is left of the budget, capped by its own limit). Everything lands in
 # RESULTS_DIR: gpu_tests.log, decode_step.json, decode_step_triton.json (Triton decode attention),
 # engine.json, engine_triton.json, engine_fp8kv.json and decode_step_fp8kv.json (an fp8 KV cache),
-# engine_normal.json, graph_launch.json,
+# engine_normal.json, graph_launch.json, speculative.json (n-gram speculative decoding), lora.json,
 # scheduler_cpu.json, hf.json, serving.json, summary.json (one line per stage: rc, seconds),
 # report.json (benchmarks/gpu_report.py: every target next to what was measured),
 # traces/ (chrome traces of the profiled decode steps), and
@@ -119,6 +119,13 @@ stage decode_step_fp8kv 90 "$R/decode_step_fp8kv.json" "$PY" benchmarks/decode_s
 # after serving: the HF baseline is the one stage that a later run can reuse
 stage hf 70 "$R/hf.json" "$PY" benchmarks/gpu_drive.py hf "$MODEL" --max-new 256
 stage engine_normal 60 "$R/engine_normal.json" "$PY" benchmarks/gpu_drive.py engine "$MODEL" --no-overlap
+# speculative decoding (n-gram drafts, verify steps in CUDA graphs) against plain decoding on a
+# random model whose outputs loop, 1 / 4 / 16 / 64 streams in-process
+stage speculative 90 "$R/speculative.json" "$PY" benchmarks/speculative.py --workloads loop \
+  --streams 1 4 16 64 --triton-streams --settings device=cuda dtype=bfloat16
+# LoRA: one batch over 1 / 4 / 16 adapters against the base model alone (rank 16, every projection)
+stage lora 90 "$R/lora.json" "$PY" benchmarks/lora.py --model "$MODEL" --requests 256 --max-tokens 128 \
+  --settings device=cuda dtype=bfloat16
 stage scheduler_cpu 60 "$R/scheduler_cpu.json" "$PY" benchmarks/gpu_drive.py scheduler_cpu "$MODEL"
 echo "=== done at +$(( $(date +%s) - T0 ))s; results in $R"
 cat "$R/summary.json"

@@ -202,6 +202,64 @@ def test_overlap_loop_equals_normal_loop_on_gpu(gpu_model):
     assert overlap == normal
 
 
+def test_speculative_verify_steps_replay_graphs_and_equal_plain(gpu_model):
+    """A verify step is a decode batch of one row per verified position, so it replays the
+    captured graph of its row count (bs x (k + 1), padded up), reading penalty histories before
+    the replay writes its argmax over the drafts. Always-right drafts: every request verifies
+    at every step; outputs equal the plain engine's, greedy, seeded sampled and penalised."""
+    from minisgl_backend import LLM, SamplingParams
+    from minisgl_backend.scheduler.spec_cost import StepCost
+    from tests.test_speculative import FixedDrafts
+
+    prompts = [[5, 6, 7, 8] * 8, [9, 10, 11] * 10, list(range(20, 50))]
+    params = [SamplingParams(max_tokens=32, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=32, temperature=0.8, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=32, temperature=0, repetition_penalty=1.3, ignore_eos=True)]
+    settings = dict(device="cuda", dtype="bfloat16", page_size=16, max_total_tokens=8192,
+                    attention_backend="flashinfer", cuda_graph_max_bs=16)
+    plain = LLM(gpu_model, **settings)
+    want = plain.generate(prompts, params)
+    plain.shutdown()
+    llm = LLM(gpu_model, **settings, speculative_algorithm="ngram", speculative_num_tokens=4,
+              speculative_max_batch_size=8)
+    sched = llm.scheduler
+    assert sched.engine.graph_runner is not None
+    sched.spec.cost = StepCost.free(sched.spec.k)
+    sched.spec.source = FixedDrafts(prompts, want, True, sched.vocab_size)
+    got = llm.generate(prompts, params)
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]
+    assert sched.spec.stats.accepted_tokens == sched.spec.source.within_output > 0
+    assert sched.engine.num_graph_verify_steps > 0
+    assert sched.leaks() == []
+    llm.shutdown()
+
+
+def test_lora_mixed_batches_in_graphs_equal_eager_and_solo(gpu_model, tmp_path):
+    """Adapters on CUDA: the gathered Triton kernels, in CUDA graphs (each row's slot read from
+    a static buffer) and eagerly, give the same tokens for a batch of [base, a, b, a] (that a
+    batch-mate never changes an output is checked in fp32 on the CPU, tests/test_lora.py)."""
+    from minisgl_backend import LLM, SamplingParams
+    from tests.test_lora_units import make_peft_adapter
+
+    paths = {n: make_peft_adapter(gpu_model, tmp_path / n, targets, rank=8, seed=i)
+             for i, (n, targets) in enumerate((("a", ["q_proj", "v_proj", "down_proj"]),
+                                               ("b", ["k_proj", "o_proj", "gate_proj", "up_proj"])))}
+    names = [None, "a", "b", "a"]
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, lora_name=n) for n in names]
+    settings = dict(device="cuda", dtype="bfloat16", page_size=16, max_total_tokens=8192,
+                    attention_backend="flashinfer", cuda_graph_max_bs=16, enable_lora=True, max_lora_rank=8)
+    outs = {}
+    for graphs in (False, True):
+        llm = LLM(gpu_model, lora_modules=paths, enable_cuda_graph=graphs, **settings)
+        assert (llm.scheduler.engine.graph_runner is not None) == graphs
+        outs[graphs] = [o["token_ids"] for o in llm.generate(PROMPTS, params)]
+        assert (llm.scheduler.engine.num_graph_steps > 0) == graphs
+        assert llm.scheduler.leaks() == []
+        llm.shutdown()
+    assert outs[True] == outs[False]
+    assert outs[True][1] != outs[True][0] or outs[True][2] != outs[True][0], "the adapters change outputs"
+
+
 # ---------------------------------------------------------------------------- fused decoder ops
 
 

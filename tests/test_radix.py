@@ -123,3 +123,20 @@ def test_integrity_check_catches_double_free_and_shared_pages():
     assert "with nothing running, some page is neither free nor cached" in cache.integrity_problems(idle=True)
     cache._free.append(cache.num_pages)  # an id past the pool's last page
     assert "a page id is outside the pool" in cache.integrity_problems(idle=False)
+
+
+def test_namespaces_never_share_pages_and_evict_as_one_lru():
+    tree = RadixTree(2)
+    tokens = [1, 2, 3, 4]
+    assert tree.insert(tokens, [10, 11]) == 0
+    assert tree.insert(tokens, [20, 21], namespace="a") == 0, "the same tokens under an adapter are new"
+    assert tree.match_prefix(tokens).pages == [10, 11]
+    assert tree.match_prefix(tokens, namespace="a").pages == [20, 21]
+    assert tree.match_prefix(tokens, namespace="b").pages == []
+    assert tree.total_pages == 4 and sorted(tree.all_pages()) == [10, 11, 20, 21]
+    match = tree.match_prefix(tokens, namespace="a")
+    tree.lock(match.node)
+    assert sorted(tree.evict(4)) == [10, 11], "a locked adapter prefix stays"
+    tree.unlock(match.node)
+    assert sorted(tree.evict(4)) == [20, 21] and tree.total_pages == 0
+    assert tree.match_prefix(tokens, namespace="a").pages == []

@@ -4,7 +4,7 @@ what a model's forward receives besides token ids and positions."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -51,3 +51,4 @@ class AttentionBackend(Protocol):
 class ForwardBatch:
     attn: AttentionBackend  # already prepared for this batch
     last_token_indices: torch.Tensor  # [B] int64: rows of the flattened tokens whose logits are wanted
+    lora: Any = None  # a LoraBatch when the engine serves adapters: each token's adapter and their weights

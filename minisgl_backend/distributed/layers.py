@@ -210,8 +210,14 @@ class RowParallelLinear(nn.Module):
         n = self.input_size_local
         param.data.copy_(source.narrow(1, self.tp_rank * n, n))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
+    def forward(self, x: torch.Tensor, add_partial: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """`add_partial(y)` adds to this rank's partial sum in place before the all-reduce (a LoRA
+        delta over this rank's input columns)."""
+        if self.tp_size == 1 and add_partial is None:
             return F.linear(x, self.weight, self.bias)
-        y = all_reduce(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        if add_partial is not None:
+            add_partial(y)
+        if self.tp_size > 1:
+            y = all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from minisgl_backend.attention.base import BatchLayout, ForwardBatch
-from minisgl_backend.batch import Batch
+from minisgl_backend.batch import Batch, ScheduledReq
 from minisgl_backend.config import EngineConfig
 from minisgl_backend.distributed.group import destroy_distributed
 from minisgl_backend.engine.graph import build_graph_runner
@@ -22,7 +22,9 @@ from minisgl_backend.grammar.bitmask import apply_mask
 from minisgl_backend.kernels import choose_kernels
 from minisgl_backend.kvcache import KVCache, PageTable
 from minisgl_backend.kvcache.staging import HostResults, HostStaging
+from minisgl_backend.lora.device import DeviceLora
 from minisgl_backend.models import load_model, read_arch_config
+from minisgl_backend.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,9 @@ class Engine:
                                                 num_qo_heads=self.model.num_heads_per_rank,
                                                 num_kv_heads=self.model.num_kv_heads_per_rank,
                                                 max_batch_size=config.scheduler.max_running_requests)
+        self.lora = DeviceLora(config.lora, self.arch, num_heads=self.model.num_heads_per_rank,
+                               num_kv_heads=self.model.num_kv_heads_per_rank, dtype=self.dtype, device=self.device,
+                               use_kernel=self.kernels.lora_kernel) if config.lora.enable_lora else None
         self.sampler = Sampler()
         self.staging = HostStaging(self.device)
         self.results = HostResults()
@@ -79,11 +84,15 @@ class Engine:
         self.graph_runner = build_graph_runner(
             config, self.model, self.attn, vocab_size=self.vocab_size, page_table=self.page_table,
             logits_dtype=self.dtype, max_running_requests=self.page_table.num_rows,
-            device=self.device, stream=self.stream)
+            device=self.device, stream=self.stream, lora=self.lora)
 
     @property
     def num_pages(self) -> int:
         return self.kv_cache.num_pages
+
+    def load_lora(self, slot: int, path: str) -> None:
+        """Put this rank's shard of the adapter at `path` into device slot `slot`."""
+        self.lora.load(slot, path)
 
     def shutdown(self) -> None:
         """Free the CUDA graphs, the KV pool and the TP process group (the model unloads)."""
@@ -149,7 +158,8 @@ class Engine:
                                       ends, ext, table_rows))
         selection = None if batch.is_decode else LogitSelection.build(rows, host.last_token)
         logit_rows = idx.last_token if selection is None else self.staging.to_device(selection.token_indices)
-        logits = self.model(input_ids, idx.positions, ForwardBatch(self.attn, logit_rows)).float()
+        lora = self.lora.batch(rows, self.staging) if self.lora is not None else None
+        logits = self.model(input_ids, idx.positions, ForwardBatch(self.attn, logit_rows, lora)).float()
         selected = logits
         if selection is not None:
             logits = selected[self.staging.to_device(selection.sample_rows)]
@@ -161,9 +171,16 @@ class Engine:
         self.page_table.tokens.view(-1)[idx.sampled_flat] = next_ids
         return self._copy_to_host(next_ids, logprobs, details)
 
-    def _forward_graph(self, batch: Batch, host: HostBatchIndices) -> ForwardResult:
-        out = self.graph_runner.replay(host, self.staging)
-        if self._greedy_argmax_suffices(batch):  # the graph's argmax, already in the token pool
+    def _forward_graph(self, batch: Batch, rows: list[ScheduledReq], host: HostBatchIndices) -> ForwardResult:
+        argmax = self._greedy_argmax_suffices(batch, rows)
+        # the replay writes its argmax ids into the token pool, over the drafts a verify row's
+        # penalties count: read the histories first
+        penalties = None if argmax else self._penalty_inputs(rows)
+        lora_slots = [r.req.lora_slot for r in rows] if self.lora is not None else None
+        out = self.graph_runner.replay(host, self.staging, lora_slots)
+        self.num_graph_steps += 1
+        self.num_graph_verify_steps += batch.has_drafts
+        if argmax:  # the graph's argmax, already in the token pool
             # the next replay overwrites it: on CUDA it is copied out first, elsewhere cloned
             ids = out.greedy_ids if self.device.type == "cuda" else out.greedy_ids.clone()
             return self._copy_to_host(ids, None, None)
@@ -251,3 +268,7 @@ class Engine:
         event = torch.cuda.Event()
         event.record(self.stream)
         return ForwardResult(next_ids, host_ids, host_lp, event, details)
+
+
+def _has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0

@@ -13,6 +13,13 @@ What is captured, for a graph of `bs` requests (`StaticDecodeInputs` holds its i
 So a greedy decode step costs the host one copy in (the indices), the attention backend's plan,
 one graph launch, and one copy out (the ids).
 
+With LoRA adapters served, the graph also runs the LoRA kernels, which read each row's adapter
+slot from a static buffer (-1: the base model, the dummies' value), copied in with the indices.
+
+Speculative verify steps need no graphs of their own: a request's last token and its d drafts are
+d + 1 decode rows of the same page-table row at consecutive positions (`ScheduledReq.rows`), so a
+step of decode and verify rows replays the graph of its row count like any decode batch.
+
 Padding: a batch of `bs` requests runs the graph of the smallest captured size >= bs. The extra
 requests are dummies that cannot touch real ones: their page-table row is the spare row, whose
 one position maps to the KV cache's spare slot (`PageTable.spare_row`, `KVCache.spare_slot`, a page
@@ -163,8 +170,10 @@ class CudaGraphRunner:
     def __init__(self, forward_fn: ForwardFn, attn: GraphAttentionHooks, *, max_bs: int, vocab_size: int,
                  token_pool: torch.Tensor, slot_table: torch.Tensor, table_width: int, spare_row: int,
                  dump_cell: int, logits_dtype: torch.dtype, device: torch.device | str,
-                 stream: torch.cuda.Stream | None = None, batch_sizes: Sequence[int] | None = None) -> None:
+                 stream: torch.cuda.Stream | None = None, batch_sizes: Sequence[int] | None = None,
+                 lora=None) -> None:
         self.forward_fn = forward_fn
+        self.lora = lora  # the engine's DeviceLora, when adapters are served
         self.attn = attn
         self.device = torch.device(device)
         self.sizes = sorted(set(batch_sizes)) if batch_sizes is not None else graph_batch_sizes(max_bs)
@@ -182,6 +191,7 @@ class CudaGraphRunner:
         self.inputs = StaticDecodeInputs.allocate(self.max_bs, self.device)
         self.logits = torch.zeros(self.max_bs, vocab_size, dtype=logits_dtype, device=self.device)
         self.greedy_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=self.device)
+        self.lora_slots = torch.full((self.max_bs,), -1, dtype=torch.int64, device=self.device)
 
     def can_run(self, batch_size: int) -> bool:
         return bool(self.graphs) and 1 <= batch_size <= self.max_bs
@@ -191,7 +201,8 @@ class CudaGraphRunner:
         v = self.inputs.views(bs)
         input_ids = self.token_pool[v["token_cells"]]
         self.inputs.out_loc[:bs].copy_(self.slot_table[v["token_cells"]])
-        fwd = ForwardBatch(self.attn, self.inputs.last_token_indices[:bs])
+        lora = self.lora.graph_batch(self.lora_slots[:bs]) if self.lora is not None else None
+        fwd = ForwardBatch(self.attn, self.inputs.last_token_indices[:bs], lora)
         logits = self.forward_fn(input_ids, v["positions"], fwd)
         # an elementwise kernel, not copy_(): a same-dtype copy_ is a memcpy node, and a graph that
         # is not all kernel nodes may lose CUDA 12.6+'s constant-time launch (graph_census.py)
@@ -225,14 +236,20 @@ class CudaGraphRunner:
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
         logger.info("captured CUDA graphs for decode batch sizes %s (%.1f MiB)", self.sizes, used / 2**20)
 
-    def replay(self, host: HostBatchIndices, staging: HostStaging) -> GraphStepOutput:
-        """Run a decode batch (bs <= max_bs, indices built on the host) through its graph."""
+    def replay(self, host: HostBatchIndices, staging: HostStaging,
+               lora_slots: Sequence[int] | None = None) -> GraphStepOutput:
+        """Run a decode batch (bs <= max_bs, indices built on the host) through its graph;
+        `lora_slots`: each row's adapter slot, when adapters are served."""
         bs = host.rows.shape[0]
         padded = pick_graph_bs(bs, self.sizes)
         if padded is None or padded not in self.graphs:
             raise ValueError(f"no captured graph holds a batch of {bs}")
         values = StaticDecodeInputs.host_values(host, padded, self.pad)
         staging.copy_into(self.inputs.packed[:values.shape[0]], values)
+        if self.lora is not None:
+            slots = np.full(padded, -1, dtype=np.int64)
+            slots[:bs] = lora_slots
+            staging.copy_into(self.lora_slots[:padded], slots)
         self.attn.prepare_for_replay(padded, self.inputs.layout(padded, host.seq_lens.tolist(), host.rows.tolist(),
                                                                 self.spare_row))
         self.graphs[padded].replay()
@@ -251,7 +268,7 @@ class CudaGraphRunner:
 
 def build_graph_runner(config, forward_fn: ForwardFn, attn: object, *, vocab_size: int, page_table,
                        logits_dtype: torch.dtype, max_running_requests: int, device: torch.device | str,
-                       stream: torch.cuda.Stream | None = None) -> CudaGraphRunner | None:
+                       stream: torch.cuda.Stream | None = None, lora=None) -> CudaGraphRunner | None:
     """A captured runner, or None where graphs are off: `config.graph.enable_cuda_graph` false,
     not on CUDA, or an attention backend without the graph hooks (the torch one). `page_table`
     is the engine's `PageTable`."""
@@ -264,6 +281,7 @@ def build_graph_runner(config, forward_fn: ForwardFn, attn: object, *, vocab_siz
     runner = CudaGraphRunner(forward_fn, attn, max_bs=max_bs, vocab_size=vocab_size,
                              token_pool=page_table.tokens, slot_table=page_table.slots,
                              table_width=page_table.width, spare_row=page_table.spare_row,
-                             dump_cell=page_table.dump_cell, logits_dtype=logits_dtype, device=device, stream=stream)
+                             dump_cell=page_table.dump_cell, logits_dtype=logits_dtype, device=device, stream=stream,
+                             lora=lora)
     runner.capture()
     return runner

@@ -11,11 +11,12 @@ item is already one row per position, so it needs no selection of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from minisgl_backend.batch import Batch
+from minisgl_backend.batch import ScheduledReq
 from minisgl_backend.engine.sampling import logprob_details
 from minisgl_backend.kvcache.staging import HostResults
 from minisgl_backend.messages import TopLogprobs

@@ -47,7 +47,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: object, fwd: ForwardBatch) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split_with_sizes([q_size, kv_size, kv_size], dim=-1)  # torch.split without its Python wrapper
+        qkv = self.qkv_proj(x)
+        if fwd.lora is not None:
+            for module, offset in (("q", 0), ("k", q_size), ("v", q_size + kv_size)):
+                fwd.lora.add(qkv, x, self.layer_id, module, offset)
+        q, k, v = qkv.split_with_sizes([q_size, kv_size, kv_size], dim=-1)  # torch.split without its Python wrapper
         # views into the qkv output (no copy): the K/V store and the kernels read them strided
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -55,13 +59,18 @@ class LlamaAttention(nn.Module):
         if self.ops.fused_prologue:
             fused_q = self._fused_prologue(q, k, v, rope, fwd)
             if fused_q is not None:
-                return self.o_proj(fwd.attn.attend(fused_q, self.layer_id))
+                return self._output(fwd.attn.attend(fused_q, self.layer_id), fwd)
         if self.qk_norm:  # per-head RMSNorm: the same op over [T, H, D]
             # q gets its own (contiguous) tensor; k is normed in place, so it stays beside v and
             # the K/V store is one write
             q, k = self.q_norm(q), self.k_norm.forward_over(k)
         q, k = self.rotary[0].apply(q, k, rope)
-        return self.o_proj(fwd.attn.forward(q, k, v, self.layer_id))
+        return self._output(fwd.attn.forward(q, k, v, self.layer_id), fwd)
+
+    def _output(self, attn: torch.Tensor, fwd: ForwardBatch) -> torch.Tensor:
+        if fwd.lora is None:
+            return self.o_proj(attn)
+        return self.o_proj(attn, add_partial=fwd.lora.partial(attn, self.layer_id, "o"))
 
     def _fused_prologue(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: object,
                         fwd: ForwardBatch) -> torch.Tensor | None:
@@ -76,15 +85,22 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ModelArchConfig, dtype: torch.dtype, ops: LayerOps) -> None:
+    def __init__(self, arch: ModelArchConfig, layer_id: int, dtype: torch.dtype, ops: LayerOps) -> None:
         super().__init__()
         inter = arch.intermediate_size
+        self.layer_id = layer_id
         self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [inter, inter], bias=arch.mlp_bias, dtype=dtype)
         self.down_proj = RowParallelLinear(inter, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
         self.act = SiluAndMul(ops)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, lora: object = None) -> torch.Tensor:
+        if lora is None:
+            return self.down_proj(self.act(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        lora.add(gate_up, x, self.layer_id, "gate", 0)
+        lora.add(gate_up, x, self.layer_id, "up", gate_up.shape[1] // 2)
+        h = self.act(gate_up)
+        return self.down_proj(h, add_partial=lora.partial(h, self.layer_id, "down"))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -95,7 +111,7 @@ class LlamaDecoderLayer(nn.Module):
                  rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(arch, layer_id, dtype, ops, rotary)
-        self.mlp = LlamaMLP(arch, dtype, ops)
+        self.mlp = LlamaMLP(arch, layer_id, dtype, ops)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, ops)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, ops)
 
@@ -108,7 +124,7 @@ class LlamaDecoderLayer(nn.Module):
             h, residual = self.input_layernorm.add_forward(h, residual)
         h = self.self_attn(h, rope, fwd)
         h, residual = self.post_attention_layernorm.add_forward(h, residual)
-        return self.mlp(h), residual
+        return self.mlp(h, fwd.lora), residual
 
 
 class LlamaModel(nn.Module):

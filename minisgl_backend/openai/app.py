@@ -90,6 +90,8 @@ def create_app(settings: ServerSettings, client: TritonGenerateClient | None = N
     app.post("/v1/completions")(routes.completions)
     app.get("/v1/models")(routes.list_models)
     app.get("/v1/models/{name:path}")(routes.get_model)
+    app.post("/v1/load_lora_adapter")(routes.loras.load)
+    app.post("/v1/unload_lora_adapter")(routes.loras.unload)
     app.get("/health")(routes.health)
     # for routers and gateways (open, like /health): SGLang's worker probes and the metrics
     app.get("/metrics")(gateway.prometheus)
@@ -109,31 +111,54 @@ class Routes:
         self.client = client
         self.tokenizers = tokenizers
         self.started = int(time.time())
+        self.loras = LoraModels(client, settings.model)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        self._check(body)
+        adapter = await self._check(body, request)
         renderer = await self.tokenizers.renderer()
-        prompt = renderer.render(body.messages)
-        gen = GenerateRequest(prompt, body.sampling_parameters(self._max_tokens(body)),
-                              stream=body.stream or body.logprobs, logprobs=body.logprobs)
-        choice = ChoiceBuilder(renderer.token_strings, body.logprobs)
-        return await self._run(request, body, ChatShape(self.settings.model), gen, choice, "messages")
+        tools = validate_tools(body.tools, body.tool_choice)
+        parser = self._tool_parser(tools, renderer)
+        sampling = body.sampling_parameters(self._max_tokens(body), adapter)
+        constraint = tool_constraint(tools, body.parallel_tool_calls, parser) if parser else None
+        if constraint is not None:
+            if body.has_own_constraint():
+                raise invalid("a forced or strict tool call cannot be combined with response_format / "
+                              "structured_outputs", "tool_choice")
+            sampling["structured_outputs"] = constraint
+        prompt = renderer.render(body.messages, tools=body.tools if tools.tools else None, **body.template_switches())
+        gen = GenerateRequest(prompt, sampling, stream=body.stream or body.logprobs, logprobs=body.logprobs)
+        choices = choice_requests([gen], body.num_choices)
+        builders = [ChoiceBuilder(renderer.token_strings, body.logprobs, c.index, c.prompt_index,
+                                  top_k=body.top_logprobs or 0,
+                                  tool_parser=make_tool_parser(parser) if parser and tools.parses_calls else None)
+                    for c in choices]
+        return await self._run(request, body, ChatShape(adapter or self.settings.model), choices, builders, "messages")
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        self._check(body)
+        adapter = await self._check(body, request)
         want_logprobs = body.logprobs is not None
-        token_strings = (await self.tokenizers.renderer()).token_strings if want_logprobs else _no_token_strings
-        gen = GenerateRequest(body.single_prompt(), body.sampling_parameters(self._max_tokens(body)),
-                              stream=body.stream or want_logprobs, logprobs=want_logprobs)
-        choice = ChoiceBuilder(token_strings, want_logprobs)
-        return await self._run(request, body, CompletionShape(self.settings.model), gen, choice, "prompt")
+        renderer = await self.tokenizers.renderer() if want_logprobs or body.echo else None
+        prompts = body.prompts()
+        sampling = body.sampling_parameters(max(self._max_tokens(body), 1), adapter)  # max_tokens 0: echo only
+        if body.echo and want_logprobs:
+            sampling["prompt_logprobs"] = body.logprobs
+        gens = [GenerateRequest(p, sampling, stream=body.stream or want_logprobs, logprobs=want_logprobs)
+                for p in prompts]
+        choices = choice_requests(gens, body.num_choices)
+        builders = [ChoiceBuilder(renderer.token_strings if renderer else _no_token_strings, want_logprobs, c.index,
+                                  c.prompt_index, top_k=body.logprobs or 0,
+                                  echo=_echo(renderer, prompts[c.prompt_index]) if body.echo else None,
+                                  drop_generated=body.max_tokens == 0)
+                    for c in choices]
+        return await self._run(request, body, CompletionShape(adapter or self.settings.model), choices, builders, "prompt")
 
     async def list_models(self) -> dict:
-        return {"object": "list", "data": [self._model_card()]}
+        return {"object": "list", "data": [self._model_card(), *await self.loras.cards()]}
 
     async def get_model(self, name: str) -> dict:
-        self._check_model(name)
-        return self._model_card()
+        if await self.loras.adapter_for(name) is None:
+            return self._model_card()
+        return next(card for card in await self.loras.cards() if card["id"] == name)
 
     async def health(self) -> Response:
         if await self.client.model_ready():
@@ -145,13 +170,9 @@ class Routes:
     def _model_card(self) -> dict:
         return {"id": self.settings.model, "object": "model", "created": self.started, "owned_by": "minisgl"}
 
-    def _check_model(self, name: str) -> None:
-        if name != self.settings.model:
-            raise OpenAIError(404, f"the model '{name}' does not exist; this server serves '{self.settings.model}'",
-                              "invalid_request_error", "model", "model_not_found")
-
-    def _check(self, body: ChatCompletionRequest | CompletionRequest) -> None:
-        self._check_model(body.model)
+    async def _check(self, body: ChatCompletionRequest | CompletionRequest, request: Request) -> str | None:
+        """The request checked; the LoRA adapter its `model` names (None: the base model)."""
+        adapter = await self.loras.adapter_for(body.model)
         if (error := body.unsupported()) is not None:
             raise error
         if ignored := body.ignored_fields():  # as vLLM's server: not refused, but said

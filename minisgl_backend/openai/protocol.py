@@ -179,6 +179,8 @@ class _Sampling(_Lenient):
     def sampling_parameters(self, max_tokens: int, lora_name: str | None = None) -> dict[str, Any]:
         """The `sampling_parameters` JSON of the vLLM-backend contract: only what the client set."""
         out: dict[str, Any] = {"max_tokens": max_tokens}
+        if lora_name is not None:
+            out["lora_name"] = lora_name
         for key in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                     "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "logit_bias", *_GUIDED):
             value = getattr(self, key)

@@ -118,6 +118,24 @@ class TritonGenerateClient:
             raise TritonUnreachable(_rpc_details(exc)) from None
         return {name: value.string_value for name, value in response.config.parameters.items()}
 
+    async def lora_control(self, command: dict) -> dict:
+        """The minisgl model's LoRA control request (`lora_request`: list, load, unload): its JSON
+        answer; TritonRequestError with the model's message when it refuses."""
+        self._connect()
+        tensor = service_pb2.ModelInferRequest.InferInputTensor(name="lora_request", datatype="BYTES", shape=[1])
+        request = service_pb2.ModelInferRequest(model_name=self.model, inputs=[tensor],
+                                                raw_input_contents=[_bytes_element(json.dumps(command).encode())])
+        try:
+            async for response in self._stream_infer(request):
+                if response.error_message:
+                    raise TritonRequestError(response.error_message)
+                piece = decode_response(response.infer_response)
+                if piece.text:
+                    return json.loads(piece.text)
+        except grpc.RpcError as exc:
+            raise TritonUnreachable(f"tritonserver at {self.url} did not answer: {_rpc_details(exc)}") from None
+        raise TritonRequestError("the model gave no answer to the LoRA request")
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Piece]:
         """The responses of one request; cancels the gRPC call when left before the last one."""
         self._connect()

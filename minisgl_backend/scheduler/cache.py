@@ -83,7 +83,7 @@ class CacheManager:
         """Serve the longest cached prefix of `tokens[:-1]` (at least one token is always computed);
         `reuse` false: compute every position (prompt logprobs need their logits)."""
         if self.enable_prefix_cache and reuse:
-            match = self.tree.match_prefix(tokens[:-1])
+            match = self.tree.match_prefix(tokens[:-1], req.lora)
             self.tree.lock(match.node)
             req.cache_node, req.pages = match.node, list(match.pages)
             req.cached_len = req.matched_len = req.locked_len = match.num_tokens
@@ -128,8 +128,8 @@ class CacheManager:
         if keep <= locked:
             return
         tokens = tokens_with_kv[:keep * self.page_size]
-        existing = self.tree.insert(tokens, req.pages[:keep])
-        match = self.tree.match_prefix(tokens)
+        existing = self.tree.insert(tokens, req.pages[:keep], req.lora)
+        match = self.tree.match_prefix(tokens, req.lora)
         self.tree.lock(match.node)
         if req.cache_node is not None:
             self.tree.unlock(req.cache_node)
@@ -145,13 +145,20 @@ class CacheManager:
         keep = min(len(tokens_with_kv) // self.page_size, req.num_pages) if self.enable_prefix_cache else 0
         in_tree = locked
         if keep > locked:
-            in_tree = self.tree.insert(tokens_with_kv[:keep * self.page_size], req.pages[:keep])
+            in_tree = self.tree.insert(tokens_with_kv[:keep * self.page_size], req.pages[:keep], req.lora)
         # Private pages the tree already had a copy of are duplicates; past `keep` nothing is cached.
         self._free.extend(req.pages[locked:max(in_tree, locked)])
         self._free.extend(req.pages[max(keep, locked):])
         if req.cache_node is not None:
             self.tree.unlock(req.cache_node)
         req.cache_node, req.pages, req.matched_len, req.locked_len = None, [], 0, 0
+
+    def drop_namespace(self, namespace: str) -> int:
+        """Free the cached pages of an unloaded adapter; returns how many."""
+        freed = self.tree.drop_namespace(namespace)
+        self.evicted_pages += len(freed)
+        self._free.extend(freed)
+        return len(freed)
 
     def flush(self) -> int:
         """Evict every unlocked cached page; returns how many were freed."""

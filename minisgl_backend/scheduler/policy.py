@@ -15,11 +15,13 @@ from minisgl_backend.scheduler.cache import CacheManager
 from minisgl_backend.scheduler.radix import RadixTree
 
 
-def cached_prefix_len(tree: RadixTree, tokens: list[int]) -> int:
+def cached_prefix_len(tree: RadixTree, tokens: list[int], namespace: str | None = None) -> int:
     """How many tokens of `tokens[:-1]` the tree holds (what admission would match), read-only:
     unlike `RadixTree.match_prefix` it neither splits nodes nor touches the LRU clock."""
     ps, limit = tree.page_size, len(tokens) - 1
-    node, pos = tree.root, 0
+    node, pos = tree.find_namespace(namespace), 0
+    if node is None:
+        return 0
     while pos + ps <= limit:
         child = node.children.get(tuple(tokens[pos:pos + ps]))
         if child is None:
@@ -87,7 +89,7 @@ class SchedulePolicy:
     def _prefix_len(self, req: Req) -> int:
         n = self._prefix.get(req)
         if n is None:
-            n = self._prefix[req] = cached_prefix_len(self.cache.tree, req.all_ids)
+            n = self._prefix[req] = cached_prefix_len(self.cache.tree, req.all_ids, req.lora)
         return n
 
     def _refresh_memo(self) -> None:

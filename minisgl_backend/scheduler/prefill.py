@@ -6,6 +6,7 @@ from collections import deque
 from typing import Iterator
 
 from minisgl_backend.batch import Req, ScheduledReq
+from minisgl_backend.scheduler.adapters import AdapterResidency
 from minisgl_backend.scheduler.cache import CacheManager
 from minisgl_backend.scheduler.policy import SchedulePolicy
 from minisgl_backend.scheduler.table import TableManager
@@ -13,8 +14,9 @@ from minisgl_backend.scheduler.table import TableManager
 
 class PrefillManager:
     def __init__(self, cache: CacheManager, table: TableManager, chunk_size: int,
-                 policy: SchedulePolicy | None = None) -> None:
+                 policy: SchedulePolicy | None = None, adapters: AdapterResidency | None = None) -> None:
         self.cache = cache
+        self.adapters = adapters
         self.table = table
         self.chunk_size = chunk_size
         self.policy = policy if policy is not None else SchedulePolicy("fcfs", cache)
@@ -50,7 +52,10 @@ class PrefillManager:
 
         Admission needs a free table row (one per running request) and pages for the whole
         prompt while `decode_reserve` pages stay available for the running requests to grow.
-        The first candidate that cannot be admitted stops admission: nobody overtakes it.
+        The first candidate that cannot be admitted stops admission: nobody overtakes it. The
+        exception is a request whose LoRA adapter finds every slot busy: the others go ahead of
+        it until it has waited `max_wait_steps` (then it stops admission like any other, so the
+        slots' requests drain and one is freed for it).
         """
         items: list[ScheduledReq] = []
         if self.chunked is not None and budget > 0:
@@ -58,7 +63,12 @@ class PrefillManager:
             items.append(self._next_chunk(req, budget))
             budget -= items[-1].end - items[-1].start
         for req in self._candidates():
-            if budget <= 0 or self.chunked is not None or not self._admit(req, decode_reserve):
+            if budget <= 0 or self.chunked is not None:
+                break
+            admitted = self._admit(req, decode_reserve)
+            if admitted is None and not self.policy.is_aged(req):
+                continue
+            if not admitted:
                 break
             self.pending.remove(req)
             self.policy.dequeued(req)
@@ -68,14 +78,18 @@ class PrefillManager:
 
     def _candidates(self) -> Iterator[Req]:
         """The policy's picks from the head of the queue, then the rest in arrival order."""
-        yield from self.policy.order(self.pending)
-        while self.pending:
-            yield self.pending[0]
+        ordered = self.policy.order(self.pending)
+        yield from ordered
+        tried = set(ordered)
+        yield from [req for req in self.pending if req not in tried]
 
-    def _admit(self, req: Req, decode_reserve: int) -> bool:
-        """Take a table row, lock the cached prefix and reserve pages for the whole prompt."""
+    def _admit(self, req: Req, decode_reserve: int) -> bool | None:
+        """Take a table row, lock the cached prefix and reserve pages for the whole prompt (and its
+        adapter's slot). None: its adapter must wait for a slot."""
         if self.table.free_rows == 0:
             return False
+        if self.adapters is not None and not self.adapters.acquire(req):
+            return None
         tokens = req.all_ids
         req.row = self.table.allocate_row()
         self.cache.match_and_lock(req, tokens, reuse=not req.needs_prompt_logprobs)
@@ -84,6 +98,8 @@ class PrefillManager:
             self.cache.release(req, [])
             self.table.free_row(req.row)
             req.row = -1
+            if self.adapters is not None:
+                self.adapters.release(req)
             return False
         self.cache.record_match(req, len(tokens))
         self.cache.allocate(req, len(tokens))

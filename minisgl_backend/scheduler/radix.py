@@ -3,6 +3,9 @@
 Every node holds a run of whole pages (its key is a multiple of `page_size` tokens). A node
 with `lock_ref > 0` is in use by a running request and is never evicted; the others are
 cached and evicted least-recently-used leaf first.
+
+A `namespace` (a LoRA adapter's name) keeps its own subtree under the root: the same tokens under
+two namespaces never share pages; eviction is one LRU over all of them.
 """
 
 from __future__ import annotations
@@ -44,8 +47,19 @@ class RadixTree:
 
     # ------------------------------------------------------------ lookup and insert
 
-    def match_prefix(self, tokens: list[int]) -> MatchResult:
-        node, pages, pos = self.root, [], 0
+    def namespace_root(self, namespace: str | None) -> RadixNode:
+        """The node under which `namespace`'s prefixes live (the root itself for None); made on
+        first use, locked for good, with no pages: never evicted, never counted."""
+        if namespace is None:
+            return self.root
+        key = ("namespace", namespace)
+        node = self.root.children.get(key)
+        if node is None:
+            node = self.root.children[key] = RadixNode(parent=self.root, lock_ref=1)
+        return node
+
+    def match_prefix(self, tokens: list[int], namespace: str | None = None) -> MatchResult:
+        node, pages, pos = self.namespace_root(namespace), [], 0
         tick = next(self._clock)
         while pos + self.page_size <= len(tokens):
             child = node.children.get(self._page_key(tokens, pos))
@@ -60,11 +74,11 @@ class RadixTree:
             node = child
         return MatchResult(node, pages, pos)
 
-    def insert(self, tokens: list[int], pages: list[int]) -> int:
+    def insert(self, tokens: list[int], pages: list[int], namespace: str | None = None) -> int:
         """Insert page-aligned `tokens` backed by `pages`; returns how many leading pages were
         already in the tree (the caller's copies of those are duplicates to free)."""
         assert len(tokens) == len(pages) * self.page_size
-        match = self.match_prefix(tokens)
+        match = self.match_prefix(tokens, namespace)
         existing = len(match.pages)
         if existing < len(pages):
             pos = match.num_tokens
@@ -93,9 +107,10 @@ class RadixTree:
                 self.cached_pages += len(node.pages)
             node = node.parent
 
-    def evict(self, num_pages: int) -> list[int]:
-        """Remove unlocked leaves, least recently used first, until `num_pages` are freed."""
-        heap = [(n.last_access, id(n), n) for n in self._evictable_leaves()]
+    def evict(self, num_pages: int, under: RadixNode | None = None) -> list[int]:
+        """Remove unlocked leaves (of the subtree `under`, default all), least recently used
+        first, until `num_pages` are freed."""
+        heap = [(n.last_access, id(n), n) for n in self._evictable_leaves(under or self.root)]
         heapq.heapify(heap)
         freed: list[int] = []
         while heap and len(freed) < num_pages:
@@ -107,6 +122,21 @@ class RadixTree:
             if parent is not self.root and parent.is_leaf and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access, id(parent), parent))
         return freed
+
+    def drop_namespace(self, namespace: str) -> list[int]:
+        """Evict every unlocked page of `namespace` (its adapter was unloaded); the namespace goes
+        once nothing of it is left."""
+        node = self.root.children.get(("namespace", namespace))
+        if node is None:
+            return []
+        freed = self.evict(self.cached_pages, under=node)
+        if node.is_leaf and node.lock_ref == 1:
+            del self.root.children[("namespace", namespace)]
+        return freed
+
+    def find_namespace(self, namespace: str | None) -> RadixNode | None:
+        """`namespace_root` without making it (None when nothing was cached under it)."""
+        return self.root if namespace is None else self.root.children.get(("namespace", namespace))
 
     @property
     def total_pages(self) -> int:
@@ -151,11 +181,11 @@ class RadixTree:
         else:
             self.cached_pages += sign * len(node.pages)
 
-    def _evictable_leaves(self) -> list[RadixNode]:
-        leaves, stack = [], [self.root]
+    def _evictable_leaves(self, top: RadixNode) -> list[RadixNode]:
+        leaves, stack = [], [top]
         while stack:
             node = stack.pop()
             stack.extend(node.children.values())
-            if node is not self.root and node.is_leaf and node.lock_ref == 0:
+            if node is not top and node.is_leaf and node.lock_ref == 0:
                 leaves.append(node)
         return leaves

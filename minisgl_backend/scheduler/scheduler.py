@@ -12,11 +12,12 @@ import time
 
 from minisgl_backend.config import EngineConfig
 from minisgl_backend.batch import Batch, Req, ScheduledReq
-from minisgl_backend.messages import (AbortMsg, ErrorKind, FinishReason, FlushCacheMsg, SchedulerInput, ShutdownMsg,
-                                      StatsEvent, TokenEvent, TopLogprobs, UserMsg)
+from minisgl_backend.messages import (AbortMsg, DropLoraMsg, ErrorKind, FinishReason, FlushCacheMsg, SchedulerInput,
+                                      ShutdownMsg, StatsEvent, TokenEvent, TopLogprobs, UserMsg)
 from minisgl_backend.engine.engine import Engine, ForwardResult
 from minisgl_backend.engine.speculative import kept_ids
 from minisgl_backend.grammar.manager import GrammarManager
+from minisgl_backend.scheduler.adapters import AdapterResidency
 from minisgl_backend.scheduler.cache import CacheManager
 from minisgl_backend.scheduler.decode import DecodeManager
 from minisgl_backend.scheduler.events import StepEvents
@@ -47,7 +48,9 @@ class Scheduler:
         self.table = TableManager(engine.page_table)
         sc = config.scheduler
         self.policy = SchedulePolicy(sc.schedule_policy, self.cache, max_wait_steps=sc.max_wait_steps)
-        self.prefill = PrefillManager(self.cache, self.table, sc.chunk_size, self.policy)
+        self.adapters = (AdapterResidency(config.lora.max_loras, engine.load_lora)
+                         if config.lora.enable_lora else None)
+        self.prefill = PrefillManager(self.cache, self.table, sc.chunk_size, self.policy, self.adapters)
         self.decode = DecodeManager(self.cache)
         self.spec = Speculator(config.speculative)
         if self.spec.enabled:
@@ -99,7 +102,7 @@ class Scheduler:
             self._receive(block=self.is_idle and last is None and not until_idle)
             if until_idle and self.is_idle and last is None:
                 break
-            if last is not None and (self.decode.needs_retraction() or self.grammar.needs_previous_tokens(last[0])):
+            if last is not None and self._needs_previous_tokens(last[0]):
                 self._process(*last)
                 last = None
             batch = self._schedule_next_batch()
@@ -149,6 +152,10 @@ class Scheduler:
         elif isinstance(msg, FlushCacheMsg):
             self.cache.flush()
             self._emit_stats(force=True)
+        elif isinstance(msg, DropLoraMsg):
+            self.cache.drop_namespace(msg.lora_path)
+            if self.adapters is not None:
+                self.adapters.drop(msg.lora_path)
         elif isinstance(msg, ShutdownMsg):
             self.stopped = True
 
@@ -161,7 +168,8 @@ class Scheduler:
             return
         seed = msg.params.seed if msg.params.seed is not None else self._rng.getrandbits(63)
         max_out = min(msg.params.max_tokens, self.context_len - len(msg.input_ids))
-        req = Req(msg.rid, list(msg.input_ids), msg.params, seed, max_out, arrival_time=msg.arrival_time)
+        req = Req(msg.rid, list(msg.input_ids), msg.params, seed, max_out, arrival_time=msg.arrival_time,
+                  lora=msg.lora_path)
         self.reqs[msg.rid] = req
         if msg.params.structured_outputs is not None:
             self.grammar.add(req)  # waits off the queue until its grammar has compiled
@@ -174,6 +182,8 @@ class Scheduler:
             return ErrorKind.INVALID, f"request id {msg.rid} is already in use"
         if n == 0:
             return ErrorKind.INVALID, "the prompt is empty: send at least one token"
+        if msg.lora_path is not None and self.adapters is None:
+            return ErrorKind.INVALID, "LoRA feature is not enabled."
         if n >= self.context_len:
             return ErrorKind.INVALID, (f"the prompt has {n} tokens but the context holds at most {self.context_len} "
                                        f"(prompt plus at least one output token): shorten the prompt")
@@ -213,10 +223,10 @@ class Scheduler:
         graphs serve only the pure-decode steps."""
         cfg = self.config.scheduler
         retracted = self._retract_if_needed()
-        decode_items = self.decode.schedule()
+        decode_items = self._schedule_decode()
         budget = cfg.prefill_budget
         if decode_items:
-            budget = min(budget, cfg.step_token_budget - len(decode_items))
+            budget = min(budget, cfg.step_token_budget - sum(it.end - it.start for it in decode_items))
         prefill_items = []
         if budget > 0 and not retracted:  # a retracted request must not be readmitted at once
             prefill_items = self.prefill.schedule(budget, len(self.decode.decodable()))
@@ -236,7 +246,7 @@ class Scheduler:
                 return Batch(items, is_decode=False)
         self._prefill_streak = 0
         self._retract_if_needed()
-        items = self.decode.schedule()
+        items = self._schedule_decode()
         return Batch(items, is_decode=True) if items else None
 
     def _schedule_decode(self) -> list[ScheduledReq]:
@@ -451,6 +461,8 @@ class Scheduler:
         self.cache.release(req, req.all_ids[:req.cached_len])
         self.table.free_row(req.row)
         req.row = -1
+        if self.adapters is not None:
+            self.adapters.release(req)
 
     # ------------------------------------------------------------ events and accounting
 
@@ -476,7 +488,21 @@ class Scheduler:
                           total_pages=c.total_pages, free_pages=c.free_pages, cached_pages=c.cached_pages,
                           locked_pages=c.locked_pages, free_rows=self.table.free_rows,
                           total_rows=self.table.num_rows, cache_hit_tokens=c.hit_tokens,
-                          cache_miss_tokens=c.miss_tokens)
+                          cache_miss_tokens=c.miss_tokens, spec_verify_rows=self.spec.stats.verify_rows,
+                          spec_draft_tokens=self.spec.stats.draft_tokens,
+                          spec_accepted_tokens=self.spec.stats.accepted_tokens, **self._lora_stats())
+
+    def _lora_stats(self) -> dict[str, int]:
+        a = self.adapters
+        if a is None:
+            return {}
+        requests = {path: (running, 0) for path, running in a.users().items()}
+        for req in self.prefill.pending:
+            if req.lora is not None:
+                running, waiting = requests.get(req.lora, (0, 0))
+                requests[req.lora] = (running, waiting + 1)
+        return {"lora_resident": len(a.resident()), "lora_loads": a.loads, "lora_evictions": a.evictions,
+                "lora_requests": requests}
 
     def leaks(self) -> list[str]:
         """What an idle scheduler still holds that it should not (empty when nothing leaks)."""

@@ -26,6 +26,7 @@ from minisgl_backend.checkout import resolve_model_path
 from minisgl_backend.config import AdapterConfig, EngineConfig, adapter_setting_names
 from minisgl_backend.processes import freeze_startup_objects
 from minisgl_backend.triton.contract import INPUTS, OUTPUTS
+from minisgl_backend.triton.lora_control import answer_lora_command, lora_command, lora_modules_of
 from minisgl_backend.triton.metrics import EngineMetrics
 from minisgl_backend.triton.parsing import ParsedRequest, RequestError, parse_request
 from minisgl_backend.triton.responses import ResponseAssembler, error_reply
@@ -114,13 +115,17 @@ class TritonAdapter:
         if config.parallel.cpu_threads == 0:
             config.parallel.cpu_threads = serving_cpu_threads(config.parallel.ranks_per_node)
         logger.info("starting engine: %s", config.to_flat())
-        self.fe = Frontend(config, deliver=self.replies.on_news)
+        self.fe = Frontend(config, deliver=self.replies.on_news, lora_modules=lora_modules_of(args))
         self.vocab_size = self.fe.info.vocab_size
         self.model_name = args.get("model_name", self.model_name)
-        self.metrics = EngineMetrics(self.pb, self.model_name, args.get("model_version", "1"))
+        self.metrics = EngineMetrics(self.pb, self.model_name, args.get("model_version", "1"), self._adapter_names)
         freeze_startup_objects()
         self.start_threads()
         logger.info("engine ready (context %d tokens)", self.fe.context_len)
+
+    def _adapter_names(self) -> dict[str, str]:
+        """{folder: name} of the LoRA adapters served (the label of their metrics)."""
+        return {path: name for name, path in self.fe.lora.listing().items()} if self.fe.lora is not None else {}
 
     def start_threads(self) -> None:
         """The sender and watcher threads, once `fe`, `metrics` and `settings` are set."""
@@ -155,6 +160,8 @@ class TritonAdapter:
     def execute(self, requests: list) -> None:
         with self.stub_lock.for_execute():  # no send / poll / metric update from another thread meanwhile
             self._execute(requests)
+        if self.watcher is not None:
+            self.watcher.serving.set()
         return None
 
     def _execute(self, requests: list) -> None:
@@ -173,6 +180,10 @@ class TritonAdapter:
         sender = request.get_response_sender()
         arrival = time.monotonic()
         try:
+            command = lora_command(self._input(request, "lora_request"))
+            if command is not None:
+                self.replies.send_raw(sender, answer_lora_command(self.fe, command))
+                return
             parsed = parse_request(partial(self._input, request), _parameters_of(request), self.vocab_size)
         except RequestError as exc:
             self._reject(sender, "INVALID_ARG", str(exc))

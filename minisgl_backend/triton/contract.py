@@ -60,6 +60,8 @@ INPUTS: tuple[TensorSpec, ...] = (
     *(TensorSpec(name, "TYPE_BOOL", (1,)) for name in BOOL_INPUTS),
     *(TensorSpec(name, dtype, (-1,) if name in _LIST_INPUTS else (1,))
       for name, (dtype, _) in FLAT_SAMPLING_INPUTS.items()),
+    # a LoRA control request instead of a prompt (triton/lora_control.py)
+    TensorSpec("lora_request", "TYPE_STRING", (1,)),
 )
 
 OUTPUTS: tuple[TensorSpec, ...] = (

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from minisgl_backend.checkout import ROOT
+from minisgl_backend.lora import MULTI_LORA_FILE
 
 SOURCE = ROOT / "model_repository"
 MODEL_NAME = "minisgl"
@@ -55,8 +56,9 @@ def set_parameters(pbtxt: str, overrides: dict[str, object]) -> str:
 
 def make_model_repository(dest: str | os.PathLike, overrides: dict[str, object] | None = None,
                           source: str | os.PathLike = SOURCE, model_name: str = MODEL_NAME,
-                          extra_config: str = "") -> Path:
-    """Create `dest/<model_name>/{config.pbtxt, 1 -> source/<model>/1}`; return `dest`."""
+                          extra_config: str = "", lora_modules: dict[str, str] | None = None) -> Path:
+    """Create `dest/<model_name>/{config.pbtxt, 1 -> source/<model>/1}` (and a multi_lora.json of
+    `lora_modules`, which turns LoRA on); return `dest`."""
     dest, source = Path(dest), Path(source)
     model_src = source / MODEL_NAME
     model_dst = dest / model_name
@@ -64,7 +66,11 @@ def make_model_repository(dest: str | os.PathLike, overrides: dict[str, object] 
         shutil.rmtree(model_dst)
     model_dst.mkdir(parents=True)
     pbtxt = (model_src / "config.pbtxt").read_text()
-    pbtxt = set_parameters(pbtxt, dict(overrides or {}))
+    overrides = dict(overrides or {})
+    if lora_modules:
+        (model_dst / MULTI_LORA_FILE).write_text(json.dumps({n: os.path.abspath(p) for n, p in lora_modules.items()}))
+        overrides.setdefault("enable_lora", "true")
+    pbtxt = set_parameters(pbtxt, overrides)
     if model_name != MODEL_NAME:
         pbtxt = f'name: "{model_name}"\n' + pbtxt
     (model_dst / "config.pbtxt").write_text(pbtxt + extra_config)
@@ -78,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dest")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config.pbtxt parameter (repeatable); empty values are skipped")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=FOLDER",
+                        help="a LoRA adapter for multi_lora.json (repeatable); turns enable_lora on")
     args = parser.parse_args(argv)
     overrides = {}
     for item in args.set:
@@ -86,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--set expects KEY=VALUE, got {item!r}")
         if value != "":
             overrides[key.strip()] = value
-    path = make_model_repository(args.dest, overrides)
+    loras = dict(item.partition("=")[::2] for item in args.lora)
+    if any(not name or not folder for name, folder in loras.items()):
+        parser.error("--lora expects NAME=FOLDER")
+    path = make_model_repository(args.dest, overrides, lora_modules=loras)
     print(path)
 
 
