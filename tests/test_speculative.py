@@ -165,7 +165,7 @@ def test_a_request_that_does_not_draft_keeps_scoring_shadow_drafts():
     req.output_ids += [8, 1]
     payoff.check_shadow(req)
     assert not payoff.shadow and payoff.rate > 0.5  # two accepted, one rejection
-    for _ in range(6):
+    for _ in range(10):
         payoff.record(4, 0)
     assert payoff.rate < 0.1
 

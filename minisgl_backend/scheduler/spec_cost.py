@@ -21,7 +21,10 @@ from minisgl_backend.sampling_params import SamplingParams
 from minisgl_backend.scheduler.cache import CacheManager
 from minisgl_backend.scheduler.table import TableManager
 
-DECAY = 0.7  # weight of a request's earlier drafts in its acceptance rate, per draft
+DECAY = 0.8  # weight of a request's earlier drafts in its acceptance rate, per draft
+# drafts must be expected to save this much more than they cost: both sides are estimates (a
+# rate from few drafts, step times from a short measurement), and a wrong guess costs a step
+MARGIN = 0.25
 
 
 @dataclass
@@ -44,13 +47,15 @@ class StepCost:
 
     def best_drafts(self, rate: float, batch: int, k: int) -> int:
         """The number of drafts (0..k) with the largest expected gain: the j-th one is reached and
-        accepted with probability rate^j and then saves a plain step's share of the request."""
+        accepted with probability rate^j and then saves a plain step's share of the request;
+        what n drafts add counts `1 + MARGIN` times."""
         share, best, best_gain, saving, reach = self.per_request(batch), 0, 0.0, 0.0, 1.0
         for n in range(1, min(k, len(self.extra) - 1) + 1):
             reach *= rate
             saving += share * reach
-            if saving - self.extra[n] > best_gain:
-                best, best_gain = n, saving - self.extra[n]
+            gain = saving - (1 + MARGIN) * self.extra[n]
+            if gain > best_gain:
+                best, best_gain = n, gain
         return best
 
 
@@ -117,7 +122,9 @@ def measure_step_cost(engine, cache: CacheManager, table: TableManager, k: int,
         cache.release(req, [])
         table.free_row(req.row)
     best = _slowest_over_ranks(best, engine.device)
-    return StepCost(best[0], [max(t - best[0], 0.0) for t in best])
+    extra = [max(t - best[0], 0.0) for t in best]
+    # more positions never cost less: a dip is the measurement's noise
+    return StepCost(best[0], [max(extra[:n + 1]) for n in range(len(extra))])
 
 
 def _slowest_over_ranks(values: list[float], device) -> list[float]:
