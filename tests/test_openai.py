@@ -49,16 +49,13 @@ def triton(triton_server_factory, tiny_llama):
 def frontend(triton, tmp_path_factory):
     """The real command line; no --tokenizer: the chat template comes from the model's model_path.
     tritonserver's metrics port is a free port here, not 8002: --metrics-url names it."""
-    fe = OpenAIFrontend(triton.grpc_url, tmp_path_factory.mktemp("fe") / "frontend.log",
-                        extra_args=["--metrics-url", triton.metrics_url])
-    fe.start()
-    yield fe
-    fe.stop()
+    with OpenAIFrontend.beside(triton, tmp_path_factory.mktemp("fe")) as fe:
+        yield fe
 
 
 @pytest.fixture(scope="module")
 def client(frontend) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{frontend.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return frontend.sdk_client()
 
 
 @pytest.fixture(scope="module")

@@ -39,16 +39,13 @@ def triton(triton_server_factory, tiny_llama):
 
 @pytest.fixture(scope="module")
 def frontend(triton, tmp_path_factory):
-    fe = OpenAIFrontend(triton.grpc_url, tmp_path_factory.mktemp("fe") / "frontend.log",
-                        extra_args=["--metrics-url", triton.metrics_url, "--tool-call-parser", "hermes"])
-    fe.start()
-    yield fe
-    fe.stop()
+    with OpenAIFrontend.beside(triton, tmp_path_factory.mktemp("fe"), "--tool-call-parser", "hermes") as fe:
+        yield fe
 
 
 @pytest.fixture(scope="module")
 def client(frontend) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{frontend.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return frontend.sdk_client()
 
 
 @pytest.fixture(scope="module")

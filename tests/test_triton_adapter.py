@@ -343,11 +343,16 @@ def test_cancellation_grace_when_engine_never_confirms():
     adapter.finalize()
 
 
-def test_gauges_follow_stats():
+def test_gauges_follow_stats_once_the_model_serves():
     adapter = make_adapter(FakeFrontend())
     usage = FakeFamily.families["minisgl_kv_cache_usage_ratio"].metrics
+    time.sleep(3 * adapter.settings.stats_interval_ms / 1000)  # stats are there; the model is not serving yet
+    assert list(usage.values())[0].value == 0.0, "no stub call before the first execute (the load is not over)"
+    req = FakeRequest({"text_input": text("hi")})
+    adapter.execute([req])
     wait_for(lambda: list(usage.values())[0].value != 0.0)
     assert list(usage.values())[0].value == pytest.approx(0.2)
+    assert req.sender.done.wait(5)
     adapter.finalize()
 
 

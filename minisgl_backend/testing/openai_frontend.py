@@ -27,9 +27,27 @@ class OpenAIFrontend:
                     "--host", "127.0.0.1", "--port", str(self.port), *(extra_args or [])]
         self.proc: subprocess.Popen | None = None
 
+    @classmethod
+    def beside(cls, triton, log_dir: str | os.PathLike, *extra_args: str) -> "OpenAIFrontend":
+        """A frontend for a test `TritonServer` (its gRPC port, its metrics URL), not started."""
+        return cls(triton.grpc_url, Path(log_dir) / "frontend.log",
+                   extra_args=["--metrics-url", triton.metrics_url, *extra_args])
+
+    def __enter__(self) -> "OpenAIFrontend":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def sdk_client(self):
+        """The official OpenAI SDK pointed at this frontend (no retries)."""
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
 
     def start(self, timeout: float = 120.0) -> "OpenAIFrontend":
         with open(self.log_path, "wb") as log:

@@ -13,7 +13,8 @@ Threading rules of the Python-backend stub (with those in sender.py):
 * a metric update that reaches the backend while the model unloads deadlocks the unload (the
   server then exits on its exit timeout and leaves the stub behind): stub calls happen only while
   a request is in flight (Triton waits for those before unloading), and the gauges are set only
-  when their value changes, so an idle server makes no stub call at all;
+  when their value changes, so an idle server makes no stub call at all; nor does a model that is
+  still loading: the gauges are first set once `execute` has run (`serving`);
 * each counter and histogram value sent is a round trip to tritonserver, so they leave a request's
   own path and go in chunks, each under the IPC lock, with a pause between chunks for a waiting
   send or execute() (the lock is not fair: the watcher would take it straight back).
@@ -48,6 +49,7 @@ class Watcher:
         self.cancel_grace_s = settings.cancel_grace_s
         self._engine_down_reported = False
         self._metrics_flushed_at = 0.0
+        self.serving = threading.Event()  # set by the first execute(): the model is loaded
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -71,7 +73,7 @@ class Watcher:
                 now = time.monotonic()
                 self._flush_metrics(now)
                 stats = self.fe.stats()
-                if now - last_stats >= self.stats_interval_s and stats is not None:
+                if now - last_stats >= self.stats_interval_s and stats is not None and self.serving.is_set():
                     last_stats = now
                     self.replies.metric("update_stats", stats)
             except Exception:
