@@ -674,7 +674,8 @@ def test_engine_graph_path_equals_eager_for_every_kind_of_sampling(tiny_llama):
         replays = []
         if runner is not None:
             real = runner.replay
-            runner.replay = lambda host, staging: replays.append(host.rows.shape[0]) or real(host, staging)
+            runner.replay = lambda host, staging, *lora: (replays.append(host.rows.shape[0])
+                                                           or real(host, staging, *lora))
         results[use_graph] = [llm.generate(prompts, greedy), llm.generate(prompts, mixed)]
         if runner is not None:
             assert replays and max(replays) == 5, "the decode steps ran as 'graphs' (5 requests in a graph of 8)"
