@@ -23,6 +23,17 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on `port` on every interface now (as tritonserver does)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
 def answers_ok(url: str, timeout: float = 2.0) -> bool:
     """Whether a GET of `url` answers 200 now (a refused or failed connection: False)."""
     try:

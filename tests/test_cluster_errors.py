@@ -15,8 +15,8 @@ import pytest
 
 from minisgl_backend.checkout import ROOT
 from minisgl_backend.cluster import RouterSpec, parse_args
+from minisgl_backend.ports import port_is_free
 from minisgl_backend.testing.cluster import ServeCluster, TreeSampler, cluster_ports, expand_ports
-from minisgl_backend.testing.procinfo import port_is_free
 from minisgl_backend.triton.supervise import port_problems
 
 

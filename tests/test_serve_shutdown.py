@@ -27,8 +27,8 @@ import urllib.request
 import pytest
 
 from minisgl_backend.checkout import ROOT
-from minisgl_backend.ports import answers_ok, free_ports
-from minisgl_backend.testing.procinfo import descendants, is_alive, port_is_free
+from minisgl_backend.ports import answers_ok, free_ports, port_is_free
+from minisgl_backend.testing.procinfo import descendants, is_alive
 from minisgl_backend.testing.triton import GrpcStream, grpc_inputs
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow, pytest.mark.timeout(600),

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from minisgl_backend.checkout import ROOT
 from minisgl_backend.cluster import PORT_STRIDE, RouterSpec
-from minisgl_backend.ports import free_ports
-from minisgl_backend.testing.procinfo import descendants, is_alive, port_is_free
+from minisgl_backend.ports import free_ports, port_is_free
+from minisgl_backend.testing.procinfo import descendants, is_alive
 from minisgl_backend.testing.triton import parse_metric
 
 SCRIPT = ROOT / "scripts" / "serve_cluster.sh"

@@ -61,15 +61,3 @@ def descendants(root: int) -> list[tuple[int, str, str]]:
         found.append((pid, starts[pid], cmd))
     return found
 
-
-def port_is_free(port: int) -> bool:
-    """Whether a server could listen on `port` on every interface now."""
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-            return True
-        except OSError:
-            return False

@@ -30,7 +30,6 @@ import argparse
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from typing import Callable, Collection
 
 from minisgl_backend import procinfo
 from minisgl_backend.checkout import ROOT, TRITONSERVER_WRAPPER
-from minisgl_backend.ports import answers_ok
+from minisgl_backend.ports import answers_ok, port_is_free
 from minisgl_backend.processes import PR_SET_CHILD_SUBREAPER, die_with_parent, prctl
 from minisgl_backend.triton.repository import MODEL_NAME as MODEL
 
@@ -328,22 +327,11 @@ def port_problems(named_ports: list[tuple[int, str]], wait: float = 0.0) -> list
         seen[port] = name
     deadline = time.monotonic() + wait
     for port, name in seen.items():
-        while not _port_free(port) and time.monotonic() < deadline:
+        while not port_is_free(port) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not _port_free(port):
+        if not port_is_free(port):
             problems.append(f"port {port} ({name}) is already in use: stop what holds it or choose another port")
     return problems
-
-
-def _port_free(port: int) -> bool:
-    """Whether a server could listen on `port` on every interface now (as tritonserver does)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("0.0.0.0", port))
-            return True
-        except OSError:
-            return False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
