@@ -18,7 +18,6 @@ from minisgl_backend.messages import DropLoraMsg
 from minisgl_backend.models.hf_config import ModelArchConfig, read_arch_config
 
 
-
 def registry_for(config: EngineConfig, modules: dict[str, str] | None = None) -> "LoraRegistry | None":
     """The registry of a server with `config` (None without enable_lora), holding `modules`."""
     if not config.lora.enable_lora:
