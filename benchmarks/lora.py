@@ -2,8 +2,8 @@
 the same requests on the base model alone (an engine without LoRA), in one process. Prints one
 JSON object.
 
-Adapters are made here with PEFT (`init_lora_weights=False`, every q/k/v/o/gate/up/down
-projection, rank `--rank`) for the model; every request is greedy with a fixed length. Each
+Adapters are random ones in PEFT's format (`testing/lora.py`: every q/k/v/o/gate/up/down
+projection, rank `--rank`, small entries so outputs stay the model's kind of text); every request is greedy with a fixed length. Each
 round runs the base engine and then each adapter count on the LoRA engine (the order alternates
 between rounds); the best round of each counts. `ratio`: tokens/s over the base engine's.
 
@@ -29,23 +29,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def make_adapters(model: str, count: int, rank: int, out: Path) -> dict[str, str]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from minisgl_backend.testing.lora import write_random_adapter
 
-    paths = {}
-    for i in range(count):
-        torch.manual_seed(i)
-        base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False)
-        peft_model = get_peft_model(base, config)
-        with torch.no_grad():  # small deltas: the outputs stay the model's own kind of text
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.mul_(0.01)
-        peft_model.save_pretrained(str(out / f"lora{i}"))
-        paths[f"lora{i}"] = str(out / f"lora{i}")
-    return paths
+    return {f"lora{i}": write_random_adapter(model, out / f"lora{i}", TARGETS, rank=rank, alpha=rank, seed=i,
+                                             scale=0.02) for i in range(count)}
 
 
 def timed(llm, prompts: list[list[int]], params) -> float:

@@ -8,7 +8,7 @@
 # Contents:
 #   proj/            the committed project (git archive HEAD: commit first)
 #   whl/             CPython 3.12 manylinux wheels: apache-tvm-ffi, nvidia-ml-py (flashinfer imports
-#                    pynvml), pyzmq, msgspec (engine), peft + accelerate (LoRA test adapters) and
+#                    pynvml), pyzmq, msgspec (engine) and
 #                    tritonclient[grpc] + grpcio + protobuf + python-rapidjson (serving benchmark)
 #   flashinfer.tar.xz  flashinfer-python 0.7.2.post1 minus kernel sources the engine never builds
 #                    (MoE, MLA, fp4/fp8 GEMMs, sm100/sm110/sm120 variants, experimental kernels)
@@ -25,7 +25,7 @@ PY="${2:-$ROOT/.venv/bin/python}"
 PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute: the script changes directory
 LIMIT_MB=60
 FLASHINFER=flashinfer-python==0.7.2.post1
-ENGINE_WHEELS="apache-tvm-ffi==0.1.15.post2 nvidia-ml-py==13.615.71 pyzmq==27.3.0 msgspec==0.22.0 peft==0.21.2 accelerate==1.15.0"
+ENGINE_WHEELS="apache-tvm-ffi==0.1.15.post2 nvidia-ml-py==13.615.71 pyzmq==27.3.0 msgspec==0.22.0"
 STUB_NUMPY=numpy==1.26.4
 CLIENT_WHEELS="tritonclient==2.73.0 grpcio==1.85.3 protobuf==6.33.6 python-rapidjson==1.25"
 

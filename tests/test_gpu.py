@@ -239,9 +239,9 @@ def test_lora_mixed_batches_in_graphs_equal_eager_and_solo(gpu_model, tmp_path):
     a static buffer) and eagerly, give the same tokens for a batch of [base, a, b, a] (that a
     batch-mate never changes an output is checked in fp32 on the CPU, tests/test_lora.py)."""
     from minisgl_backend import LLM, SamplingParams
-    from tests.test_lora_units import make_peft_adapter
+    from minisgl_backend.testing.lora import write_random_adapter
 
-    paths = {n: make_peft_adapter(gpu_model, tmp_path / n, targets, rank=8, seed=i)
+    paths = {n: write_random_adapter(gpu_model, tmp_path / n, targets, rank=8, seed=i)
              for i, (n, targets) in enumerate((("a", ["q_proj", "v_proj", "down_proj"]),
                                                ("b", ["k_proj", "o_proj", "gate_proj", "up_proj"])))}
     names = [None, "a", "b", "a"]

@@ -107,6 +107,16 @@ def test_other_architectures_equal_peft_merged_models(tiny_model_factory, tmp_pa
                                               for i, p in enumerate(prompts[:3])]
 
 
+def test_adapters_written_without_peft_are_what_peft_reads(tiny_llama, prompts, tmp_path):
+    from minisgl_backend.testing.lora import write_random_adapter
+
+    path = write_random_adapter(tiny_llama, tmp_path / "w", ["k_proj", "o_proj", "up_proj"], rank=4, seed=5, scale=0.2)
+    llm = LLM(tiny_llama, lora_modules={"w": path}, **CPU)
+    out = llm.generate([prompts[2]], [_params("w")])[0]["token_ids"]
+    llm.shutdown()
+    assert out == _peft_greedy(tiny_llama, path, prompts[2], 8) != _peft_greedy(tiny_llama, None, prompts[2], 8)
+
+
 def test_requests_wait_for_a_slot_and_adapters_load_lru(tiny_llama, adapters, prompts):
     llm = LLM(tiny_llama, lora_modules=adapters, **dict(CPU, max_loras=1), enable_overlap=False)
     names = ["a", "b", "c", "a", None, "c", "b"]

@@ -104,14 +104,14 @@ def _read_tensors(path: str) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
 
 def _check_shapes(path: str, arch: ModelArchConfig, layer: int, module: str, a: torch.Tensor,
                   b: torch.Tensor) -> None:
-    inputs, outputs = _full_shape(arch, module)
+    inputs, outputs = module_shape(arch, module)
     if layer >= arch.num_hidden_layers or a.shape[1] != inputs or b.shape != (outputs, a.shape[0]):
         raise AdapterError(f"adapter {path!r} does not fit the base model: layer {layer} {module} has A "
                            f"{tuple(a.shape)} and B {tuple(b.shape)}, the model needs [r, {inputs}] and "
                            f"[{outputs}, r] over {arch.num_hidden_layers} layers")
 
 
-def _full_shape(arch: ModelArchConfig, module: str) -> tuple[int, int]:
+def module_shape(arch: ModelArchConfig, module: str) -> tuple[int, int]:
     """(in, out) features of the module in the base model, over all ranks."""
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
     return {"q": (arch.hidden_size, q), "k": (arch.hidden_size, kv), "v": (arch.hidden_size, kv),
@@ -146,6 +146,6 @@ def _column_rows(module: str, arch: ModelArchConfig, tp_rank: int, tp_size: int)
         heads = arch.num_key_value_heads
         local = max(1, heads // tp_size)
         return tp_rank * heads // tp_size * arch.head_dim, local * arch.head_dim
-    _, out = _full_shape(arch, module)
+    _, out = module_shape(arch, module)
     rows = out // tp_size
     return tp_rank * rows, rows
