@@ -127,6 +127,8 @@ def test_requests_wait_for_a_slot_and_adapters_load_lru(tiny_llama, adapters, pr
     assert outs[1]["token_ids"] == outs[6]["token_ids"]  # b, before and after waiting for a slot
     adapters_state = llm.scheduler.adapters
     assert len(adapters_state.resident()) == 1 and adapters_state.evictions >= 3
+    reads = llm.scheduler.engine.lora.folder_reads
+    assert 3 <= reads < adapters_state.loads, "an adapter evicted last comes back without reading its folder"
     assert llm.scheduler.leaks() == []
     llm.shutdown()
 

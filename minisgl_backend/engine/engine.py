@@ -94,6 +94,10 @@ class Engine:
         """Put this rank's shard of the adapter at `path` into device slot `slot`."""
         self.lora.load(slot, path)
 
+    def forget_lora(self, path: str) -> None:
+        if self.lora is not None:
+            self.lora.forget(path)
+
     def shutdown(self) -> None:
         """Free the CUDA graphs, the KV pool and the TP process group (the model unloads)."""
         if self.graph_runner is not None:

@@ -1,7 +1,10 @@
 """A rank's LoRA state on the device: the slots, loading an adapter's shard into one, and the
-`LoraBatch` of each step."""
+`LoraBatch` of each step. The host weights of the last `max_loras` adapters evicted from a slot
+are kept, so an adapter that comes back is copied in without reading its folder again."""
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -10,7 +13,7 @@ from minisgl_backend.batch import ScheduledReq
 from minisgl_backend.config import LoraConfig
 from minisgl_backend.distributed.parallel_state import get_tp_rank, get_tp_size
 from minisgl_backend.kvcache.staging import HostStaging
-from minisgl_backend.lora.adapter import load_adapter
+from minisgl_backend.lora.adapter import LoraAdapter, load_adapter
 from minisgl_backend.lora.apply import LoraBatch, token_runs
 from minisgl_backend.lora.slots import LoraSlots, ModuleShape
 from minisgl_backend.models.hf_config import ModelArchConfig
@@ -30,11 +33,30 @@ class DeviceLora:
         self.slots = LoraSlots.allocate(shapes, arch.num_hidden_layers, config.max_loras, config.max_lora_rank,
                                         dtype, device)
         self.use_kernel = use_kernel
+        self._in_slot: dict[int, LoraAdapter] = {}
+        self._evicted: OrderedDict[str, LoraAdapter] = OrderedDict()  # host weights, least recent first
+        self.folder_reads = 0
 
     def load(self, slot: int, path: str) -> None:
-        """Read this rank's shard of the adapter at `path` into `slot` (checked when registered)."""
-        adapter = load_adapter(path, path, self.arch, self.config.max_lora_rank, get_tp_rank(), get_tp_size())
+        """Put this rank's shard of the adapter at `path` (checked when registered) into `slot`."""
+        adapter = self._evicted.pop(path, None)
+        if adapter is None:
+            adapter = load_adapter(path, path, self.arch, self.config.max_lora_rank, get_tp_rank(), get_tp_size())
+            self.folder_reads += 1
+        previous = self._in_slot.get(slot)
+        if previous is not None:
+            self._evicted[previous.path] = previous
+            while len(self._evicted) > self.config.max_loras:
+                self._evicted.popitem(last=False)
         self.slots.load(slot, adapter)
+        self._in_slot[slot] = adapter
+
+    def forget(self, path: str) -> None:
+        """An unloaded adapter's host weights go (its folder may change before it is loaded again)."""
+        self._evicted.pop(path, None)
+        for slot, adapter in list(self._in_slot.items()):
+            if adapter.path == path:
+                del self._in_slot[slot]
 
     def batch(self, rows: list[ScheduledReq], staging: HostStaging) -> LoraBatch | None:
         """The step's LoraBatch (None when every row runs the base model)."""

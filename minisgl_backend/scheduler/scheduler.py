@@ -156,6 +156,7 @@ class Scheduler:
             self.cache.drop_namespace(msg.lora_path)
             if self.adapters is not None:
                 self.adapters.drop(msg.lora_path)
+            self.engine.forget_lora(msg.lora_path)
             self._emit_stats(force=True)
         elif isinstance(msg, ShutdownMsg):
             self.stopped = True
