@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from minisgl_backend.lora.adapter import AdapterError, load_adapter
+from minisgl_backend.lora.adapter import AdapterError, check_adapter, load_adapter
 from minisgl_backend.lora.apply import LoraBatch, token_runs
 from minisgl_backend.lora.slots import LoraSlots, SlotTable
 from minisgl_backend.models.hf_config import read_arch_config
@@ -69,8 +69,14 @@ def test_scaling_is_folded_into_b(tiny_llama, adapter_path):
 
 def test_bad_adapters_say_why(tiny_llama, adapter_path, tmp_path):
     arch = read_arch_config(tiny_llama)
-    with pytest.raises(AdapterError, match="max_lora_rank is 2"):
-        load_adapter("a", adapter_path, arch, max_rank=2)
+    for read in (load_adapter, check_adapter):  # check_adapter: shapes only, as registration does
+        with pytest.raises(AdapterError, match="max_lora_rank is 2"):
+            read("a", adapter_path, arch, max_rank=2)
+    check_adapter("a", adapter_path, arch, max_rank=8)
+    wrong = read_arch_config(tiny_llama)
+    wrong.hidden_size += 8
+    with pytest.raises(AdapterError, match="does not fit the base model"):
+        check_adapter("a", adapter_path, wrong, max_rank=8)
     with pytest.raises(AdapterError, match="has no adapter_config.json"):
         load_adapter("a", str(tmp_path), arch, max_rank=8)
     config = json.loads(open(f"{adapter_path}/adapter_config.json").read())

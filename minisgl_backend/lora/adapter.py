@@ -62,35 +62,56 @@ def read_config(path: str) -> dict:
     return config
 
 
+def check_adapter(name: str, path: str, arch: ModelArchConfig, max_rank: int) -> None:
+    """Whether the folder can be served (AdapterError says why not), from its config and the
+    tensors' shapes only: registering an adapter reads none of its weights."""
+    read_config(path)
+    _checked_pairs(name, path, arch, max_rank, weights=False)
+
+
 def load_adapter(name: str, path: str, arch: ModelArchConfig, max_rank: int, tp_rank: int = 0,
                  tp_size: int = 1) -> LoraAdapter:
     """The adapter's weights for this rank, checked against the base model's shapes."""
     config = read_config(path)
-    tensors = _read_tensors(path)
     adapter = LoraAdapter(name, path, 0)
-    for (layer, module), pair in sorted(tensors.items()):
+    for (layer, module), (a, b) in _checked_pairs(name, path, arch, max_rank, weights=True).items():
+        rank = a.shape[0]
+        scaling = _scaling(config, f"model.layers.{layer}.{_HF_NAMES[module]}", rank)
+        adapter.weights[(layer, module)] = _shard(module, a.float(), b.float() * scaling, arch, tp_rank, tp_size)
+        adapter.rank = max(adapter.rank, rank)
+    return adapter
+
+
+def _checked_pairs(name: str, path: str, arch: ModelArchConfig, max_rank: int,
+                   weights: bool) -> dict[tuple[int, str], tuple]:
+    """(layer, module) -> (A, B): the tensors, or with `weights` false only their shapes."""
+    pairs = {}
+    for (layer, module), pair in sorted(_read_tensors(path, weights).items()):
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"adapter {path!r} has lora_{next(iter(pair))} of layer {layer} {module} "
                                f"without its pair")
         a, b = pair["A"], pair["B"]
-        rank = a.shape[0]
-        if rank > max_rank:
-            raise AdapterError(f"adapter {name!r} has rank {rank} (layer {layer} {module}); "
+        a_shape, b_shape = tuple(_shape(a)), tuple(_shape(b))
+        if a_shape[0] > max_rank:
+            raise AdapterError(f"adapter {name!r} has rank {a_shape[0]} (layer {layer} {module}); "
                                f"max_lora_rank is {max_rank}")
-        _check_shapes(path, arch, layer, module, a, b)
-        scaling = _scaling(config, f"model.layers.{layer}.{_HF_NAMES[module]}", rank)
-        adapter.weights[(layer, module)] = _shard(module, a.float(), b.float() * scaling, arch, tp_rank, tp_size)
-        adapter.rank = max(adapter.rank, rank)
-    if not adapter.weights:
+        _check_shapes(path, arch, layer, module, a_shape, b_shape)
+        pairs[(layer, module)] = (a, b)
+    if not pairs:
         raise AdapterError(f"adapter {path!r} holds no LoRA weights of q/k/v/o/gate/up/down projections")
-    return adapter
+    return pairs
 
 
-def _read_tensors(path: str) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+def _shape(value) -> tuple[int, ...]:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
+
+
+def _read_tensors(path: str, weights: bool) -> dict[tuple[int, str], dict[str, object]]:
+    """(layer, module) -> {"A": ..., "B": ...}: tensors, or their shapes (no data read)."""
     file = os.path.join(path, "adapter_model.safetensors")
     if not os.path.isfile(file):
         raise AdapterError(f"{path!r} has no adapter_model.safetensors")
-    out: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    out: dict[tuple[int, str], dict[str, object]] = {}
     with safe_open(file, framework="pt", device="cpu") as handle:
         for key in handle.keys():
             match = _KEY.search(key)
@@ -98,16 +119,17 @@ def _read_tensors(path: str) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
                 raise AdapterError(f"adapter {path!r} has tensor {key!r}, which is not a LoRA weight of a "
                                    "q/k/v/o/gate/up/down projection")
             module = next(m for m, hf in _HF_NAMES.items() if hf == match.group(2))
-            out.setdefault((int(match.group(1)), module), {})[match.group(3)] = handle.get_tensor(key)
+            value = handle.get_tensor(key) if weights else handle.get_slice(key).get_shape()
+            out.setdefault((int(match.group(1)), module), {})[match.group(3)] = value
     return out
 
 
-def _check_shapes(path: str, arch: ModelArchConfig, layer: int, module: str, a: torch.Tensor,
-                  b: torch.Tensor) -> None:
+def _check_shapes(path: str, arch: ModelArchConfig, layer: int, module: str, a: tuple[int, ...],
+                  b: tuple[int, ...]) -> None:
     inputs, outputs = module_shape(arch, module)
-    if layer >= arch.num_hidden_layers or a.shape[1] != inputs or b.shape != (outputs, a.shape[0]):
+    if layer >= arch.num_hidden_layers or a[1] != inputs or b != (outputs, a[0]):
         raise AdapterError(f"adapter {path!r} does not fit the base model: layer {layer} {module} has A "
-                           f"{tuple(a.shape)} and B {tuple(b.shape)}, the model needs [r, {inputs}] and "
+                           f"{a} and B {b}, the model needs [r, {inputs}] and "
                            f"[{outputs}, r] over {arch.num_hidden_layers} layers")
 
 

@@ -13,7 +13,7 @@ import os
 import threading
 
 from minisgl_backend.config import EngineConfig, LoraConfig
-from minisgl_backend.lora.adapter import AdapterError, load_adapter
+from minisgl_backend.lora.adapter import AdapterError, check_adapter
 from minisgl_backend.messages import DropLoraMsg
 from minisgl_backend.models.hf_config import ModelArchConfig, read_arch_config
 
@@ -65,7 +65,7 @@ class LoraRegistry:
         path = os.path.realpath(path)
         if run_time:
             self._check_under_root(path)
-        load_adapter(name, path, self.arch, self.config.max_lora_rank)  # the folder is served, or says why not
+        check_adapter(name, path, self.arch, self.config.max_lora_rank)
         with self._lock:
             if name in self._paths:
                 raise AdapterError(f"an adapter named {name!r} is already loaded (from {self._paths[name]!r})")
