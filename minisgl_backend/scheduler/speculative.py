@@ -53,7 +53,6 @@ class Speculator:
         self.source = source if source is not None else NgramDrafter(config.ngram_min, config.ngram_max)
         self.cost = StepCost.free(self.k)  # replaced by the measured one at start-up
         self.stats = SpeculationStats()
-        self.num_overlap_syncs = 0  # overlap steps that processed the previous batch first for drafts
 
     def active(self, num_decoding: int) -> bool:
         return self.enabled and 0 < num_decoding <= self.config.speculative_max_batch_size
@@ -83,12 +82,11 @@ class Speculator:
         """Overlap: whether the next step must wait for `in_flight`'s results: it verified drafts
         (its requests' lengths are known only then), or the next step will speculate and a
         request whose last id is in flight would draft (`DraftSource.would_draft`)."""
-        needed = in_flight.has_drafts
-        if not needed and self.active(len(decodable)):
-            needed = any(r.inflight and self.cost.best_drafts(_payoff(r).rate, len(decodable), self.k)
-                         and self.source.would_draft(r) for r in decodable)
-        self.num_overlap_syncs += needed
-        return needed
+        if in_flight.has_drafts:
+            return True
+        return self.active(len(decodable)) and any(
+            r.inflight and self.cost.best_drafts(_payoff(r).rate, len(decodable), self.k)
+            and self.source.would_draft(r) for r in decodable)
 
     def _draft(self, req: Req, n: int) -> list[int]:
         # the last draft may sit at max_device_len - 1: the id sampled after it is the last one
